@@ -1,0 +1,44 @@
+//! The seam between the scheduler and whatever executes a model.
+
+pub mod wasm;
+
+use crate::error::Result;
+use crate::repository::config::ParameterValue;
+use crate::tensor::Tensor;
+use std::future::Future;
+use std::pin::Pin;
+
+/// One request as a backend sees it: validated inputs, the outputs wanted.
+#[derive(Debug, Clone, Default)]
+pub struct BackendRequest {
+    pub inputs: Vec<Tensor>,
+    /// Empty means every output.
+    pub requested_outputs: Vec<String>,
+    pub parameters: Vec<(String, ParameterValue)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BackendResponse {
+    pub outputs: Vec<Tensor>,
+}
+
+/// Where the time of one execution went, for statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecutionTimes {
+    pub compute_input_ns: u64,
+    pub compute_infer_ns: u64,
+    pub compute_output_ns: u64,
+}
+
+pub struct Execution {
+    /// One result per request, in order.
+    pub results: Vec<Result<BackendResponse>>,
+    pub times: ExecutionTimes,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+pub trait Backend: Send + Sync {
+    /// Runs a batch of requests. The future resolves when an instance has run it.
+    fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution>;
+}

@@ -1,0 +1,13 @@
+//! wisp: an inference server for NLP models, speaking the Open Inference
+//! Protocol with Triton's extensions, with models and pre/post-processing as
+//! sandboxed WebAssembly components.
+
+pub mod api;
+pub mod backend;
+pub mod cli;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod repository;
+pub mod server;
+pub mod tensor;

@@ -1,0 +1,393 @@
+//! `config.toml`: Triton's model-config semantics in TOML, and its JSON rendering
+//! in Triton's field names for `GET /v2/models/{m}/config`.
+
+use crate::error::{Error, Result};
+use crate::tensor::DataType;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Wasm,
+    Encoder,
+    Ensemble,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Wasm => "wasm",
+            BackendKind::Encoder => "encoder",
+            BackendKind::Ensemble => "ensemble",
+        }
+    }
+}
+
+/// Which versions of a model are served: `"all"`, `{ latest = N }` or `{ specific = [..] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum VersionPolicy {
+    All,
+    Latest(u32),
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those present on disk.
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        let mut sorted = available.to_vec();
+        sorted.sort_unstable();
+        match self {
+            VersionPolicy::All => sorted,
+            VersionPolicy::Latest(n) => {
+                let keep = (*n as usize).min(sorted.len());
+                sorted.split_off(sorted.len() - keep)
+            }
+            VersionPolicy::Specific(wanted) => {
+                sorted.into_iter().filter(|v| wanted.contains(v)).collect()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorConfig {
+    pub name: String,
+    #[serde(deserialize_with = "datatype_from_str")]
+    pub datatype: DataType,
+    /// Dimensions without the batch dimension; -1 is variable.
+    pub dims: Vec<i64>,
+    /// An input the client may leave out.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+fn datatype_from_str<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<DataType, D::Error> {
+    let name = String::deserialize(d)?;
+    DataType::parse(&name).ok_or_else(|| {
+        let all: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
+        serde::de::Error::custom(format!(
+            "unknown datatype '{name}', expected one of {}",
+            all.join(", ")
+        ))
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceKind {
+    #[default]
+    Cpu,
+    Gpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceGroup {
+    #[serde(default = "one")]
+    pub count: u32,
+    #[serde(default)]
+    pub kind: InstanceKind,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Limits of the Wasm sandbox, per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Linear memory cap of one instance.
+    pub memory_limit_mib: u64,
+    /// Deadline of one `execute` call; past it the instance is interrupted and replaced.
+    pub execution_timeout_ms: u64,
+    /// Deadline of `init`, which may read files from the version folder.
+    pub init_timeout_ms: u64,
+    /// File name of the component in the version folder.
+    pub component: String,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            memory_limit_mib: 512,
+            execution_timeout_ms: 10_000,
+            init_timeout_ms: 60_000,
+            component: "model.wasm".into(),
+        }
+    }
+}
+
+/// A `[parameters]` value: what TOML can hold that a plugin can use.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ParameterValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl ParameterValue {
+    pub fn to_json(&self) -> Value {
+        match self {
+            ParameterValue::Bool(b) => json!(b),
+            ParameterValue::Int(i) => json!(i),
+            ParameterValue::Float(f) => json!(f),
+            ParameterValue::Text(s) => json!(s),
+        }
+    }
+
+    fn to_string_value(&self) -> String {
+        match self {
+            ParameterValue::Bool(b) => b.to_string(),
+            ParameterValue::Int(i) => i.to_string(),
+            ParameterValue::Float(f) => f.to_string(),
+            ParameterValue::Text(s) => s.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Filled from the folder name; a `name` key, if given, must match it.
+    #[serde(default)]
+    pub name: String,
+    pub backend: BackendKind,
+    #[serde(default)]
+    pub max_batch_size: u32,
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    #[serde(default, rename = "input")]
+    pub inputs: Vec<TensorConfig>,
+    #[serde(default, rename = "output")]
+    pub outputs: Vec<TensorConfig>,
+    #[serde(default)]
+    pub instance_group: Vec<InstanceGroup>,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParameterValue>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.toml`; errors name the file and the key.
+    pub fn load(dir: &Path, name: &str) -> Result<ModelConfig> {
+        let path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text, name).map_err(|e| e.context(path.display()))
+    }
+
+    pub fn parse(text: &str, name: &str) -> Result<ModelConfig> {
+        let mut config: ModelConfig =
+            toml::from_str(text).map_err(|e| Error::invalid(e.to_string().trim_end().to_string()))?;
+        if config.name.is_empty() {
+            config.name = name.to_string();
+        } else if config.name != name {
+            return Err(Error::invalid(format!(
+                "key 'name' is '{}' but the model folder is '{name}'",
+                config.name
+            )));
+        }
+        if config.instance_group.is_empty() {
+            config.instance_group.push(InstanceGroup { count: 1, kind: InstanceKind::Cpu });
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (section, tensors) in [("input", &self.inputs), ("output", &self.outputs)] {
+            let mut seen = std::collections::HashSet::new();
+            for (i, t) in tensors.iter().enumerate() {
+                if t.name.is_empty() {
+                    return Err(Error::invalid(format!("key '{section}[{i}].name' is empty")));
+                }
+                if !seen.insert(&t.name) {
+                    return Err(Error::invalid(format!(
+                        "key '{section}[{i}].name': '{}' is declared twice",
+                        t.name
+                    )));
+                }
+                if let Some(d) = t.dims.iter().find(|&&d| d < -1) {
+                    return Err(Error::invalid(format!(
+                        "key '{section}[{i}].dims' of '{}' has {d}; dimensions are >= 0 or -1 (variable)",
+                        t.name
+                    )));
+                }
+            }
+        }
+        if self.backend == BackendKind::Wasm {
+            if self.inputs.is_empty() {
+                return Err(Error::invalid("key 'input': a wasm model declares at least one input"));
+            }
+            if self.outputs.is_empty() {
+                return Err(Error::invalid("key 'output': a wasm model declares at least one output"));
+            }
+        }
+        for (i, group) in self.instance_group.iter().enumerate() {
+            if group.count == 0 {
+                return Err(Error::invalid(format!("key 'instance_group[{i}].count' must be at least 1")));
+            }
+            if group.kind == InstanceKind::Gpu && self.backend == BackendKind::Wasm {
+                return Err(Error::invalid(format!(
+                    "key 'instance_group[{i}].kind': backend 'wasm' runs on cpu only"
+                )));
+            }
+        }
+        if let VersionPolicy::Latest(0) = self.version_policy {
+            return Err(Error::invalid("key 'version_policy.latest' must be at least 1"));
+        }
+        if self.sandbox.memory_limit_mib == 0 || self.sandbox.execution_timeout_ms == 0 {
+            return Err(Error::invalid(
+                "keys 'sandbox.memory_limit_mib' and 'sandbox.execution_timeout_ms' must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instance_group.iter().map(|g| g.count as usize).sum()
+    }
+
+    pub fn input(&self, name: &str) -> Option<&TensorConfig> {
+        self.inputs.iter().find(|t| t.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&TensorConfig> {
+        self.outputs.iter().find(|t| t.name == name)
+    }
+
+    /// The config as Triton's model-config JSON (the fields Triton clients and perf tools read).
+    pub fn to_triton_json(&self) -> Value {
+        let tensor = |t: &TensorConfig, is_input: bool| {
+            let mut m = Map::new();
+            m.insert("name".into(), json!(t.name));
+            m.insert("data_type".into(), json!(t.datatype.triton_config_name()));
+            m.insert("dims".into(), json!(t.dims));
+            if is_input {
+                m.insert("format".into(), json!("FORMAT_NONE"));
+                m.insert("is_shape_tensor".into(), json!(false));
+                m.insert("allow_ragged_batch".into(), json!(false));
+                m.insert("optional".into(), json!(t.optional));
+            } else {
+                m.insert("label_filename".into(), json!(""));
+                m.insert("is_shape_tensor".into(), json!(false));
+            }
+            Value::Object(m)
+        };
+        let version_policy = match &self.version_policy {
+            VersionPolicy::All => json!({"all": {}}),
+            VersionPolicy::Latest(n) => json!({"latest": {"num_versions": n}}),
+            VersionPolicy::Specific(v) => json!({"specific": {"versions": v}}),
+        };
+        let instance_group: Vec<Value> = self
+            .instance_group
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                json!({
+                    "name": format!("{}_{i}", self.name),
+                    "kind": match g.kind { InstanceKind::Cpu => "KIND_CPU", InstanceKind::Gpu => "KIND_GPU" },
+                    "count": g.count,
+                    "gpus": [],
+                    "secondary_devices": [],
+                    "profile": [],
+                    "passive": false,
+                    "host_policy": "",
+                })
+            })
+            .collect();
+        let parameters: Map<String, Value> = self
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), json!({"string_value": v.to_string_value()})))
+            .collect();
+        json!({
+            "name": self.name,
+            "platform": "",
+            "backend": self.backend.as_str(),
+            "runtime": "",
+            "version_policy": version_policy,
+            "max_batch_size": self.max_batch_size,
+            "input": self.inputs.iter().map(|t| tensor(t, true)).collect::<Vec<_>>(),
+            "output": self.outputs.iter().map(|t| tensor(t, false)).collect::<Vec<_>>(),
+            "batch_input": [],
+            "batch_output": [],
+            "optimization": {"priority": "PRIORITY_DEFAULT", "input_pinned_memory": {"enable": true}, "output_pinned_memory": {"enable": true}},
+            "instance_group": instance_group,
+            "default_model_filename": self.sandbox.component,
+            "cc_model_filenames": {},
+            "metric_tags": {},
+            "parameters": parameters,
+            "model_warmup": [],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIMPLE: &str = r#"
+        backend = "wasm"
+        max_batch_size = 8
+        [[input]]
+        name = "INPUT0"
+        datatype = "INT32"
+        dims = [16]
+        [[output]]
+        name = "OUTPUT0"
+        datatype = "INT32"
+        dims = [16]
+    "#;
+
+    #[test]
+    fn parses_and_fills_defaults() {
+        let c = ModelConfig::parse(SIMPLE, "simple").unwrap();
+        assert_eq!(c.name, "simple");
+        assert_eq!(c.instance_count(), 1);
+        assert_eq!(c.version_policy, VersionPolicy::Latest(1));
+        assert_eq!(c.to_triton_json()["input"][0]["data_type"], "TYPE_INT32");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = ModelConfig::parse(&format!("{SIMPLE}\nmax_batch = 3\n"), "simple").unwrap_err();
+        assert!(err.message.contains("max_batch"), "{err}");
+        let text = SIMPLE.replace("dims = [16]\n        [[output]]", "dims = [16]\n        shape = 1\n        [[output]]");
+        let err = ModelConfig::parse(&text, "simple").unwrap_err();
+        assert!(err.message.contains("shape"), "{err}");
+    }
+
+    #[test]
+    fn bad_datatype_is_named() {
+        let err = ModelConfig::parse(&SIMPLE.replacen("INT32", "INT33", 1), "simple").unwrap_err();
+        assert!(err.message.contains("INT33") && err.message.contains("datatype"), "{err}");
+    }
+
+    #[test]
+    fn version_policies_select() {
+        let avail = [3, 1, 2];
+        assert_eq!(VersionPolicy::Latest(2).select(&avail), vec![2, 3]);
+        assert_eq!(VersionPolicy::All.select(&avail), vec![1, 2, 3]);
+        assert_eq!(VersionPolicy::Specific(vec![1, 5]).select(&avail), vec![1]);
+        let c = ModelConfig::parse(&format!("version_policy = \"all\"\n{SIMPLE}"), "simple").unwrap();
+        assert_eq!(c.version_policy, VersionPolicy::All);
+        let c = ModelConfig::parse(&format!("version_policy = {{ specific = [1, 3] }}\n{SIMPLE}"), "simple").unwrap();
+        assert_eq!(c.version_policy, VersionPolicy::Specific(vec![1, 3]));
+    }
+}

@@ -1,0 +1,445 @@
+//! The model repository: folders of models with `config.toml` and numbered
+//! version folders, loaded and unloaded by control mode (none, poll, explicit).
+//!
+//! Readers (every request) take a snapshot of the model table without locking;
+//! load, unload and poll are serialised by one control mutex and publish a new
+//! table when done, so an old version serves until its replacement is ready and
+//! in-flight requests keep the `Arc` of the version they started on.
+
+pub mod config;
+
+use crate::backend::wasm::{WasmBackend, WasmRuntime};
+use crate::backend::Backend;
+use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::Metrics;
+use crate::model::LoadedModel;
+use arc_swap::ArcSwap;
+use config::{BackendKind, ModelConfig};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlMode {
+    /// Load every model at startup; the repository API cannot load or unload.
+    None,
+    /// Like none, and reload models whose files change, every `--repository-poll-secs`.
+    Poll,
+    /// Load only `--load-model` models at startup; the repository API loads and unloads.
+    Explicit,
+}
+
+#[derive(Clone)]
+pub enum VersionState {
+    Ready(Arc<LoadedModel>),
+    Unavailable(String),
+}
+
+/// What the repository knows of one model folder.
+#[derive(Clone, Default)]
+pub struct ModelEntry {
+    pub versions: BTreeMap<u64, VersionState>,
+    /// Why the model as a whole is not (fully) loaded: a config error, "unloaded".
+    pub reason: Option<String>,
+    /// Fingerprint of the whole folder when it was last loaded (poll mode compares it).
+    folder_fingerprint: u64,
+    /// Fingerprint per loaded version (config + that version's files), to reuse unchanged ones.
+    version_fingerprints: BTreeMap<u64, u64>,
+}
+
+pub struct Repository {
+    root: PathBuf,
+    mode: ControlMode,
+    runtime: WasmRuntime,
+    metrics: Arc<Metrics>,
+    models: ArcSwap<HashMap<String, Arc<ModelEntry>>>,
+    control: tokio::sync::Mutex<()>,
+}
+
+/// Rejects names that are not a plain folder name (no separators, no `..`).
+fn check_model_name(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\', '\0'])
+        && !name.starts_with('.');
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("invalid model name '{name}'")))
+    }
+}
+
+fn hash_folder(dir: &Path, hasher: &mut std::collections::hash_map::DefaultHasher) {
+    let Ok(read) = std::fs::read_dir(dir) else { return };
+    let mut entries: Vec<_> = read.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let Ok(meta) = entry.metadata() else { continue };
+        entry.file_name().hash(hasher);
+        if meta.is_dir() {
+            hash_folder(&entry.path(), hasher);
+        } else {
+            meta.len().hash(hasher);
+            if let Ok(modified) = meta.modified() {
+                modified.hash(hasher);
+            }
+        }
+    }
+}
+
+fn fingerprint(paths: &[&Path]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => hash_folder(path, &mut hasher),
+            Ok(meta) => {
+                meta.len().hash(&mut hasher);
+                if let Ok(m) = meta.modified() {
+                    m.hash(&mut hasher);
+                }
+                std::fs::read(path).unwrap_or_default().hash(&mut hasher);
+            }
+            Err(_) => 0u8.hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
+/// Numbered version folders of a model folder.
+fn version_folders(dir: &Path) -> Vec<u64> {
+    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
+    read.flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
+        .collect()
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> impl std::future::Future<Output = Result<T>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Error::internal(format!("loading task failed: {e}")))
+    }
+}
+
+impl Repository {
+    pub fn new(root: PathBuf, mode: ControlMode, runtime: WasmRuntime, metrics: Arc<Metrics>) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::invalid(format!("model repository {} is not a folder", root.display())));
+        }
+        Ok(Repository {
+            root,
+            mode,
+            runtime,
+            metrics,
+            models: ArcSwap::from_pointee(HashMap::new()),
+            control: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn mode(&self) -> ControlMode {
+        self.mode
+    }
+
+    /// Model folders in the repository, sorted.
+    pub fn folder_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.root)
+            .map(|read| {
+                read.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| check_model_name(n).is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The ready model for `name` and `version` (latest ready version when none).
+    pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedModel>> {
+        let models = self.models.load();
+        let entry = models
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        match version {
+            Some(v) => match entry.versions.get(&v) {
+                Some(VersionState::Ready(model)) => Ok(model.clone()),
+                Some(VersionState::Unavailable(reason)) => Err(Error::unavailable(format!(
+                    "version {v} of model '{name}' is not ready: {reason}"
+                ))),
+                None => Err(Error::not_found(format!("unknown version {v} of model '{name}'"))),
+            },
+            None => entry
+                .versions
+                .values()
+                .rev()
+                .find_map(|s| match s {
+                    VersionState::Ready(m) => Some(m.clone()),
+                    VersionState::Unavailable(_) => None,
+                })
+                .ok_or_else(|| {
+                    let reason = entry.reason.clone().or_else(|| {
+                        entry.versions.values().find_map(|s| match s {
+                            VersionState::Unavailable(r) => Some(r.clone()),
+                            VersionState::Ready(_) => None,
+                        })
+                    });
+                    Error::unavailable(format!(
+                        "model '{name}' has no ready version: {}",
+                        reason.unwrap_or_else(|| "not loaded".into())
+                    ))
+                }),
+        }
+    }
+
+    /// Models that are ready, as (name, version) pairs.
+    pub fn ready_models(&self) -> Vec<Arc<LoadedModel>> {
+        let models = self.models.load();
+        let mut ready: Vec<Arc<LoadedModel>> = models
+            .values()
+            .flat_map(|e| e.versions.values())
+            .filter_map(|s| match s {
+                VersionState::Ready(m) => Some(m.clone()),
+                VersionState::Unavailable(_) => None,
+            })
+            .collect();
+        ready.sort_by(|a, b| (a.name(), a.version).cmp(&(b.name(), b.version)));
+        ready
+    }
+
+    /// Triton's repository index.
+    pub fn index(&self, ready_only: bool) -> Value {
+        let models = self.models.load();
+        let mut rows = Vec::new();
+        let mut names = self.folder_names();
+        for name in models.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names.sort();
+        for name in names {
+            match models.get(&name) {
+                Some(entry) if !entry.versions.is_empty() => {
+                    for (version, state) in &entry.versions {
+                        let (state, reason) = match state {
+                            VersionState::Ready(_) => ("READY", String::new()),
+                            VersionState::Unavailable(r) => ("UNAVAILABLE", r.clone()),
+                        };
+                        if ready_only && state != "READY" {
+                            continue;
+                        }
+                        rows.push(json!({"name": name, "version": version.to_string(), "state": state, "reason": reason}));
+                    }
+                }
+                Some(entry) if !ready_only => {
+                    rows.push(json!({"name": name, "state": "UNAVAILABLE", "reason": entry.reason.clone().unwrap_or_default()}));
+                }
+                None if !ready_only => rows.push(json!({"name": name})),
+                _ => {}
+            }
+        }
+        Value::Array(rows)
+    }
+
+    /// Loads everything at startup as the control mode says.
+    pub async fn load_startup(&self, explicit: &[String]) {
+        let names = match self.mode {
+            ControlMode::Explicit if !explicit.iter().any(|n| n == "*") => explicit.to_vec(),
+            _ => self.folder_names(),
+        };
+        for name in names {
+            if let Err(e) = self.load(&name).await {
+                tracing::error!(model = %name, "failed to load: {e}");
+            }
+        }
+    }
+
+    /// Loads (or reloads) a model: the versions its policy selects; unchanged
+    /// ready versions are kept as they are.
+    pub async fn load(&self, name: &str) -> Result<()> {
+        check_model_name(name)?;
+        let _control = self.control.lock().await;
+        self.load_locked(name).await
+    }
+
+    async fn load_locked(&self, name: &str) -> Result<()> {
+        let dir = self.root.join(name);
+        if !dir.is_dir() {
+            return Err(Error::not_found(format!(
+                "no model folder '{name}' in repository {}",
+                self.root.display()
+            )));
+        }
+        let old = self.models.load().get(name).cloned().unwrap_or_default();
+        let folder_fingerprint = {
+            let dir = dir.clone();
+            blocking(move || fingerprint(&[&dir])).await?
+        };
+        let config_result = {
+            let (dir, name) = (dir.clone(), name.to_string());
+            blocking(move || ModelConfig::load(&dir, &name)).await?
+        };
+        let config = match config_result {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                // Keep serving what was ready; record why the new files failed.
+                let mut entry = (*old).clone();
+                entry.reason = Some(e.message.clone());
+                entry.folder_fingerprint = folder_fingerprint;
+                self.publish(name, Some(entry));
+                return Err(Error::invalid(format!("model '{name}' failed to load: {}", e.message)));
+            }
+        };
+        let available = version_folders(&dir);
+        let selected = config.version_policy.select(&available);
+        if selected.is_empty() {
+            let message = format!(
+                "{}: no version folder matches version_policy {:?} (found {:?})",
+                dir.display(),
+                config.version_policy,
+                { let mut a = available.clone(); a.sort(); a }
+            );
+            let mut entry = (*old).clone();
+            entry.reason = Some(message.clone());
+            entry.folder_fingerprint = folder_fingerprint;
+            self.publish(name, Some(entry));
+            return Err(Error::invalid(format!("model '{name}' failed to load: {message}")));
+        }
+
+        let config_path = dir.join("config.toml");
+        let mut entry = ModelEntry { folder_fingerprint, ..Default::default() };
+        let mut failures = Vec::new();
+        for version in selected {
+            let version_dir = dir.join(version.to_string());
+            let version_fingerprint = fingerprint(&[&config_path, &version_dir]);
+            if let (Some(VersionState::Ready(model)), Some(&fp)) =
+                (old.versions.get(&version), old.version_fingerprints.get(&version))
+            {
+                if fp == version_fingerprint {
+                    entry.versions.insert(version, VersionState::Ready(model.clone()));
+                    entry.version_fingerprints.insert(version, fp);
+                    continue;
+                }
+            }
+            let state = match self.create_backend(config.clone(), version, version_dir).await {
+                Ok(backend) => {
+                    tracing::info!(model = name, version, "model version ready");
+                    VersionState::Ready(Arc::new(LoadedModel::new(
+                        config.clone(),
+                        version,
+                        backend,
+                        self.metrics.clone(),
+                    )))
+                }
+                Err(e) => {
+                    tracing::error!(model = name, version, "model version failed to load: {e}");
+                    failures.push(format!("version {version}: {}", e.message));
+                    VersionState::Unavailable(e.message)
+                }
+            };
+            entry.versions.insert(version, state);
+            entry.version_fingerprints.insert(version, version_fingerprint);
+        }
+        self.publish(name, Some(entry));
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("model '{name}' failed to load: {}", failures.join("; ")),
+            ))
+        }
+    }
+
+    async fn create_backend(&self, config: Arc<ModelConfig>, version: u64, dir: PathBuf) -> Result<Box<dyn Backend>> {
+        match config.backend {
+            BackendKind::Wasm => {
+                let runtime = self.runtime.clone();
+                blocking(move || {
+                    WasmBackend::load(&runtime, &config, version, &dir).map(|b| Box::new(b) as Box<dyn Backend>)
+                })
+                .await?
+            }
+            other => Err(Error::unavailable(format!(
+                "backend '{}' is not available in this build of wisp",
+                other.as_str()
+            ))),
+        }
+    }
+
+    /// Unloads every version of a model; requests in flight finish on the versions they hold.
+    pub async fn unload(&self, name: &str) -> Result<()> {
+        check_model_name(name)?;
+        let _control = self.control.lock().await;
+        let old = self
+            .models
+            .load()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("model '{name}' is not loaded")))?;
+        let mut entry = ModelEntry { reason: Some("unloaded".into()), ..Default::default() };
+        for version in old.versions.keys() {
+            entry.versions.insert(*version, VersionState::Unavailable("unloaded".into()));
+        }
+        self.publish(name, Some(entry));
+        tracing::info!(model = name, "model unloaded");
+        Ok(())
+    }
+
+    /// Poll mode: loads new and changed folders, unloads removed ones.
+    pub async fn poll(&self) {
+        let _control = self.control.lock().await;
+        let folders = self.folder_names();
+        let current = self.models.load_full();
+        for name in &folders {
+            let dir = self.root.join(name);
+            let now = {
+                let dir = dir.clone();
+                blocking(move || fingerprint(&[&dir])).await.unwrap_or_default()
+            };
+            let changed = current.get(name).is_none_or(|e| e.folder_fingerprint != now);
+            if changed {
+                tracing::info!(model = %name, "model folder changed, reloading");
+                if let Err(e) = self.load_locked(name).await {
+                    tracing::error!(model = %name, "reload failed: {e}");
+                }
+            }
+        }
+        for name in current.keys().filter(|n| !folders.contains(n)) {
+            tracing::info!(model = %name, "model folder removed, unloading");
+            self.publish(name, None);
+        }
+    }
+
+    /// Swaps in a new entry for `name` and keeps the ready gauge true.
+    fn publish(&self, name: &str, entry: Option<ModelEntry>) {
+        let mut table = HashMap::clone(&self.models.load());
+        let old = match entry {
+            Some(entry) => table.insert(name.to_string(), Arc::new(entry)),
+            None => table.remove(name),
+        };
+        let ready = |e: Option<&Arc<ModelEntry>>| -> Vec<u64> {
+            e.map(|e| {
+                e.versions
+                    .iter()
+                    .filter(|(_, s)| matches!(s, VersionState::Ready(_)))
+                    .map(|(v, _)| *v)
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        let (before, after) = (ready(old.as_ref()), ready(table.get(name)));
+        for v in before.iter().filter(|v| !after.contains(v)) {
+            self.metrics.model_ready.with_label_values(&[name, &v.to_string()]).set(0);
+        }
+        for v in &after {
+            self.metrics.model_ready.with_label_values(&[name, &v.to_string()]).set(1);
+        }
+        self.models.store(Arc::new(table));
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds every plugin for wasm32-wasip2 and installs each component as
+# model.wasm in the version folders that use it (the default repository and
+# the test repository). Idempotent; needs only rustup and cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+packages=(wisp-plugin-simple wisp-plugin-simple-string wisp-plugin-identity wisp-test-hostile)
+cargo build --profile plugin --target wasm32-wasip2 $(printf -- '-p %s ' "${packages[@]}")
+out=target/wasm32-wasip2/plugin
+
+# model folder -> component
+install_component() {
+    local component="$out/$1.wasm" model_dir="$2"
+    for version in "$model_dir"/[0-9]*/; do
+        cp "$component" "$version/model.wasm"
+    done
+}
+install_component wisp_plugin_simple model_repository/simple
+install_component wisp_plugin_simple_string model_repository/simple_string
+install_component wisp_plugin_identity model_repository/simple_identity
+mkdir -p tests/components
+for c in wisp_plugin_simple wisp_plugin_simple_string wisp_plugin_identity wisp_test_hostile; do
+    cp "$out/$c.wasm" "tests/components/$c.wasm"
+done
+echo "plugins built and installed"

@@ -1,0 +1,105 @@
+//! A plugin that attacks its host. The model's `attack` parameter picks the attack,
+//! which runs on every `execute`; a request whose input holds a non-zero INT32
+//! runs it, a zero answers normally (so tests can check the instance is usable).
+//!
+//! Where an attack is denied by the sandbox, the plugin reports what the denial
+//! said as an `internal` error; if an attack ever succeeded, it answers with
+//! what it got, so the test sees the leak.
+
+use std::hint::black_box;
+use wisp_plugin_sdk::{
+    export_model, Error, Model, ModelInfo, Parameters, Request, Response, Tensor,
+};
+
+struct Hostile {
+    attack: String,
+    /// Where the `network` attack connects (the test's listener).
+    target: String,
+}
+
+fn leak(what: String) -> Result<Response, Error> {
+    Ok(Response::new().with_output(Tensor::from_bytes_elements("OUTPUT0", &[1], [what])))
+}
+
+impl Hostile {
+    fn attack(&self) -> Result<Response, Error> {
+        match self.attack.as_str() {
+            "infinite_loop" => {
+                let mut i: u64 = 0;
+                loop {
+                    i = black_box(i.wrapping_add(1));
+                }
+            }
+            "memory_bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 16 << 20]));
+                }
+            }
+            "trap" => {
+                #[cfg(target_arch = "wasm32")]
+                core::arch::wasm32::unreachable();
+                #[cfg(not(target_arch = "wasm32"))]
+                std::process::abort();
+            }
+            "panic" => panic!("the hostile plugin panics on purpose"),
+            "read_passwd" => match std::fs::read_to_string("/etc/passwd") {
+                Ok(text) => leak(text),
+                Err(e) => Err(Error::Internal(format!("reading /etc/passwd failed: {e}"))),
+            },
+            "escape_folder" => {
+                // The version folder is preopened as "."; try to climb out of it
+                // to the model folder's config.toml and to the filesystem root.
+                let mut denials = Vec::new();
+                for path in ["../config.toml", "./../../", "/"] {
+                    match std::fs::read_dir(path).map(|_| ()).or_else(|_| {
+                        std::fs::read_to_string(path).map(|_| ())
+                    }) {
+                        Ok(()) => return leak(format!("opened {path}")),
+                        Err(e) => denials.push(format!("{path}: {e}")),
+                    }
+                }
+                Err(Error::Internal(format!("escape denied: {}", denials.join("; "))))
+            }
+            "network" => {
+                let target = &self.target;
+                match std::net::TcpStream::connect(&target) {
+                    Ok(_) => leak(format!("connected to {target}")),
+                    Err(e) => Err(Error::Internal(format!("connecting to {target} failed: {e}"))),
+                }
+            }
+            "environment" => {
+                let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                if vars.is_empty() {
+                    Err(Error::Internal("the environment is empty".into()))
+                } else {
+                    leak(vars.join(","))
+                }
+            }
+            other => Err(Error::InvalidInput(format!("unknown attack '{other}'"))),
+        }
+    }
+}
+
+impl Model for Hostile {
+    fn init(info: ModelInfo) -> Result<Self, Error> {
+        let attack = info
+            .parameters
+            .get_str("attack")
+            .ok_or_else(|| Error::InvalidInput("parameter 'attack' is required".into()))?
+            .to_string();
+        let target = info.parameters.get_str("target").unwrap_or("127.0.0.1:80").to_string();
+        Ok(Hostile { attack, target })
+    }
+
+    fn execute(&mut self, request: Request) -> Result<Response, Error> {
+        let input = request.input("INPUT0")?.to_vec::<i32>()?;
+        if input.iter().any(|&v| v != 0) {
+            self.attack()
+        } else {
+            leak("harmless".into())
+        }
+    }
+}
+
+export_model!(Hostile);

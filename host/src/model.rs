@@ -5,7 +5,6 @@ use crate::backend::{Backend, BackendRequest, BackendResponse};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::repository::config::ModelConfig;
-use crate::tensor::Tensor;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -201,7 +200,7 @@ impl LoadedModel {
 
     /// Checks what the backend returned: declared names and datatypes, sizes
     /// that match shapes; keeps the requested outputs, in config order.
-    fn check_outputs(&self, requested: &[String], response: BackendResponse) -> Result<Vec<Tensor>> {
+    fn check_outputs(&self, requested: &[String], response: BackendResponse) -> Result<BackendResponse> {
         let model = &self.config.name;
         let mut outputs = Vec::with_capacity(response.outputs.len());
         for tensor in response.outputs {
@@ -228,11 +227,11 @@ impl LoadedModel {
                 )));
             }
         }
-        Ok(outputs)
+        Ok(BackendResponse { outputs, parameters: response.parameters })
     }
 
     /// Validates and runs one request, recording statistics and metrics.
-    pub async fn infer(&self, request: BackendRequest) -> Result<Vec<Tensor>> {
+    pub async fn infer(&self, request: BackendRequest) -> Result<BackendResponse> {
         let started = Instant::now();
         let result = self.run(request, started).await;
         let elapsed = started.elapsed().as_nanos() as u64;
@@ -255,7 +254,7 @@ impl LoadedModel {
         result
     }
 
-    async fn run(&self, request: BackendRequest, started: Instant) -> Result<Vec<Tensor>> {
+    async fn run(&self, request: BackendRequest, started: Instant) -> Result<BackendResponse> {
         let batch_size = self.validate(&request)?;
         let requested = request.requested_outputs.clone();
         let execution = self.backend.execute(vec![request]).await;

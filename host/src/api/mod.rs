@@ -431,8 +431,8 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             };
             let request = protocol::parse_request(body, header_length, &model.config)
                 .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-            let outputs = model.infer(request.backend.clone()).await?;
-            let encoded = protocol::encode_response(model.name(), model.version, &request, outputs)?;
+            let response = model.infer(request.backend.clone()).await?;
+            let encoded = protocol::encode_response(model.name(), model.version, &request, response)?;
             let mut builder = Response::builder().status(StatusCode::OK);
             builder = match encoded.header_length {
                 Some(len) => builder

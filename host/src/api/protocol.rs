@@ -1,7 +1,7 @@
 //! The inference request and response bodies: v2 JSON, Triton's binary tensor
 //! extension (JSON header + raw tensors), and the raw single-tensor body.
 
-use crate::backend::BackendRequest;
+use crate::backend::{BackendRequest, BackendResponse};
 use crate::error::{Error, Result};
 use crate::repository::config::{ModelConfig, ParameterValue};
 use crate::tensor::{DataType, Tensor};
@@ -263,8 +263,9 @@ pub fn encode_response(
     model: &str,
     version: u64,
     request: &InferRequest,
-    outputs: Vec<Tensor>,
+    response: BackendResponse,
 ) -> Result<EncodedResponse> {
+    let outputs = response.outputs;
     let mut json_outputs = Vec::with_capacity(outputs.len());
     let mut binary_parts: Vec<Bytes> = Vec::new();
     for tensor in outputs {
@@ -294,6 +295,11 @@ pub fn encode_response(
     });
     if let Some(id) = &request.id {
         header["id"] = id.clone();
+    }
+    if !response.parameters.is_empty() {
+        let parameters: Map<String, Value> =
+            response.parameters.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+        header["parameters"] = Value::Object(parameters);
     }
     let mut body = serde_json::to_vec(&header).map_err(|e| Error::internal(e.to_string()))?;
     if binary_parts.is_empty() {

@@ -20,6 +20,8 @@ pub struct BackendRequest {
 #[derive(Debug, Clone, Default)]
 pub struct BackendResponse {
     pub outputs: Vec<Tensor>,
+    /// Response parameters the model sets; they go back in the response's `parameters`.
+    pub parameters: Vec<(String, ParameterValue)>,
 }
 
 /// Where the time of one execution went, for statistics.

@@ -275,6 +275,16 @@ fn parameter_to_wit(name: &str, value: &ParameterValue) -> wit::Parameter {
     wit::Parameter { name: name.to_string(), value }
 }
 
+fn parameter_from_wit(p: wit::Parameter) -> (String, ParameterValue) {
+    let value = match p.value {
+        wit::ParameterValue::Boolean(b) => ParameterValue::Bool(b),
+        wit::ParameterValue::Integer(i) => ParameterValue::Int(i),
+        wit::ParameterValue::Double(f) => ParameterValue::Float(f),
+        wit::ParameterValue::Text(s) => ParameterValue::Text(s),
+    };
+    (p.name, value)
+}
+
 fn datatype_to_wit(d: DataType) -> wit::Datatype {
     match d {
         DataType::Bool => wit::Datatype::Boolean,
@@ -420,6 +430,7 @@ fn run_batch(blueprint: &Blueprint, slot: &mut Option<Instance>, requests: Vec<B
                 .into_iter()
                 .map(|r| match r {
                     Ok(response) => Ok(BackendResponse {
+                        parameters: response.parameters.into_iter().map(parameter_from_wit).collect(),
                         outputs: response
                             .outputs
                             .into_iter()

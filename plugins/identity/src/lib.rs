@@ -1,5 +1,6 @@
 //! Triton's identity backend: each input INPUTn comes back unchanged as OUTPUTn,
-//! whatever its datatype and shape.
+//! whatever its datatype and shape; the request's parameters come back as the
+//! response's parameters (so clients can see what reached the model).
 
 use wisp_plugin_sdk::{export_model, Error, Model, ModelInfo, Request, Response, Tensor};
 
@@ -12,6 +13,7 @@ impl Model for Identity {
 
     fn execute(&mut self, request: Request) -> Result<Response, Error> {
         let mut response = Response::new();
+        response.parameters = request.parameters;
         for input in request.inputs {
             let name = match input.name.strip_prefix("INPUT") {
                 Some(index) => format!("OUTPUT{index}"),

@@ -15,6 +15,7 @@ struct Hostile {
     attack: String,
     /// Where the `network` attack connects (the test's listener).
     target: String,
+    delay_ms: u64,
 }
 
 fn leak(what: String) -> Result<Response, Error> {
@@ -41,6 +42,11 @@ impl Hostile {
                 core::arch::wasm32::unreachable();
                 #[cfg(not(target_arch = "wasm32"))]
                 std::process::abort();
+            }
+            "slow" => {
+                // Not an attack: a model that takes `delay_ms`, for shutdown and load tests.
+                std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
+                leak("slept".into())
             }
             "panic" => panic!("the hostile plugin panics on purpose"),
             "read_passwd" => match std::fs::read_to_string("/etc/passwd") {
@@ -89,7 +95,8 @@ impl Model for Hostile {
             .ok_or_else(|| Error::InvalidInput("parameter 'attack' is required".into()))?
             .to_string();
         let target = info.parameters.get_str("target").unwrap_or("127.0.0.1:80").to_string();
-        Ok(Hostile { attack, target })
+        let delay_ms = info.parameters.get_i64("delay_ms").unwrap_or(0).max(0) as u64;
+        Ok(Hostile { attack, target, delay_ms })
     }
 
     fn execute(&mut self, request: Request) -> Result<Response, Error> {

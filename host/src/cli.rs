@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "wisp", version, about = "An inference server for NLP models with sandboxed WebAssembly plugins")]
+#[command(
+    name = "wisp",
+    version,
+    about = "An inference server for NLP models with sandboxed WebAssembly plugins"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

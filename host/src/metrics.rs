@@ -37,12 +37,16 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounterVec::new(Opts::new(name, help), MODEL_VERSION).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let duration = |name: &str, help: &str| {
             let c = CounterVec::new(Opts::new(name, help), MODEL_VERSION).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str| {
@@ -51,21 +55,33 @@ impl Metrics {
                 MODEL_VERSION,
             )
             .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let request_failure = IntCounterVec::new(
-            Opts::new("nv_inference_request_failure", "Number of failed inference requests"),
+            Opts::new(
+                "nv_inference_request_failure",
+                "Number of failed inference requests",
+            ),
             &["model", "version", "reason"],
         )
         .expect("valid metric");
-        registry.register(Box::new(request_failure.clone())).expect("unique metric");
+        registry
+            .register(Box::new(request_failure.clone()))
+            .expect("unique metric");
         let model_ready = IntGaugeVec::new(
-            Opts::new("wisp_model_ready", "1 when the model version is ready to serve"),
+            Opts::new(
+                "wisp_model_ready",
+                "1 when the model version is ready to serve",
+            ),
             MODEL_VERSION,
         )
         .expect("valid metric");
-        registry.register(Box::new(model_ready.clone())).expect("unique metric");
+        registry
+            .register(Box::new(model_ready.clone()))
+            .expect("unique metric");
         Metrics {
             request_success: counter(
                 "nv_inference_request_success",

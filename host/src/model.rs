@@ -102,7 +102,12 @@ fn shape_matches(shape: &[i64], dims: &[i64]) -> bool {
 }
 
 impl LoadedModel {
-    pub fn new(config: Arc<ModelConfig>, version: u64, backend: Box<dyn Backend>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<ModelConfig>,
+        version: u64,
+        backend: Box<dyn Backend>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         LoadedModel {
             version_label: version.to_string(),
             config,
@@ -124,7 +129,10 @@ impl LoadedModel {
         let mut batch: Option<i64> = None;
         for (i, input) in request.inputs.iter().enumerate() {
             if request.inputs[..i].iter().any(|t| t.name == input.name) {
-                return Err(Error::invalid(format!("input '{}' is given twice", input.name)));
+                return Err(Error::invalid(format!(
+                    "input '{}' is given twice",
+                    input.name
+                )));
             }
             let declared = config.input(&input.name).ok_or_else(|| {
                 let names: Vec<&str> = config.inputs.iter().map(|t| t.name.as_str()).collect();
@@ -145,7 +153,11 @@ impl LoadedModel {
                     return Err(Error::invalid(format!(
                         "input '{}' has shape [] but model '{model}' batches: expected [-1{}]",
                         input.name,
-                        declared.dims.iter().map(|d| format!(", {d}")).collect::<String>()
+                        declared
+                            .dims
+                            .iter()
+                            .map(|d| format!(", {d}"))
+                            .collect::<String>()
                     )));
                 };
                 if b < 1 || b > config.max_batch_size as i64 {
@@ -167,7 +179,15 @@ impl LoadedModel {
             };
             if !shape_matches(dims, &declared.dims) {
                 let expected = if config.max_batch_size > 0 {
-                    format!("[-1, {}]", declared.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+                    format!(
+                        "[-1, {}]",
+                        declared
+                            .dims
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 } else {
                     format!("{:?}", declared.dims)
                 };
@@ -200,12 +220,19 @@ impl LoadedModel {
 
     /// Checks what the backend returned: declared names and datatypes, sizes
     /// that match shapes; keeps the requested outputs, in config order.
-    fn check_outputs(&self, requested: &[String], response: BackendResponse) -> Result<BackendResponse> {
+    fn check_outputs(
+        &self,
+        requested: &[String],
+        response: BackendResponse,
+    ) -> Result<BackendResponse> {
         let model = &self.config.name;
         let mut outputs = Vec::with_capacity(response.outputs.len());
         for tensor in response.outputs {
             let declared = self.config.output(&tensor.name).ok_or_else(|| {
-                Error::internal(format!("model '{model}' produced undeclared output '{}'", tensor.name))
+                Error::internal(format!(
+                    "model '{model}' produced undeclared output '{}'",
+                    tensor.name
+                ))
             })?;
             if tensor.datatype != declared.datatype {
                 return Err(Error::internal(format!(
@@ -227,7 +254,10 @@ impl LoadedModel {
                 )));
             }
         }
-        Ok(BackendResponse { outputs, parameters: response.parameters })
+        Ok(BackendResponse {
+            outputs,
+            parameters: response.parameters,
+        })
     }
 
     /// Validates and runs one request, recording statistics and metrics.
@@ -239,7 +269,10 @@ impl LoadedModel {
         match &result {
             Ok(_) => {
                 self.stats.success.add(elapsed);
-                self.metrics.request_success.with_label_values(&labels).inc();
+                self.metrics
+                    .request_success
+                    .with_label_values(&labels)
+                    .inc();
             }
             Err(e) => {
                 self.stats.fail.add(elapsed);
@@ -249,8 +282,14 @@ impl LoadedModel {
                     .inc();
             }
         }
-        self.metrics.request_duration_us.with_label_values(&labels).inc_by(elapsed as f64 / 1e3);
-        self.metrics.request_latency.with_label_values(&labels).observe(elapsed as f64 / 1e9);
+        self.metrics
+            .request_duration_us
+            .with_label_values(&labels)
+            .inc_by(elapsed as f64 / 1e3);
+        self.metrics
+            .request_latency
+            .with_label_values(&labels)
+            .observe(elapsed as f64 / 1e9);
         result
     }
 
@@ -280,7 +319,10 @@ impl LoadedModel {
         s.compute_output.add(t.compute_output_ns);
         s.inference_count.fetch_add(batch_size, Ordering::Relaxed);
         s.execution_count.fetch_add(1, Ordering::Relaxed);
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         s.last_inference_ms.store(now_ms, Ordering::Relaxed);
         {
             let mut batches = s.batches.lock();
@@ -292,14 +334,28 @@ impl LoadedModel {
         }
         let labels = [self.config.name.as_str(), self.version_label.as_str()];
         let m = &self.metrics;
-        m.inference_count.with_label_values(&labels).inc_by(batch_size);
+        m.inference_count
+            .with_label_values(&labels)
+            .inc_by(batch_size);
         m.execution_count.with_label_values(&labels).inc();
-        m.queue_duration_us.with_label_values(&labels).inc_by(queue_ns as f64 / 1e3);
-        m.compute_input_duration_us.with_label_values(&labels).inc_by(t.compute_input_ns as f64 / 1e3);
-        m.compute_infer_duration_us.with_label_values(&labels).inc_by(t.compute_infer_ns as f64 / 1e3);
-        m.compute_output_duration_us.with_label_values(&labels).inc_by(t.compute_output_ns as f64 / 1e3);
-        m.queue_latency.with_label_values(&labels).observe(queue_ns as f64 / 1e9);
+        m.queue_duration_us
+            .with_label_values(&labels)
+            .inc_by(queue_ns as f64 / 1e3);
+        m.compute_input_duration_us
+            .with_label_values(&labels)
+            .inc_by(t.compute_input_ns as f64 / 1e3);
+        m.compute_infer_duration_us
+            .with_label_values(&labels)
+            .inc_by(t.compute_infer_ns as f64 / 1e3);
+        m.compute_output_duration_us
+            .with_label_values(&labels)
+            .inc_by(t.compute_output_ns as f64 / 1e3);
+        m.queue_latency
+            .with_label_values(&labels)
+            .observe(queue_ns as f64 / 1e9);
         let compute = t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns;
-        m.compute_latency.with_label_values(&labels).observe(compute as f64 / 1e9);
+        m.compute_latency
+            .with_label_values(&labels)
+            .observe(compute as f64 / 1e9);
     }
 }

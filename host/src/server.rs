@@ -37,8 +37,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let runtime = WasmRuntime::new().context("starting the WebAssembly runtime")?;
     let repository = Arc::new(
-        Repository::new(args.model_repository.clone(), args.model_control_mode, runtime, metrics.clone())
-            .map_err(|e| anyhow::anyhow!(e.message))?,
+        Repository::new(
+            args.model_repository.clone(),
+            args.model_control_mode,
+            runtime,
+            metrics.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!(e.message))?,
     );
     let state = Arc::new(ServerState {
         repository: repository.clone(),
@@ -50,10 +55,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let http = TcpListener::bind((args.http_address.as_str(), args.http_port))
         .await
-        .with_context(|| format!("binding the HTTP port {}:{}", args.http_address, args.http_port))?;
+        .with_context(|| {
+            format!(
+                "binding the HTTP port {}:{}",
+                args.http_address, args.http_port
+            )
+        })?;
     let metrics_listener = TcpListener::bind((args.http_address.as_str(), args.metrics_port))
         .await
-        .with_context(|| format!("binding the metrics port {}:{}", args.http_address, args.metrics_port))?;
+        .with_context(|| {
+            format!(
+                "binding the metrics port {}:{}",
+                args.http_address, args.metrics_port
+            )
+        })?;
     tracing::info!(
         http = %http.local_addr()?,
         metrics = %metrics_listener.local_addr()?,
@@ -63,11 +78,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone(), stop_rx.clone()));
+    let metrics_task = tokio::spawn(serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
 
     // Models load while the server already answers health and index requests.
     let loader = {
-        let (repository, state, names) = (repository.clone(), state.clone(), args.load_model.clone());
+        let (repository, state, names) =
+            (repository.clone(), state.clone(), args.load_model.clone());
         let poll_secs = args.repository_poll_secs.max(1);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
@@ -130,7 +150,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -110,11 +110,14 @@ impl Tensor {
     /// Checks that the data holds exactly the elements the shape describes.
     pub fn validate_size(&self) -> Result<()> {
         let count = element_count(&self.shape).ok_or_else(|| {
-            Error::invalid(format!("tensor '{}' has an invalid shape {:?}", self.name, self.shape))
+            Error::invalid(format!(
+                "tensor '{}' has an invalid shape {:?}",
+                self.name, self.shape
+            ))
         })?;
         match self.datatype.element_size() {
             Some(size) => {
-                let expected = count.checked_mul(size).unwrap_or(usize::MAX);
+                let expected = count.saturating_mul(size);
                 if self.data.len() != expected {
                     return Err(Error::invalid(format!(
                         "tensor '{}' has {} bytes of data, but shape {:?} of {} needs {}",
@@ -142,7 +145,12 @@ impl Tensor {
     }
 
     /// Builds a tensor from the JSON `data` of a request input (flat or nested).
-    pub fn from_json(name: &str, datatype: DataType, shape: Vec<i64>, data: &Value) -> Result<Tensor> {
+    pub fn from_json(
+        name: &str,
+        datatype: DataType,
+        shape: Vec<i64>,
+        data: &Value,
+    ) -> Result<Tensor> {
         let count = element_count(&shape).ok_or_else(|| {
             Error::invalid(format!("input '{name}' has an invalid shape {shape:?}"))
         })?;
@@ -162,7 +170,12 @@ impl Tensor {
                 ))
             })?;
         }
-        Ok(Tensor { name: name.to_string(), datatype, shape, data: Bytes::from(out) })
+        Ok(Tensor {
+            name: name.to_string(),
+            datatype,
+            shape,
+            data: Bytes::from(out),
+        })
     }
 
     /// The data as a flat JSON array.
@@ -203,7 +216,9 @@ pub fn bytes_elements(mut data: &[u8]) -> Result<Vec<&[u8]>> {
     let mut elements = Vec::new();
     while !data.is_empty() {
         if data.len() < 4 {
-            return Err(Error::invalid("BYTES data ends inside a 4-byte length prefix"));
+            return Err(Error::invalid(
+                "BYTES data ends inside a 4-byte length prefix",
+            ));
         }
         let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
         let element = data.get(4..4 + len).ok_or_else(|| {
@@ -221,9 +236,10 @@ pub fn bytes_elements(mut data: &[u8]) -> Result<Vec<&[u8]>> {
 fn encode_json_element(datatype: DataType, value: &Value, out: &mut Vec<u8>) -> Option<()> {
     macro_rules! int {
         ($t:ty) => {{
-            let v = value.as_i64().map(|v| <$t>::try_from(v).ok()).or_else(|| {
-                value.as_u64().map(|v| <$t>::try_from(v).ok())
-            })??;
+            let v = value
+                .as_i64()
+                .map(|v| <$t>::try_from(v).ok())
+                .or_else(|| value.as_u64().map(|v| <$t>::try_from(v).ok()))??;
             out.extend_from_slice(&v.to_le_bytes());
         }};
     }
@@ -237,7 +253,9 @@ fn encode_json_element(datatype: DataType, value: &Value, out: &mut Vec<u8>) -> 
         DataType::Int16 => int!(i16),
         DataType::Int32 => int!(i32),
         DataType::Int64 => int!(i64),
-        DataType::Fp16 => out.extend_from_slice(&half::f16::from_f64(value.as_f64()?).to_le_bytes()),
+        DataType::Fp16 => {
+            out.extend_from_slice(&half::f16::from_f64(value.as_f64()?).to_le_bytes())
+        }
         DataType::Bf16 => {
             out.extend_from_slice(&half::bf16::from_f64(value.as_f64()?).to_le_bytes())
         }
@@ -254,7 +272,9 @@ fn encode_json_element(datatype: DataType, value: &Value, out: &mut Vec<u8>) -> 
 
 fn decode_json_element(datatype: DataType, b: &[u8]) -> Value {
     fn float(v: f64) -> Value {
-        serde_json::Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null)
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
     }
     match datatype {
         DataType::Bool => Value::Bool(b[0] != 0),
@@ -316,6 +336,9 @@ mod tests {
     fn bytes_elements_detects_truncation() {
         assert!(bytes_elements(&[5, 0, 0, 0, b'a']).is_err());
         assert!(bytes_elements(&[1, 0]).is_err());
-        assert_eq!(bytes_elements(&[1, 0, 0, 0, b'a']).unwrap(), vec![b"a" as &[u8]]);
+        assert_eq!(
+            bytes_elements(&[1, 0, 0, 0, b'a']).unwrap(),
+            vec![b"a" as &[u8]]
+        );
     }
 }

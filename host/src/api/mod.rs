@@ -85,7 +85,11 @@ impl std::str::FromStr for Restriction {
                 })
             })
             .collect::<std::result::Result<Vec<_>, String>>()?;
-        Ok(Restriction { groups, header: header.to_ascii_lowercase(), value: value.to_string() })
+        Ok(Restriction {
+            groups,
+            header: header.to_ascii_lowercase(),
+            value: value.to_string(),
+        })
     }
 }
 
@@ -113,11 +117,17 @@ fn error_response(e: &Error) -> Response<Body> {
 }
 
 fn empty(status: StatusCode) -> Response<Body> {
-    Response::builder().status(status).body(Full::new(Bytes::new())).expect("valid response")
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .expect("valid response")
 }
 
 /// Reads the body within the cap, and inflates gzip/deflate bodies within the same cap.
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<(hyper::http::request::Parts, Bytes)> {
+async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<(hyper::http::request::Parts, Bytes)> {
     let (parts, body) = req.into_parts();
     let too_large = || {
         Error::new(
@@ -125,7 +135,11 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<(hyper::http::r
             format!("request body exceeds the limit of {max} bytes (--http-max-body-bytes)"),
         )
     };
-    if let Some(len) = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+    if let Some(len) = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+    {
         if len.parse::<u64>().map(|l| l > max as u64).unwrap_or(false) {
             return Err(too_large());
         }
@@ -134,7 +148,9 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<(hyper::http::r
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 too_large()
             } else {
                 Error::invalid(format!("reading the request body failed: {e}"))
@@ -181,7 +197,8 @@ fn parse_json_body(body: &Bytes) -> Result<Value> {
 }
 
 fn parse_version(v: &str) -> Result<u64> {
-    v.parse().map_err(|_| Error::invalid(format!("model version '{v}' is not a number")))
+    v.parse()
+        .map_err(|_| Error::invalid(format!("model version '{v}' is not a number")))
 }
 
 /// The route a path names, with the API group that guards it.
@@ -213,14 +230,16 @@ impl Route<'_> {
 
     fn method(&self) -> Method {
         match self {
-            Route::Infer(..) | Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => Method::POST,
+            Route::Infer(..) | Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => {
+                Method::POST
+            }
             _ => Method::GET,
         }
     }
 }
 
-fn route(path: &str) -> Option<Route<'_>> {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+fn route(segments: &[String]) -> Option<Route<'_>> {
+    let segments: Vec<&str> = segments.iter().map(|s| s.as_str()).collect();
     Some(match segments.as_slice() {
         ["v2"] => Route::ServerMetadata,
         ["v2", "health", "live"] => Route::Live,
@@ -247,6 +266,15 @@ fn route(path: &str) -> Option<Route<'_>> {
     })
 }
 
+/// The path's segments, each percent-decoded (so an encoded `/` stays inside its segment).
+fn path_segments(path: &str) -> Vec<String> {
+    path.trim_end_matches('/')
+        .split('/')
+        .skip(1)
+        .map(percent_decode)
+        .collect()
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -265,7 +293,10 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> std::result::Result<Response<Body>, std::convert::Infallible> {
+pub async fn handle(
+    state: Arc<ServerState>,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Body>, std::convert::Infallible> {
     let response = match dispatch(&state, req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
@@ -274,15 +305,26 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> std::res
 }
 
 async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
-    let path = percent_decode(req.uri().path());
-    let route = route(&path).ok_or_else(|| Error::not_found(format!("no route for {}", req.uri().path())))?;
+    let path = req.uri().path().to_string();
+    let segments = path_segments(&path);
+    let route = route(&segments).ok_or_else(|| Error::not_found(format!("no route for {path}")))?;
     let group = route.group();
-    for restriction in state.restrictions.iter().filter(|r| r.groups.contains(&group)) {
-        let given = req.headers().get(restriction.header.as_str()).and_then(|v| v.to_str().ok());
+    for restriction in state
+        .restrictions
+        .iter()
+        .filter(|r| r.groups.contains(&group))
+    {
+        let given = req
+            .headers()
+            .get(restriction.header.as_str())
+            .and_then(|v| v.to_str().ok());
         if given != Some(restriction.value.as_str()) {
             return Err(Error::new(
                 ErrorKind::Forbidden,
-                format!("This API is restricted, expecting header '{}'", restriction.header),
+                format!(
+                    "This API is restricted, expecting header '{}'",
+                    restriction.header
+                ),
             ));
         }
     }
@@ -356,7 +398,10 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
         }
         Route::ModelConfig(m, v) => {
             let model = repo.get(m, v.map(parse_version).transpose()?)?;
-            Ok(json_response(StatusCode::OK, &model.config.to_triton_json()))
+            Ok(json_response(
+                StatusCode::OK,
+                &model.config.to_triton_json(),
+            ))
         }
         Route::Stats(m, v) => {
             let version = v.map(parse_version).transpose()?;
@@ -366,12 +411,21 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                     Some(_) => vec![repo.get(m, version)?],
                     None => {
                         repo.get(m, None)?;
-                        repo.ready_models().into_iter().filter(|r| r.name() == m).collect()
+                        repo.ready_models()
+                            .into_iter()
+                            .filter(|r| r.name() == m)
+                            .collect()
                     }
                 },
             };
-            let stats: Vec<Value> = models.iter().map(|r| r.stats.to_json(r.name(), r.version)).collect();
-            Ok(json_response(StatusCode::OK, &json!({ "model_stats": stats })))
+            let stats: Vec<Value> = models
+                .iter()
+                .map(|r| r.stats.to_json(r.name(), r.version))
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "model_stats": stats }),
+            ))
         }
         Route::RepositoryIndex => {
             let (_, body) = read_body(req, state.max_body_bytes).await?;
@@ -379,7 +433,11 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             let ready = match body.get("ready") {
                 None => false,
                 Some(Value::Bool(b)) => *b,
-                Some(other) => return Err(Error::invalid(format!("field 'ready' must be a bool, got {other}"))),
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "field 'ready' must be a bool, got {other}"
+                    )))
+                }
             };
             Ok(json_response(StatusCode::OK, &repo.index(ready)))
         }
@@ -426,13 +484,16 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                     v.to_str()
                         .ok()
                         .and_then(|s| s.trim().parse::<usize>().ok())
-                        .ok_or_else(|| Error::invalid("Inference-Header-Content-Length is not a number"))?,
+                        .ok_or_else(|| {
+                            Error::invalid("Inference-Header-Content-Length is not a number")
+                        })?,
                 ),
             };
             let request = protocol::parse_request(body, header_length, &model.config)
                 .map_err(|e| e.context(format!("model '{}'", model.name())))?;
             let response = model.infer(request.backend.clone()).await?;
-            let encoded = protocol::encode_response(model.name(), model.version, &request, response)?;
+            let encoded =
+                protocol::encode_response(model.name(), model.version, &request, response)?;
             let mut builder = Response::builder().status(StatusCode::OK);
             builder = match encoded.header_length {
                 Some(len) => builder
@@ -449,7 +510,9 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             } else {
                 encoded.body
             };
-            Ok(builder.body(Full::new(Bytes::from(body))).expect("valid response"))
+            Ok(builder
+                .body(Full::new(Bytes::from(body)))
+                .expect("valid response"))
         }
     }
 }
@@ -474,19 +537,44 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert!(matches!(route("/v2/models/simple/versions/1/infer"), Some(Route::Infer("simple", Some("1")))));
-        assert!(matches!(route("/v2/models/simple/infer"), Some(Route::Infer("simple", None))));
-        assert!(matches!(route("/v2/models/stats"), Some(Route::Stats(None, None))));
-        assert!(matches!(route("/v2/repository/models/x/load"), Some(Route::Load("x"))));
-        assert!(route("/v2/models/x/bogus").is_none());
-        assert!(route("/v3").is_none());
+        let r = |p: &str| path_segments(p);
+        assert!(matches!(
+            route(&r("/v2/models/simple/versions/1/infer")),
+            Some(Route::Infer("simple", Some("1")))
+        ));
+        assert!(matches!(
+            route(&r("/v2/models/simple/infer")),
+            Some(Route::Infer("simple", None))
+        ));
+        assert!(matches!(
+            route(&r("/v2/models/stats")),
+            Some(Route::Stats(None, None))
+        ));
+        assert!(matches!(
+            route(&r("/v2/repository/models/x/load")),
+            Some(Route::Load("x"))
+        ));
+        assert!(matches!(
+            route(&r("/v2/repository/models/..%2Fetc/load")),
+            Some(Route::Load("../etc"))
+        ));
+        assert!(route(&r("/v2/models/x/bogus")).is_none());
+        assert!(route(&r("/v3")).is_none());
     }
 
     #[test]
     fn restriction_parses() {
-        let r: Restriction = "model-repository,statistics:admin-key=secret".parse().unwrap();
-        assert_eq!(r.groups, vec![ApiGroup::ModelRepository, ApiGroup::Statistics]);
-        assert_eq!((r.header.as_str(), r.value.as_str()), ("admin-key", "secret"));
+        let r: Restriction = "model-repository,statistics:admin-key=secret"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            r.groups,
+            vec![ApiGroup::ModelRepository, ApiGroup::Statistics]
+        );
+        assert_eq!(
+            (r.header.as_str(), r.value.as_str()),
+            ("admin-key", "secret")
+        );
         assert!("bogus:k=v".parse::<Restriction>().is_err());
         assert!("model-repository:novalue".parse::<Restriction>().is_err());
     }

@@ -79,13 +79,19 @@ fn bool_parameter(params: &Map<String, Value>, key: &str, owner: &str) -> Result
     match params.get(key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(Error::invalid(format!("parameter '{key}' of {owner} must be a bool, got {other}"))),
+        Some(other) => Err(Error::invalid(format!(
+            "parameter '{key}' of {owner} must be a bool, got {other}"
+        ))),
     }
 }
 
 /// Parses a request body. `header_length` is the `Inference-Header-Content-Length`
 /// value: `None` for a JSON-only body, `Some(0)` for a raw single-tensor body.
-pub fn parse_request(body: Bytes, header_length: Option<usize>, config: &ModelConfig) -> Result<InferRequest> {
+pub fn parse_request(
+    body: Bytes,
+    header_length: Option<usize>,
+    config: &ModelConfig,
+) -> Result<InferRequest> {
     if header_length == Some(0) {
         return parse_raw(body, config);
     }
@@ -107,17 +113,23 @@ pub fn parse_request(body: Bytes, header_length: Option<usize>, config: &ModelCo
             Error::invalid(format!("{what} has unknown datatype '{}'", input.datatype))
         })?;
         if let Some(d) = input.shape.iter().find(|&&d| d < 0) {
-            return Err(Error::invalid(format!("{what} has a negative dimension {d} in its shape")));
+            return Err(Error::invalid(format!(
+                "{what} has a negative dimension {d} in its shape"
+            )));
         }
         let binary_size = match input.parameters.get("binary_data_size") {
             None => None,
             Some(v) => Some(v.as_u64().ok_or_else(|| {
-                Error::invalid(format!("parameter 'binary_data_size' of {what} must be a non-negative integer"))
+                Error::invalid(format!(
+                    "parameter 'binary_data_size' of {what} must be a non-negative integer"
+                ))
             })? as usize),
         };
         let tensor = match (binary_size, &input.data) {
             (Some(_), Some(_)) => {
-                return Err(Error::invalid(format!("{what} has both 'data' and 'binary_data_size'")))
+                return Err(Error::invalid(format!(
+                    "{what} has both 'data' and 'binary_data_size'"
+                )))
             }
             (Some(size), None) => {
                 if size > binary.len() {
@@ -127,13 +139,20 @@ pub fn parse_request(body: Bytes, header_length: Option<usize>, config: &ModelCo
                     )));
                 }
                 let data = binary.split_to(size);
-                let tensor = Tensor { name: input.name, datatype, shape: input.shape, data };
+                let tensor = Tensor {
+                    name: input.name,
+                    datatype,
+                    shape: input.shape,
+                    data,
+                };
                 tensor.validate_size()?;
                 tensor
             }
             (None, Some(data)) => Tensor::from_json(&input.name, datatype, input.shape, data)?,
             (None, None) => {
-                return Err(Error::invalid(format!("{what} has neither 'data' nor 'binary_data_size'")))
+                return Err(Error::invalid(format!(
+                    "{what} has neither 'data' nor 'binary_data_size'"
+                )))
             }
         };
         inputs.push(tensor);
@@ -145,7 +164,8 @@ pub fn parse_request(body: Bytes, header_length: Option<usize>, config: &ModelCo
         )));
     }
 
-    let binary_default = bool_parameter(&request.parameters, "binary_data_output", "the request")?.unwrap_or(false);
+    let binary_default =
+        bool_parameter(&request.parameters, "binary_data_output", "the request")?.unwrap_or(false);
     let mut outputs = Vec::with_capacity(request.outputs.len());
     for output in request.outputs {
         let owner = format!("output '{}'", output.name);
@@ -158,11 +178,19 @@ pub fn parse_request(body: Bytes, header_length: Option<usize>, config: &ModelCo
                         config.name
                     )))
                 }
-                other => return Err(Error::invalid(format!("{owner} has unknown parameter '{other}'"))),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "{owner} has unknown parameter '{other}'"
+                    )))
+                }
             }
         }
-        let binary = bool_parameter(&output.parameters, "binary_data", &owner)?.unwrap_or(binary_default);
-        outputs.push(OutputRequest { name: output.name, binary });
+        let binary =
+            bool_parameter(&output.parameters, "binary_data", &owner)?.unwrap_or(binary_default);
+        outputs.push(OutputRequest {
+            name: output.name,
+            binary,
+        });
     }
 
     let mut parameters = Vec::new();
@@ -216,7 +244,10 @@ fn parse_raw(body: Bytes, config: &ModelConfig) -> Result<InferRequest> {
             )));
         }
         let elements = body.len() / size;
-        if body.len() % size != 0 || (known > 0 && elements as i64 % known != 0) || (known == 0 && elements != 0) {
+        if !body.len().is_multiple_of(size)
+            || (known > 0 && elements as i64 % known != 0)
+            || (known == 0 && elements != 0)
+        {
             return Err(Error::invalid(format!(
                 "a raw body of {} bytes does not fit input '{}' ({} {:?})",
                 body.len(),
@@ -228,7 +259,13 @@ fn parse_raw(body: Bytes, config: &ModelConfig) -> Result<InferRequest> {
         let dims: Vec<i64> = input
             .dims
             .iter()
-            .map(|&d| if d == -1 { elements as i64 / known.max(1) } else { d })
+            .map(|&d| {
+                if d == -1 {
+                    elements as i64 / known.max(1)
+                } else {
+                    d
+                }
+            })
             .collect();
         if variable == 0 && elements as i64 != known {
             return Err(Error::invalid(format!(
@@ -244,7 +281,12 @@ fn parse_raw(body: Bytes, config: &ModelConfig) -> Result<InferRequest> {
     Ok(InferRequest {
         id: None,
         backend: BackendRequest {
-            inputs: vec![Tensor { name: input.name.clone(), datatype: input.datatype, shape, data }],
+            inputs: vec![Tensor {
+                name: input.name.clone(),
+                datatype: input.datatype,
+                shape,
+                data,
+            }],
             requested_outputs: Vec::new(),
             parameters: Vec::new(),
         },
@@ -297,18 +339,27 @@ pub fn encode_response(
         header["id"] = id.clone();
     }
     if !response.parameters.is_empty() {
-        let parameters: Map<String, Value> =
-            response.parameters.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+        let parameters: Map<String, Value> = response
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect();
         header["parameters"] = Value::Object(parameters);
     }
     let mut body = serde_json::to_vec(&header).map_err(|e| Error::internal(e.to_string()))?;
     if binary_parts.is_empty() {
-        return Ok(EncodedResponse { body, header_length: None });
+        return Ok(EncodedResponse {
+            body,
+            header_length: None,
+        });
     }
     let header_length = body.len();
     body.reserve(binary_parts.iter().map(|b| b.len()).sum());
     for part in binary_parts {
         body.extend_from_slice(&part);
     }
-    Ok(EncodedResponse { body, header_length: Some(header_length) })
+    Ok(EncodedResponse {
+        body,
+        header_length: Some(header_length),
+    })
 }

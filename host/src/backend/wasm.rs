@@ -53,13 +53,15 @@ impl WasmRuntime {
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let ticker = engine.weak();
-        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
-            while let Some(engine) = ticker.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         Ok(WasmRuntime { engine })
     }
 }
@@ -74,7 +76,10 @@ struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -86,7 +91,7 @@ impl bindings::wisp::plugin::log::Host for HostState {
                 cut -= 1;
             }
             message.truncate(cut);
-            message.push_str("…");
+            message.push('…');
         }
         let model = &*self.model;
         match level {
@@ -181,12 +186,13 @@ impl Blueprint {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .stdout(output.clone())
             .stderr(output.clone());
-        wasi.preopened_dir(&self.version_dir, ".", FsPerms::ReadOnly).map_err(|e| {
-            Error::unavailable(format!(
-                "cannot open version folder {}: {e}",
-                self.version_dir.display()
-            ))
-        })?;
+        wasi.preopened_dir(&self.version_dir, ".", FsPerms::ReadOnly)
+            .map_err(|e| {
+                Error::unavailable(format!(
+                    "cannot open version folder {}: {e}",
+                    self.version_dir.display()
+                ))
+            })?;
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -200,15 +206,24 @@ impl Blueprint {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.init_ticks);
-        let plugin = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| Error::unavailable(format!("instantiating the component failed: {e:#}")))?;
-        let mut instance = Instance { store, plugin, output };
-        let init = instance.plugin.wisp_plugin_model().call_init(&mut instance.store, &self.info);
+        let plugin = self.pre.instantiate(&mut store).map_err(|e| {
+            Error::unavailable(format!("instantiating the component failed: {e:#}"))
+        })?;
+        let mut instance = Instance {
+            store,
+            plugin,
+            output,
+        };
+        let init = instance
+            .plugin
+            .wisp_plugin_model()
+            .call_init(&mut instance.store, &self.info);
         match init {
             Ok(Ok(())) => Ok(instance),
-            Ok(Err(e)) => Err(Error::unavailable(format!("plugin init failed: {}", plugin_error(&e).message))),
+            Ok(Err(e)) => Err(Error::unavailable(format!(
+                "plugin init failed: {}",
+                plugin_error(&e).message
+            ))),
             Err(trap) => Err(Error::unavailable(format!(
                 "plugin init trapped: {}",
                 describe_trap(&trap, &instance.output, self.init_ticks, self.memory_limit)
@@ -225,7 +240,12 @@ fn plugin_error(e: &wit::Error) -> Error {
     }
 }
 
-fn describe_trap(trap: &wasmtime::Error, output: &OutputTail, ticks: u64, memory_limit: usize) -> String {
+fn describe_trap(
+    trap: &wasmtime::Error,
+    output: &OutputTail,
+    ticks: u64,
+    memory_limit: usize,
+) -> String {
     let mut text = match trap.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => format!(
             "execution deadline of {} ms exceeded; the instance was stopped",
@@ -234,14 +254,21 @@ fn describe_trap(trap: &wasmtime::Error, output: &OutputTail, ticks: u64, memory
         _ => {
             let root = trap.root_cause().to_string();
             if root.contains("forcing trap when growing memory") {
-                format!("memory limit of {} MiB exceeded ({root})", memory_limit >> 20)
+                format!(
+                    "memory limit of {} MiB exceeded ({root})",
+                    memory_limit >> 20
+                )
             } else {
                 format!("{trap:#}")
                     .lines()
                     .next()
                     .unwrap_or_default()
                     .to_string()
-                    + &if root != format!("{trap}") { format!(": {root}") } else { String::new() }
+                    + &if root != format!("{trap}") {
+                        format!(": {root}")
+                    } else {
+                        String::new()
+                    }
             }
         }
     };
@@ -272,7 +299,10 @@ fn parameter_to_wit(name: &str, value: &ParameterValue) -> wit::Parameter {
         ParameterValue::Float(f) => wit::ParameterValue::Double(*f),
         ParameterValue::Text(s) => wit::ParameterValue::Text(s.clone()),
     };
-    wit::Parameter { name: name.to_string(), value }
+    wit::Parameter {
+        name: name.to_string(),
+        value,
+    }
 }
 
 fn parameter_from_wit(p: wit::Parameter) -> (String, ParameterValue) {
@@ -305,13 +335,21 @@ fn datatype_to_wit(d: DataType) -> wit::Datatype {
 }
 
 fn datatype_from_wit(d: wit::Datatype) -> DataType {
-    DataType::ALL.into_iter().find(|&h| datatype_to_wit(h) == d).expect("every wit datatype maps")
+    DataType::ALL
+        .into_iter()
+        .find(|&h| datatype_to_wit(h) == d)
+        .expect("every wit datatype maps")
 }
 
 impl WasmBackend {
     /// Compiles the component of `version_dir` and starts its instances.
     /// Blocking: call it off the async runtime.
-    pub fn load(runtime: &WasmRuntime, config: &ModelConfig, version: u64, version_dir: &Path) -> Result<Self> {
+    pub fn load(
+        runtime: &WasmRuntime,
+        config: &ModelConfig,
+        version: u64,
+        version_dir: &Path,
+    ) -> Result<Self> {
         let file = version_dir.join(&config.sandbox.component);
         if !file.is_file() {
             return Err(Error::unavailable(format!(
@@ -321,8 +359,12 @@ impl WasmBackend {
             )));
         }
         let started = Instant::now();
-        let component = Component::from_file(&runtime.engine, &file)
-            .map_err(|e| Error::unavailable(format!("{} is not a valid component: {e:#}", file.display())))?;
+        let component = Component::from_file(&runtime.engine, &file).map_err(|e| {
+            Error::unavailable(format!(
+                "{} is not a valid component: {e:#}",
+                file.display()
+            ))
+        })?;
         let mut linker: Linker<HostState> = Linker::new(&runtime.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .and_then(|_| Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s))
@@ -333,8 +375,12 @@ impl WasmBackend {
                 file.display()
             ))
         })?;
-        let pre = PluginPre::new(pre)
-            .map_err(|e| Error::unavailable(format!("{} does not export wisp:plugin/model: {e:#}", file.display())))?;
+        let pre = PluginPre::new(pre).map_err(|e| {
+            Error::unavailable(format!(
+                "{} does not export wisp:plugin/model: {e:#}",
+                file.display()
+            ))
+        })?;
         let blueprint = Arc::new(Blueprint {
             pre,
             engine: runtime.engine.clone(),
@@ -344,9 +390,14 @@ impl WasmBackend {
                 name: config.name.clone(),
                 version,
                 max_batch_size: config.max_batch_size,
-                parameters: config.parameters.iter().map(|(k, v)| parameter_to_wit(k, v)).collect(),
+                parameters: config
+                    .parameters
+                    .iter()
+                    .map(|(k, v)| parameter_to_wit(k, v))
+                    .collect(),
             },
-            memory_limit: usize::try_from(config.sandbox.memory_limit_mib << 20).unwrap_or(usize::MAX),
+            memory_limit: usize::try_from(config.sandbox.memory_limit_mib << 20)
+                .unwrap_or(usize::MAX),
             execution_ticks: ticks_for(config.sandbox.execution_timeout_ms),
             init_ticks: ticks_for(config.sandbox.init_timeout_ms),
         });
@@ -370,7 +421,11 @@ impl WasmBackend {
 }
 
 /// Runs one batch on a slot, replacing the slot's instance if it is gone or broke.
-fn run_batch(blueprint: &Blueprint, slot: &mut Option<Instance>, requests: Vec<BackendRequest>) -> Execution {
+fn run_batch(
+    blueprint: &Blueprint,
+    slot: &mut Option<Instance>,
+    requests: Vec<BackendRequest>,
+) -> Execution {
     let count = requests.len();
     let fail_all = |e: Error| Execution {
         results: (0..count).map(|_| Err(e.clone())).collect(),
@@ -399,12 +454,19 @@ fn run_batch(blueprint: &Blueprint, slot: &mut Option<Instance>, requests: Vec<B
                 })
                 .collect(),
             requested_outputs: r.requested_outputs,
-            parameters: r.parameters.iter().map(|(k, v)| parameter_to_wit(k, v)).collect(),
+            parameters: r
+                .parameters
+                .iter()
+                .map(|(k, v)| parameter_to_wit(k, v))
+                .collect(),
         })
         .collect();
     let t1 = Instant::now();
     instance.store.set_epoch_deadline(blueprint.execution_ticks);
-    let outcome = instance.plugin.wisp_plugin_model().call_execute(&mut instance.store, &wit_requests);
+    let outcome = instance
+        .plugin
+        .wisp_plugin_model()
+        .call_execute(&mut instance.store, &wit_requests);
     let t2 = Instant::now();
     let mut execution = match outcome {
         Err(trap) => {
@@ -417,8 +479,15 @@ fn run_batch(blueprint: &Blueprint, slot: &mut Option<Instance>, requests: Vec<B
             tracing::warn!(model = %blueprint.label, "plugin trapped, discarding the instance: {why}");
             *slot = None;
             let timed_out = trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt);
-            let kind = if timed_out { ErrorKind::Unavailable } else { ErrorKind::Internal };
-            fail_all(Error::new(kind, format!("model '{}' failed: {why}", blueprint.label)))
+            let kind = if timed_out {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::Internal
+            };
+            fail_all(Error::new(
+                kind,
+                format!("model '{}' failed: {why}", blueprint.label),
+            ))
         }
         Ok(results) if results.len() != count => fail_all(Error::internal(format!(
             "model '{}' returned {} results for {count} requests",
@@ -430,7 +499,11 @@ fn run_batch(blueprint: &Blueprint, slot: &mut Option<Instance>, requests: Vec<B
                 .into_iter()
                 .map(|r| match r {
                     Ok(response) => Ok(BackendResponse {
-                        parameters: response.parameters.into_iter().map(parameter_from_wit).collect(),
+                        parameters: response
+                            .parameters
+                            .into_iter()
+                            .map(parameter_from_wit)
+                            .collect(),
                         outputs: response
                             .outputs
                             .into_iter()
@@ -468,14 +541,22 @@ struct SlotLease {
 impl SlotLease {
     fn take(free: Arc<Mutex<Vec<Option<Instance>>>>, permit: OwnedSemaphorePermit) -> Self {
         let slot = free.lock().pop().flatten();
-        SlotLease { free, slot, permit: Some(permit) }
+        SlotLease {
+            free,
+            slot,
+            permit: Some(permit),
+        }
     }
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
         // An instance whose call panicked on the host side may be mid-call: drop it.
-        let slot = if std::thread::panicking() { None } else { self.slot.take() };
+        let slot = if std::thread::panicking() {
+            None
+        } else {
+            self.slot.take()
+        };
         self.free.lock().push(slot);
         drop(self.permit.take());
     }
@@ -489,7 +570,9 @@ impl Backend for WasmBackend {
                 Ok(p) => p,
                 Err(_) => {
                     return Execution {
-                        results: (0..count).map(|_| Err(Error::unavailable("model is unloading"))).collect(),
+                        results: (0..count)
+                            .map(|_| Err(Error::unavailable("model is unloading")))
+                            .collect(),
                         times: ExecutionTimes::default(),
                     }
                 }

@@ -192,8 +192,8 @@ impl ModelConfig {
     }
 
     pub fn parse(text: &str, name: &str) -> Result<ModelConfig> {
-        let mut config: ModelConfig =
-            toml::from_str(text).map_err(|e| Error::invalid(e.to_string().trim_end().to_string()))?;
+        let mut config: ModelConfig = toml::from_str(text)
+            .map_err(|e| Error::invalid(e.to_string().trim_end().to_string()))?;
         if config.name.is_empty() {
             config.name = name.to_string();
         } else if config.name != name {
@@ -203,7 +203,10 @@ impl ModelConfig {
             )));
         }
         if config.instance_group.is_empty() {
-            config.instance_group.push(InstanceGroup { count: 1, kind: InstanceKind::Cpu });
+            config.instance_group.push(InstanceGroup {
+                count: 1,
+                kind: InstanceKind::Cpu,
+            });
         }
         config.validate()?;
         Ok(config)
@@ -214,7 +217,9 @@ impl ModelConfig {
             let mut seen = std::collections::HashSet::new();
             for (i, t) in tensors.iter().enumerate() {
                 if t.name.is_empty() {
-                    return Err(Error::invalid(format!("key '{section}[{i}].name' is empty")));
+                    return Err(Error::invalid(format!(
+                        "key '{section}[{i}].name' is empty"
+                    )));
                 }
                 if !seen.insert(&t.name) {
                     return Err(Error::invalid(format!(
@@ -232,15 +237,21 @@ impl ModelConfig {
         }
         if self.backend == BackendKind::Wasm {
             if self.inputs.is_empty() {
-                return Err(Error::invalid("key 'input': a wasm model declares at least one input"));
+                return Err(Error::invalid(
+                    "key 'input': a wasm model declares at least one input",
+                ));
             }
             if self.outputs.is_empty() {
-                return Err(Error::invalid("key 'output': a wasm model declares at least one output"));
+                return Err(Error::invalid(
+                    "key 'output': a wasm model declares at least one output",
+                ));
             }
         }
         for (i, group) in self.instance_group.iter().enumerate() {
             if group.count == 0 {
-                return Err(Error::invalid(format!("key 'instance_group[{i}].count' must be at least 1")));
+                return Err(Error::invalid(format!(
+                    "key 'instance_group[{i}].count' must be at least 1"
+                )));
             }
             if group.kind == InstanceKind::Gpu && self.backend == BackendKind::Wasm {
                 return Err(Error::invalid(format!(
@@ -249,7 +260,9 @@ impl ModelConfig {
             }
         }
         if let VersionPolicy::Latest(0) = self.version_policy {
-            return Err(Error::invalid("key 'version_policy.latest' must be at least 1"));
+            return Err(Error::invalid(
+                "key 'version_policy.latest' must be at least 1",
+            ));
         }
         if self.sandbox.memory_limit_mib == 0 || self.sandbox.execution_timeout_ms == 0 {
             return Err(Error::invalid(
@@ -368,7 +381,10 @@ mod tests {
     fn unknown_key_is_named() {
         let err = ModelConfig::parse(&format!("{SIMPLE}\nmax_batch = 3\n"), "simple").unwrap_err();
         assert!(err.message.contains("max_batch"), "{err}");
-        let text = SIMPLE.replace("dims = [16]\n        [[output]]", "dims = [16]\n        shape = 1\n        [[output]]");
+        let text = SIMPLE.replace(
+            "dims = [16]\n        [[output]]",
+            "dims = [16]\n        shape = 1\n        [[output]]",
+        );
         let err = ModelConfig::parse(&text, "simple").unwrap_err();
         assert!(err.message.contains("shape"), "{err}");
     }
@@ -376,7 +392,10 @@ mod tests {
     #[test]
     fn bad_datatype_is_named() {
         let err = ModelConfig::parse(&SIMPLE.replacen("INT32", "INT33", 1), "simple").unwrap_err();
-        assert!(err.message.contains("INT33") && err.message.contains("datatype"), "{err}");
+        assert!(
+            err.message.contains("INT33") && err.message.contains("datatype"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -385,9 +404,14 @@ mod tests {
         assert_eq!(VersionPolicy::Latest(2).select(&avail), vec![2, 3]);
         assert_eq!(VersionPolicy::All.select(&avail), vec![1, 2, 3]);
         assert_eq!(VersionPolicy::Specific(vec![1, 5]).select(&avail), vec![1]);
-        let c = ModelConfig::parse(&format!("version_policy = \"all\"\n{SIMPLE}"), "simple").unwrap();
+        let c =
+            ModelConfig::parse(&format!("version_policy = \"all\"\n{SIMPLE}"), "simple").unwrap();
         assert_eq!(c.version_policy, VersionPolicy::All);
-        let c = ModelConfig::parse(&format!("version_policy = {{ specific = [1, 3] }}\n{SIMPLE}"), "simple").unwrap();
+        let c = ModelConfig::parse(
+            &format!("version_policy = {{ specific = [1, 3] }}\n{SIMPLE}"),
+            "simple",
+        )
+        .unwrap();
         assert_eq!(c.version_policy, VersionPolicy::Specific(vec![1, 3]));
     }
 }

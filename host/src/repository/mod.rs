@@ -73,7 +73,9 @@ fn check_model_name(name: &str) -> Result<()> {
 }
 
 fn hash_folder(dir: &Path, hasher: &mut std::collections::hash_map::DefaultHasher) {
-    let Ok(read) = std::fs::read_dir(dir) else { return };
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut entries: Vec<_> = read.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
@@ -110,25 +112,33 @@ fn fingerprint(paths: &[&Path]) -> u64 {
 
 /// Numbered version folders of a model folder.
 fn version_folders(dir: &Path) -> Vec<u64> {
-    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     read.flatten()
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
         .collect()
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> impl std::future::Future<Output = Result<T>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| Error::internal(format!("loading task failed: {e}")))
-    }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("loading task failed: {e}")))
 }
 
 impl Repository {
-    pub fn new(root: PathBuf, mode: ControlMode, runtime: WasmRuntime, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(
+        root: PathBuf,
+        mode: ControlMode,
+        runtime: WasmRuntime,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
         if !root.is_dir() {
-            return Err(Error::invalid(format!("model repository {} is not a folder", root.display())));
+            return Err(Error::invalid(format!(
+                "model repository {} is not a folder",
+                root.display()
+            )));
         }
         Ok(Repository {
             root,
@@ -171,7 +181,9 @@ impl Repository {
                 Some(VersionState::Unavailable(reason)) => Err(Error::unavailable(format!(
                     "version {v} of model '{name}' is not ready: {reason}"
                 ))),
-                None => Err(Error::not_found(format!("unknown version {v} of model '{name}'"))),
+                None => Err(Error::not_found(format!(
+                    "unknown version {v} of model '{name}'"
+                ))),
             },
             None => entry
                 .versions
@@ -227,7 +239,10 @@ impl Repository {
                 Some(entry) if !entry.versions.is_empty() => {
                     for (version, state) in &entry.versions {
                         let (state, reason) = match state {
-                            VersionState::Ready(_) => ("READY", String::new()),
+                            // A ready version whose reload failed says why it is still the old one.
+                            VersionState::Ready(_) => {
+                                ("READY", entry.reason.clone().unwrap_or_default())
+                            }
                             VersionState::Unavailable(r) => ("UNAVAILABLE", r.clone()),
                         };
                         if ready_only && state != "READY" {
@@ -292,7 +307,10 @@ impl Repository {
                 entry.reason = Some(e.message.clone());
                 entry.folder_fingerprint = folder_fingerprint;
                 self.publish(name, Some(entry));
-                return Err(Error::invalid(format!("model '{name}' failed to load: {}", e.message)));
+                return Err(Error::invalid(format!(
+                    "model '{name}' failed to load: {}",
+                    e.message
+                )));
             }
         };
         let available = version_folders(&dir);
@@ -302,31 +320,46 @@ impl Repository {
                 "{}: no version folder matches version_policy {:?} (found {:?})",
                 dir.display(),
                 config.version_policy,
-                { let mut a = available.clone(); a.sort(); a }
+                {
+                    let mut a = available.clone();
+                    a.sort();
+                    a
+                }
             );
             let mut entry = (*old).clone();
             entry.reason = Some(message.clone());
             entry.folder_fingerprint = folder_fingerprint;
             self.publish(name, Some(entry));
-            return Err(Error::invalid(format!("model '{name}' failed to load: {message}")));
+            return Err(Error::invalid(format!(
+                "model '{name}' failed to load: {message}"
+            )));
         }
 
         let config_path = dir.join("config.toml");
-        let mut entry = ModelEntry { folder_fingerprint, ..Default::default() };
+        let mut entry = ModelEntry {
+            folder_fingerprint,
+            ..Default::default()
+        };
         let mut failures = Vec::new();
         for version in selected {
             let version_dir = dir.join(version.to_string());
             let version_fingerprint = fingerprint(&[&config_path, &version_dir]);
-            if let (Some(VersionState::Ready(model)), Some(&fp)) =
-                (old.versions.get(&version), old.version_fingerprints.get(&version))
-            {
+            if let (Some(VersionState::Ready(model)), Some(&fp)) = (
+                old.versions.get(&version),
+                old.version_fingerprints.get(&version),
+            ) {
                 if fp == version_fingerprint {
-                    entry.versions.insert(version, VersionState::Ready(model.clone()));
+                    entry
+                        .versions
+                        .insert(version, VersionState::Ready(model.clone()));
                     entry.version_fingerprints.insert(version, fp);
                     continue;
                 }
             }
-            let state = match self.create_backend(config.clone(), version, version_dir).await {
+            let state = match self
+                .create_backend(config.clone(), version, version_dir)
+                .await
+            {
                 Ok(backend) => {
                     tracing::info!(model = name, version, "model version ready");
                     VersionState::Ready(Arc::new(LoadedModel::new(
@@ -343,7 +376,9 @@ impl Repository {
                 }
             };
             entry.versions.insert(version, state);
-            entry.version_fingerprints.insert(version, version_fingerprint);
+            entry
+                .version_fingerprints
+                .insert(version, version_fingerprint);
         }
         self.publish(name, Some(entry));
         if failures.is_empty() {
@@ -356,12 +391,18 @@ impl Repository {
         }
     }
 
-    async fn create_backend(&self, config: Arc<ModelConfig>, version: u64, dir: PathBuf) -> Result<Box<dyn Backend>> {
+    async fn create_backend(
+        &self,
+        config: Arc<ModelConfig>,
+        version: u64,
+        dir: PathBuf,
+    ) -> Result<Box<dyn Backend>> {
         match config.backend {
             BackendKind::Wasm => {
                 let runtime = self.runtime.clone();
                 blocking(move || {
-                    WasmBackend::load(&runtime, &config, version, &dir).map(|b| Box::new(b) as Box<dyn Backend>)
+                    WasmBackend::load(&runtime, &config, version, &dir)
+                        .map(|b| Box::new(b) as Box<dyn Backend>)
                 })
                 .await?
             }
@@ -382,9 +423,14 @@ impl Repository {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("model '{name}' is not loaded")))?;
-        let mut entry = ModelEntry { reason: Some("unloaded".into()), ..Default::default() };
+        let mut entry = ModelEntry {
+            reason: Some("unloaded".into()),
+            ..Default::default()
+        };
         for version in old.versions.keys() {
-            entry.versions.insert(*version, VersionState::Unavailable("unloaded".into()));
+            entry
+                .versions
+                .insert(*version, VersionState::Unavailable("unloaded".into()));
         }
         self.publish(name, Some(entry));
         tracing::info!(model = name, "model unloaded");
@@ -400,9 +446,13 @@ impl Repository {
             let dir = self.root.join(name);
             let now = {
                 let dir = dir.clone();
-                blocking(move || fingerprint(&[&dir])).await.unwrap_or_default()
+                blocking(move || fingerprint(&[&dir]))
+                    .await
+                    .unwrap_or_default()
             };
-            let changed = current.get(name).is_none_or(|e| e.folder_fingerprint != now);
+            let changed = current
+                .get(name)
+                .is_none_or(|e| e.folder_fingerprint != now);
             if changed {
                 tracing::info!(model = %name, "model folder changed, reloading");
                 if let Err(e) = self.load_locked(name).await {
@@ -435,10 +485,16 @@ impl Repository {
         };
         let (before, after) = (ready(old.as_ref()), ready(table.get(name)));
         for v in before.iter().filter(|v| !after.contains(v)) {
-            self.metrics.model_ready.with_label_values(&[name, &v.to_string()]).set(0);
+            self.metrics
+                .model_ready
+                .with_label_values(&[name, &v.to_string()])
+                .set(0);
         }
         for v in &after {
-            self.metrics.model_ready.with_label_values(&[name, &v.to_string()]).set(1);
+            self.metrics
+                .model_ready
+                .with_label_values(&[name, &v.to_string()])
+                .set(1);
         }
         self.models.store(Arc::new(table));
     }

@@ -81,7 +81,12 @@ impl Tensor {
         for &v in values {
             v.write(&mut data);
         }
-        Tensor { name: name.to_string(), datatype: T::DATATYPE, shape: shape.to_vec(), data }
+        Tensor {
+            name: name.to_string(),
+            datatype: T::DATATYPE,
+            shape: shape.to_vec(),
+            data,
+        }
     }
 
     /// The elements of a BYTES tensor.
@@ -96,7 +101,10 @@ impl Tensor {
         let mut rest = &self.data[..];
         while !rest.is_empty() {
             let malformed = || {
-                Error::InvalidInput(format!("tensor '{}' has a malformed BYTES element", self.name))
+                Error::InvalidInput(format!(
+                    "tensor '{}' has a malformed BYTES element",
+                    self.name
+                ))
             };
             let len_bytes: [u8; 4] = rest.get(..4).ok_or_else(malformed)?.try_into().unwrap();
             let len = u32::from_le_bytes(len_bytes) as usize;
@@ -119,7 +127,12 @@ impl Tensor {
             data.extend_from_slice(&(element.len() as u32).to_le_bytes());
             data.extend_from_slice(element);
         }
-        Tensor { name: name.to_string(), datatype: Datatype::Bytes, shape: shape.to_vec(), data }
+        Tensor {
+            name: name.to_string(),
+            datatype: Datatype::Bytes,
+            shape: shape.to_vec(),
+            data,
+        }
     }
 }
 
@@ -140,7 +153,10 @@ impl Request {
 
 impl Response {
     pub fn new() -> Self {
-        Response { outputs: Vec::new(), parameters: Vec::new() }
+        Response {
+            outputs: Vec::new(),
+            parameters: Vec::new(),
+        }
     }
 
     pub fn with_output(mut self, tensor: Tensor) -> Self {

@@ -40,8 +40,14 @@ impl Model for StringAddSub {
                 b.len()
             )));
         }
-        let sum = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y).to_string());
-        let diff = a.iter().zip(&b).map(|(x, y)| x.wrapping_sub(*y).to_string());
+        let sum = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x.wrapping_add(*y).to_string());
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x.wrapping_sub(*y).to_string());
         Ok(Response::new()
             .with_output(Tensor::from_bytes_elements("OUTPUT0", &in0.shape, sum))
             .with_output(Tensor::from_bytes_elements("OUTPUT1", &in0.shape, diff)))

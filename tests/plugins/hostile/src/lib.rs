@@ -55,23 +55,35 @@ impl Hostile {
             },
             "escape_folder" => {
                 // The version folder is preopened as "."; try to climb out of it
-                // to the model folder's config.toml and to the filesystem root.
-                let mut denials = Vec::new();
-                for path in ["../config.toml", "./../../", "/"] {
-                    match std::fs::read_dir(path).map(|_| ()).or_else(|_| {
-                        std::fs::read_to_string(path).map(|_| ())
-                    }) {
-                        Ok(()) => return leak(format!("opened {path}")),
-                        Err(e) => denials.push(format!("{path}: {e}")),
-                    }
+                // to the model folder's config.toml and to the host's root, and
+                // report what each path showed.
+                let mut report = Vec::new();
+                for path in ["../config.toml", "../..", "/", "/../..", "/etc/hostname"] {
+                    let seen = match std::fs::read_dir(path) {
+                        Ok(entries) => {
+                            let mut names: Vec<String> = entries
+                                .flatten()
+                                .map(|e| e.file_name().to_string_lossy().into_owned())
+                                .collect();
+                            names.sort();
+                            format!("listed [{}]", names.join(","))
+                        }
+                        Err(_) => match std::fs::read(path) {
+                            Ok(bytes) => format!("read {} bytes", bytes.len()),
+                            Err(e) => format!("denied ({e})"),
+                        },
+                    };
+                    report.push(format!("{path}: {seen}"));
                 }
-                Err(Error::Internal(format!("escape denied: {}", denials.join("; "))))
+                leak(report.join("; "))
             }
             "network" => {
                 let target = &self.target;
-                match std::net::TcpStream::connect(&target) {
+                match std::net::TcpStream::connect(target) {
                     Ok(_) => leak(format!("connected to {target}")),
-                    Err(e) => Err(Error::Internal(format!("connecting to {target} failed: {e}"))),
+                    Err(e) => Err(Error::Internal(format!(
+                        "connecting to {target} failed: {e}"
+                    ))),
                 }
             }
             "environment" => {
@@ -94,9 +106,17 @@ impl Model for Hostile {
             .get_str("attack")
             .ok_or_else(|| Error::InvalidInput("parameter 'attack' is required".into()))?
             .to_string();
-        let target = info.parameters.get_str("target").unwrap_or("127.0.0.1:80").to_string();
+        let target = info
+            .parameters
+            .get_str("target")
+            .unwrap_or("127.0.0.1:80")
+            .to_string();
         let delay_ms = info.parameters.get_i64("delay_ms").unwrap_or(0).max(0) as u64;
-        Ok(Hostile { attack, target, delay_ms })
+        Ok(Hostile {
+            attack,
+            target,
+            delay_ms,
+        })
     }
 
     fn execute(&mut self, request: Request) -> Result<Response, Error> {

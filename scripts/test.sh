@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, unit tests, end-to-end tests
+# against the real server binary, and the Python tests with Triton's own client.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+echo "== plugins (wasm32-wasip2)"
+./scripts/build-plugins.sh
+
+echo "== cargo fmt, clippy"
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+
+echo "== cargo test (unit + end-to-end)"
+cargo test
+
+echo "== Python tests with tritonclient"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+WISP_BIN="$PWD/target/debug/wisp" .venv/bin/pytest tests/python -q

@@ -1,0 +1,183 @@
+//! Hostile plugins (tests/plugins/hostile): each attack is contained, the
+//! failing instance is replaced, and the other models keep answering.
+
+use crate::harness::*;
+use serde_json::json;
+use std::net::TcpListener;
+use std::time::Duration;
+
+fn hostile_config(attack: &str, extra: &str) -> String {
+    format!(
+        "backend = \"wasm\"\nmax_batch_size = 0\n\
+         [[input]]\nname = \"INPUT0\"\ndatatype = \"INT32\"\ndims = [1]\n\
+         [[output]]\nname = \"OUTPUT0\"\ndatatype = \"BYTES\"\ndims = [1]\n\
+         [sandbox]\nexecution_timeout_ms = 500\nmemory_limit_mib = 64\n\
+         [parameters]\nattack = \"{attack}\"\n{extra}"
+    )
+}
+
+/// `attack = 1` runs the attack; `attack = 0` answers "harmless".
+fn request(attack: bool) -> serde_json::Value {
+    json!({"inputs": [{"name": "INPUT0", "shape": [1], "datatype": "INT32", "data": [attack as i32]}]})
+}
+
+/// Starts a server with `simple` and one hostile model; runs the attack and
+/// returns (status, error message), after checking the server is still whole.
+fn attack(name: &str, extra: &str) -> (u16, String, Server, TestRepo) {
+    let repo = TestRepo::new();
+    repo.simple();
+    repo.add(
+        name,
+        &hostile_config(name, extra),
+        "wisp_test_hostile",
+        &[1],
+    );
+    let server = Server::start(repo.path(), &[]);
+    assert_eq!(
+        server.infer(name, &request(false)).ok()["outputs"][0]["data"],
+        json!(["harmless"])
+    );
+
+    let reply = server.infer(name, &request(true));
+    let message = String::from_utf8_lossy(&reply.body).into_owned();
+
+    // Whatever happened, the server answers, the other model works, and the
+    // hostile model's instance (fresh if it was discarded) answers too.
+    assert_eq!(server.get("/v2/health/live").status, 200);
+    server
+        .infer("simple", &simple_request(&ramp(), &ramp()))
+        .ok();
+    assert_eq!(
+        server.infer(name, &request(false)).ok()["outputs"][0]["data"],
+        json!(["harmless"])
+    );
+    (reply.status, message, server, repo)
+}
+
+#[test]
+fn infinite_loop_hits_the_deadline() {
+    let (status, message, server, _repo) = attack("infinite_loop", "");
+    assert_eq!(status, 503, "{message}");
+    assert!(message.contains("deadline of 500 ms exceeded"), "{message}");
+    assert!(server.log().contains("discarding the instance"));
+    // Twice more: each time a fresh instance takes the slot.
+    for _ in 0..2 {
+        assert_eq!(server.infer("infinite_loop", &request(true)).status, 503);
+    }
+    server.infer("infinite_loop", &request(false)).ok();
+}
+
+#[test]
+fn memory_bomb_is_capped() {
+    let (status, message, _server, _repo) = attack("memory_bomb", "");
+    assert_eq!(status, 500, "{message}");
+    assert!(
+        message.contains("memory limit of 64 MiB exceeded"),
+        "{message}"
+    );
+}
+
+#[test]
+fn trap_fails_the_batch_cleanly() {
+    let (status, message, _server, _repo) = attack("trap", "");
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("unreachable"), "{message}");
+}
+
+#[test]
+fn panic_message_reaches_the_client() {
+    let (status, message, _server, _repo) = attack("panic", "");
+    assert_eq!(status, 500, "{message}");
+    assert!(
+        message.contains("the hostile plugin panics on purpose"),
+        "{message}"
+    );
+}
+
+#[test]
+fn reading_etc_passwd_is_denied() {
+    let (status, message, _server, _repo) = attack("read_passwd", "");
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("reading /etc/passwd failed"), "{message}");
+    assert!(!message.contains("root:"), "{message}");
+}
+
+#[test]
+fn escaping_the_version_folder_is_denied() {
+    let (status, message, _server, _repo) = attack("escape_folder", "");
+    assert_eq!(status, 200, "{message}");
+    let reply: serde_json::Value = serde_json::from_str(&message).unwrap();
+    let report = reply["outputs"][0]["data"][0].as_str().unwrap();
+    // Every way up is refused; "/" is the version folder itself, holding only the component.
+    for denied in [
+        "../config.toml: denied",
+        "../..: denied",
+        "/../..: denied",
+        "/etc/hostname: denied",
+    ] {
+        assert!(report.contains(denied), "expected '{denied}' in: {report}");
+    }
+    assert!(report.contains("/: listed [model.wasm]"), "{report}");
+}
+
+#[test]
+fn network_connections_are_denied() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let (status, message, _server, _repo) = attack("network", &format!("target = \"{target}\"\n"));
+    assert_eq!(status, 500, "{message}");
+    assert!(
+        message.contains(&format!("connecting to {target} failed")),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        listener.accept().is_err(),
+        "the plugin reached the test's listener"
+    );
+}
+
+#[test]
+fn the_environment_is_empty() {
+    let (status, message, _server, _repo) = attack("environment", "");
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("the environment is empty"), "{message}");
+}
+
+#[test]
+fn instances_run_concurrently_and_a_trap_spares_the_others() {
+    // Two instances of a slow model: two requests overlap instead of queueing.
+    let repo = TestRepo::new();
+    repo.add(
+        "slow",
+        &format!(
+            "{}\ndelay_ms = 700\n[[instance_group]]\ncount = 2\n",
+            hostile_config("slow", "")
+                .replace("execution_timeout_ms = 500", "execution_timeout_ms = 5000")
+        ),
+        "wisp_test_hostile",
+        &[1],
+    );
+    let server = std::sync::Arc::new(Server::start(repo.path(), &[]));
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let server = server.clone();
+            std::thread::spawn(move || server.infer("slow", &request(true)).ok())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap()["outputs"][0]["data"], json!(["slept"]));
+    }
+    let stats = server.get("/v2/models/slow/stats").ok();
+    assert_eq!(stats["model_stats"][0]["execution_count"], 2);
+    // Sequential execution would take at least 1.4 s; concurrent well under.
+    // (A structural check on the server's own queue time rather than a benchmark.)
+    let queue_ns = stats["model_stats"][0]["inference_stats"]["queue"]["ns"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        queue_ns < 600_000_000,
+        "the second request queued {queue_ns} ns behind the first"
+    );
+}

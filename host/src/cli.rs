@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// Largest request body accepted (after decompression), in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     pub http_max_body_bytes: usize,
+    /// Report ready only when every model that should be loaded is ready (Triton's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub strict_readiness: bool,
+    /// Seconds a client may take to send request headers before the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    pub http_header_read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests before it gives up.
     #[arg(long, default_value_t = 30)]
     pub exit_timeout_secs: u64,

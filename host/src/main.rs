@@ -24,6 +24,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(wisp::server::serve(args)),
     };
+    // Do not wait on blocking tasks (a model still loading) past shutdown.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

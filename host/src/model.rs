@@ -305,10 +305,10 @@ impl LoadedModel {
             .into_iter()
             .next()
             .unwrap_or_else(|| Err(Error::internal("backend returned no result")));
-        if compute_ns > 0 {
-            self.record_execution(batch_size, queue_ns, times);
-        }
-        self.check_outputs(&requested, result?)
+        let response = self.check_outputs(&requested, result?)?;
+        // Triton counts inferences, executions and batch statistics of successes only.
+        self.record_execution(batch_size, queue_ns, times);
+        Ok(response)
     }
 
     fn record_execution(&self, batch_size: u64, queue_ns: u64, t: crate::backend::ExecutionTimes) {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::sync::atomic::Ordering;
@@ -51,6 +51,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         restrictions: args.http_restricted_api.clone(),
         max_body_bytes: args.http_max_body_bytes,
         ready: false.into(),
+        strict_readiness: args.strict_readiness,
     });
 
     let http = TcpListener::bind((args.http_address.as_str(), args.http_port))
@@ -122,7 +123,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 let service = service_fn(move |req| api::handle(state.clone(), req));
-                let builder = auto::Builder::new(TokioExecutor::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(args.http_header_read_timeout_secs.max(1)));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -159,7 +164,12 @@ async fn serve_metrics(
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                Err(_) => continue,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    tracing::warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = stop.changed() => return,
         };

@@ -212,6 +212,50 @@ fn broken_models_are_unavailable_with_reasons_and_others_serve() {
     server
         .infer("simple", &simple_request(&ramp(), &ramp()))
         .ok();
+    // Triton's strict readiness: not ready while a model failed; live all the same.
+    assert_eq!(server.get("/v2/health/ready").status, 503);
+    assert_eq!(server.get("/v2/health/live").status, 200);
+    drop(server);
+    let lenient = Server::start(repo.path(), &["--strict-readiness", "false"]);
+    assert_eq!(lenient.get("/v2/health/ready").status, 200);
+}
+
+#[test]
+fn a_failed_reload_leaves_the_loaded_version_serving() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let server = Server::start(
+        repo.path(),
+        &["--model-control-mode", "explicit", "--load-model", "simple"],
+    );
+    let request = simple_request(&ramp(), &ramp());
+    // A broken version 2 under the default policy (latest 1).
+    std::fs::create_dir_all(repo.path().join("simple/2")).unwrap();
+    std::fs::write(repo.path().join("simple/2/model.wasm"), b"not a component").unwrap();
+    let e = server
+        .post_json("/v2/repository/models/simple/load", &json!({}))
+        .error(400);
+    assert!(
+        e.contains("version 2") && e.contains("not a valid component"),
+        "{e}"
+    );
+    assert_eq!(server.infer("simple", &request).ok()["model_version"], "1");
+    let rows = index(&server, false);
+    let v1 = row(&rows, "simple", "1").unwrap();
+    assert_eq!(v1["state"], "READY");
+    assert!(
+        v1["reason"].as_str().unwrap().contains("reload failed"),
+        "{v1}"
+    );
+    assert_eq!(row(&rows, "simple", "2").unwrap()["state"], "UNAVAILABLE");
+    assert_eq!(server.get("/v2/health/ready").status, 503);
+    // Fixed files load, and version 2 takes over.
+    repo.add_version("simple", "wisp_plugin_simple", 2);
+    let status = server
+        .post_json("/v2/repository/models/simple/load", &json!({}))
+        .status;
+    assert_eq!(status, 200);
+    assert_eq!(server.infer("simple", &request).ok()["model_version"], "2");
     assert_eq!(server.get("/v2/health/ready").status, 200);
 }
 

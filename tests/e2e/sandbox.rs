@@ -181,3 +181,46 @@ fn instances_run_concurrently_and_a_trap_spares_the_others() {
         "the second request queued {queue_ns} ns behind the first"
     );
 }
+
+#[test]
+fn sleeping_past_the_deadline_is_cut_off() {
+    // A host wait (a sleep through WASI) is not running code, so the epoch
+    // alone would not stop it; the per-call timer must.
+    let (status, message, _server, _repo) = attack("slow", "delay_ms = 3600000\n");
+    assert_eq!(status, 503, "{message}");
+    assert!(message.contains("deadline of 500 ms exceeded"), "{message}");
+}
+
+#[test]
+fn hostile_init_fails_the_load_and_the_server_carries_on() {
+    let repo = TestRepo::new();
+    repo.simple();
+    for attack in ["init_loop", "init_sleep"] {
+        let config =
+            hostile_config(attack, "").replace("[sandbox]\n", "[sandbox]\ninit_timeout_ms = 300\n");
+        repo.add(attack, &config, "wisp_test_hostile", &[1]);
+    }
+    let server = Server::start(repo.path(), &["--strict-readiness", "false"]);
+    let rows = server.post_json("/v2/repository/index", &json!({})).ok();
+    let reason = |name: &str| -> String {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let r = reason("init_loop");
+    assert!(
+        r.contains("plugin init trapped") && r.contains("deadline of 300 ms"),
+        "{r}"
+    );
+    let r = reason("init_sleep");
+    assert!(r.contains("did not finish within 300 ms"), "{r}");
+    assert_eq!(server.infer("init_loop", &request(false)).status, 503);
+    server
+        .infer("simple", &simple_request(&ramp(), &ramp()))
+        .ok();
+}

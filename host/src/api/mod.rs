@@ -36,6 +36,10 @@ pub enum ApiGroup {
     ModelConfig,
     ModelRepository,
     Statistics,
+    /// Triton's groups for endpoints wisp does not serve; accepted so Triton command lines work.
+    SharedMemory,
+    Trace,
+    Logging,
 }
 
 impl ApiGroup {
@@ -47,6 +51,9 @@ impl ApiGroup {
             "model-config" => ApiGroup::ModelConfig,
             "model-repository" => ApiGroup::ModelRepository,
             "statistics" => ApiGroup::Statistics,
+            "shared-memory" => ApiGroup::SharedMemory,
+            "trace" => ApiGroup::Trace,
+            "logging" => ApiGroup::Logging,
             _ => return None,
         })
     }
@@ -80,7 +87,7 @@ impl std::str::FromStr for Restriction {
                 ApiGroup::parse(g.trim()).ok_or_else(|| {
                     format!(
                         "unknown API group '{g}'; expected health, metadata, inference, \
-                         model-config, model-repository or statistics"
+                         model-config, model-repository, statistics, shared-memory, trace or logging"
                     )
                 })
             })
@@ -98,7 +105,10 @@ pub struct ServerState {
     pub metrics: Arc<Metrics>,
     pub restrictions: Vec<Restriction>,
     pub max_body_bytes: usize,
+    /// Startup loading finished and the server is not shutting down.
     pub ready: AtomicBool,
+    /// Ready also requires every model that should be loaded to be ready (Triton's default).
+    pub strict_readiness: bool,
 }
 
 pub type Body = Full<Bytes>;
@@ -280,9 +290,10 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
         if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
                 i += 3;
                 continue;
             }
@@ -351,11 +362,14 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
 
     match route {
         Route::Live => Ok(empty(StatusCode::OK)),
-        Route::Ready => Ok(empty(if state.ready.load(Ordering::Acquire) {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        })),
+        Route::Ready => Ok(empty(
+            if state.ready.load(Ordering::Acquire) && (!state.strict_readiness || repo.all_ready())
+            {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+        )),
         Route::ServerMetadata => Ok(json_response(
             StatusCode::OK,
             &json!({"name": "wisp", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS}),
@@ -468,11 +482,17 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                     )));
                 }
             }
-            if is_load {
-                repo.load(m).await?;
-            } else {
-                repo.unload(m).await?;
-            }
+            // In a task of its own: a client that gives up must not cancel a load halfway.
+            let (repo, name) = (repo.clone(), m.to_string());
+            tokio::spawn(async move {
+                if is_load {
+                    repo.load(&name).await
+                } else {
+                    repo.unload(&name).await
+                }
+            })
+            .await
+            .map_err(|e| Error::internal(format!("the load task failed: {e}")))??;
             Ok(empty(StatusCode::OK))
         }
         Route::Infer(m, v) => {
@@ -583,5 +603,7 @@ mod tests {
     fn percent_decoding() {
         assert_eq!(percent_decode("/v2/models/a%20b"), "/v2/models/a b");
         assert_eq!(percent_decode("/x%2"), "/x%2");
+        assert_eq!(percent_decode("/v2/models/%aé"), "/v2/models/%aé");
+        assert_eq!(percent_decode("%é%"), "%é%");
     }
 }

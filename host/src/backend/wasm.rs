@@ -1,12 +1,14 @@
 //! Models as sandboxed WebAssembly components (`wit/plugin.wit`).
 //!
 //! One [`WasmRuntime`] (engine + epoch ticker) serves every model. Each model
-//! compiles its component once and keeps `count` warm instances; a batch takes a
-//! free instance and runs on tokio's blocking pool, never on the async workers.
-//! The sandbox: WASI with a read-only preopen of the model's version folder and
-//! nothing else (no env, no args, no sockets), a memory cap per instance, and an
-//! epoch deadline per call. An instance that traps or times out is dropped and
-//! the next batch on that slot gets a fresh one.
+//! version compiles its component once and runs `count` instances, each owned
+//! by its own thread that pulls batches from the model's bounded queue, so
+//! plugin code never runs on the async workers and a free instance takes the
+//! next batch. The sandbox: WASI with a read-only preopen of the model's version
+//! folder and nothing else (no env, no args, no sockets), a memory budget over
+//! all of an instance's memories, and a deadline per call that both interrupts
+//! running code (epochs) and cancels host waits such as a plugin's sleep. An
+//! instance that traps or times out is dropped and its thread starts a fresh one.
 
 use super::{Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes};
 use crate::error::{Error, ErrorKind, Result};
@@ -17,15 +19,16 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "plugin",
+        exports: { default: async },
     });
 }
 
@@ -39,6 +42,14 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 const STDERR_TAIL_BYTES: usize = 4096;
 /// Longest log line a plugin may write through `log`.
 const MAX_LOG_LINE: usize = 4096;
+/// Batches that may wait for an instance before the model answers 503.
+const MAX_WAITING_BATCHES: usize = 1024;
+/// Core instances, tables and memories one component instance may create
+/// (a Rust component needs a handful; the limits stop a plugin multiplying them).
+const MAX_CORE_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 4;
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 /// The engine shared by all Wasm models, with the thread that advances its epoch.
 #[derive(Clone)]
@@ -66,11 +77,61 @@ impl WasmRuntime {
     }
 }
 
+/// The memory budget of one instance, over all its linear memories together.
+struct SandboxLimiter {
+    memory_limit: usize,
+    memory_used: usize,
+}
+
+impl ResourceLimiter for SandboxLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.memory_used - current.min(self.memory_used) + desired;
+        if total > self.memory_limit {
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit of {} MiB exceeded (the plugin asked for {} MiB)",
+                self.memory_limit >> 20,
+                total.div_ceil(1 << 20)
+            )));
+        }
+        self.memory_used = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::msg(format!(
+                "table limit of {MAX_TABLE_ELEMENTS} elements exceeded"
+            )));
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
 /// What one instance's store holds: its WASI context and limits.
 struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: SandboxLimiter,
     model: Arc<str>,
 }
 
@@ -171,16 +232,16 @@ struct Blueprint {
     label: Arc<str>,
     info: wit::ModelInfo,
     memory_limit: usize,
-    execution_ticks: u64,
-    init_ticks: u64,
+    execution_timeout: Duration,
+    init_timeout: Duration,
 }
 
 impl Blueprint {
-    fn instantiate(&self) -> Result<Instance> {
+    /// A fresh instance, initialised. Runs on the instance's own thread.
+    async fn instantiate(&self) -> Result<Instance> {
         let output = OutputTail::default();
         let mut wasi = WasiCtxBuilder::new();
-        wasi.allow_blocking_current_thread(true)
-            .allow_tcp(false)
+        wasi.allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }))
@@ -196,37 +257,43 @@ impl Blueprint {
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.memory_limit)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: SandboxLimiter {
+                memory_limit: self.memory_limit,
+                memory_used: 0,
+            },
             model: self.label.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.init_ticks);
-        let plugin = self.pre.instantiate(&mut store).map_err(|e| {
-            Error::unavailable(format!("instantiating the component failed: {e:#}"))
-        })?;
-        let mut instance = Instance {
-            store,
-            plugin,
-            output,
-        };
-        let init = instance
-            .plugin
-            .wisp_plugin_model()
-            .call_init(&mut instance.store, &self.info);
-        match init {
-            Ok(Ok(())) => Ok(instance),
-            Ok(Err(e)) => Err(Error::unavailable(format!(
+        store.set_epoch_deadline(ticks_for(self.init_timeout));
+        let deadline = self.init_timeout + EPOCH_TICK;
+        let instantiated = tokio::time::timeout(deadline, async {
+            let plugin = self.pre.instantiate_async(&mut store).await?;
+            let init = plugin
+                .wisp_plugin_model()
+                .call_init(&mut store, &self.info)
+                .await?;
+            wasmtime::Result::Ok((plugin, init))
+        })
+        .await;
+        match instantiated {
+            Ok(Ok((plugin, Ok(())))) => Ok(Instance {
+                store,
+                plugin,
+                output,
+            }),
+            Ok(Ok((_, Err(e)))) => Err(Error::unavailable(format!(
                 "plugin init failed: {}",
                 plugin_error(&e).message
             ))),
-            Err(trap) => Err(Error::unavailable(format!(
+            Ok(Err(trap)) => Err(Error::unavailable(format!(
                 "plugin init trapped: {}",
-                describe_trap(&trap, &instance.output, self.init_ticks, self.memory_limit)
+                describe_trap(&trap, &output, self.init_timeout)
+            ))),
+            Err(_) => Err(Error::unavailable(format!(
+                "plugin init did not finish within {} ms (sandbox.init_timeout_ms)",
+                self.init_timeout.as_millis()
             ))),
         }
     }
@@ -240,36 +307,19 @@ fn plugin_error(e: &wit::Error) -> Error {
     }
 }
 
-fn describe_trap(
-    trap: &wasmtime::Error,
-    output: &OutputTail,
-    ticks: u64,
-    memory_limit: usize,
-) -> String {
-    let mut text = match trap.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => format!(
+fn describe_trap(trap: &wasmtime::Error, output: &OutputTail, timeout: Duration) -> String {
+    let mut text = if trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        format!(
             "execution deadline of {} ms exceeded; the instance was stopped",
-            ticks.saturating_sub(1) * EPOCH_TICK.as_millis() as u64
-        ),
-        _ => {
-            let root = trap.root_cause().to_string();
-            if root.contains("forcing trap when growing memory") {
-                format!(
-                    "memory limit of {} MiB exceeded ({root})",
-                    memory_limit >> 20
-                )
-            } else {
-                format!("{trap:#}")
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()
-                    + &if root != format!("{trap}") {
-                        format!(": {root}")
-                    } else {
-                        String::new()
-                    }
-            }
+            timeout.as_millis()
+        )
+    } else {
+        let root = trap.root_cause().to_string();
+        let top = format!("{trap}");
+        if root == top {
+            top
+        } else {
+            format!("{top}: {root}")
         }
     };
     let tail = output.take();
@@ -279,17 +329,22 @@ fn describe_trap(
     text
 }
 
-/// A model version backed by a Wasm component with a pool of warm instances.
+/// A model version backed by a Wasm component: a queue of batches and the
+/// threads of its instances.
 pub struct WasmBackend {
-    blueprint: Arc<Blueprint>,
-    permits: Arc<Semaphore>,
-    /// Free slots; a slot is `None` after its instance was discarded.
-    free: Arc<Mutex<Vec<Option<Instance>>>>,
+    jobs: crossbeam_channel::Sender<Job>,
+    label: Arc<str>,
 }
 
-fn ticks_for(timeout_ms: u64) -> u64 {
-    // +1 because the current tick may be about to end.
-    timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1
+/// A batch waiting for an instance, and where its results go.
+struct Job {
+    requests: Vec<BackendRequest>,
+    reply: oneshot::Sender<Execution>,
+}
+
+/// Epoch ticks for a timeout; +1 because the current tick may be about to end.
+fn ticks_for(timeout: Duration) -> u64 {
+    (timeout.as_millis() as u64).div_ceil(EPOCH_TICK.as_millis() as u64) + 1
 }
 
 fn parameter_to_wit(name: &str, value: &ParameterValue) -> wit::Parameter {
@@ -342,8 +397,8 @@ fn datatype_from_wit(d: wit::Datatype) -> DataType {
 }
 
 impl WasmBackend {
-    /// Compiles the component of `version_dir` and starts its instances.
-    /// Blocking: call it off the async runtime.
+    /// Compiles the component of `version_dir` and starts its instances, each
+    /// on its own thread. Blocking: call it off the async runtime.
     pub fn load(
         runtime: &WasmRuntime,
         config: &ModelConfig,
@@ -366,7 +421,7 @@ impl WasmBackend {
             ))
         })?;
         let mut linker: Linker<HostState> = Linker::new(&runtime.engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|_| Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s))
             .map_err(|e| Error::internal(format!("linking host functions failed: {e:#}")))?;
         let pre = linker.instantiate_pre(&component).map_err(|e| {
@@ -381,11 +436,12 @@ impl WasmBackend {
                 file.display()
             ))
         })?;
+        let label: Arc<str> = format!("{}:{version}", config.name).into();
         let blueprint = Arc::new(Blueprint {
             pre,
             engine: runtime.engine.clone(),
             version_dir: version_dir.to_path_buf(),
-            label: format!("{}:{version}", config.name).into(),
+            label: label.clone(),
             info: wit::ModelInfo {
                 name: config.name.clone(),
                 version,
@@ -396,32 +452,89 @@ impl WasmBackend {
                     .map(|(k, v)| parameter_to_wit(k, v))
                     .collect(),
             },
-            memory_limit: usize::try_from(config.sandbox.memory_limit_mib << 20)
+            memory_limit: usize::try_from(config.sandbox.memory_limit_mib.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
-            execution_ticks: ticks_for(config.sandbox.execution_timeout_ms),
-            init_ticks: ticks_for(config.sandbox.init_timeout_ms),
+            execution_timeout: Duration::from_millis(config.sandbox.execution_timeout_ms),
+            init_timeout: Duration::from_millis(config.sandbox.init_timeout_ms),
         });
+
         let count = config.instance_count();
-        let mut instances = Vec::with_capacity(count);
+        let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        for index in 0..count {
+            let (blueprint, queue, ready) = (blueprint.clone(), queue.clone(), ready_tx.clone());
+            std::thread::Builder::new()
+                .name(format!("wasm-{}-{index}", config.name))
+                .spawn(move || instance_thread(blueprint, queue, ready))
+                .map_err(|e| Error::internal(format!("cannot start an instance thread: {e}")))?;
+        }
+        drop(ready_tx);
         for _ in 0..count {
-            instances.push(Some(blueprint.instantiate()?));
+            // An error drops `jobs`, which ends the threads that did start.
+            ready_rx
+                .recv()
+                .map_err(|_| Error::internal("an instance thread ended before it was ready"))??;
         }
         tracing::info!(
-            model = %blueprint.label,
+            model = %label,
             instances = count,
             ms = started.elapsed().as_millis() as u64,
             "compiled and started wasm component"
         );
-        Ok(WasmBackend {
-            blueprint,
-            permits: Arc::new(Semaphore::new(count)),
-            free: Arc::new(Mutex::new(instances)),
-        })
+        Ok(WasmBackend { jobs, label })
+    }
+}
+
+/// Owns one instance: creates it, then runs the batches it pulls from the
+/// queue, until the model is unloaded (the queue's sender is dropped).
+fn instance_thread(
+    blueprint: Arc<Blueprint>,
+    queue: crossbeam_channel::Receiver<Job>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(Error::internal(format!(
+                "cannot start an instance runtime: {e}"
+            ))));
+            return;
+        }
+    };
+    let mut slot = match runtime.block_on(blueprint.instantiate()) {
+        Ok(instance) => {
+            let _ = ready.send(Ok(()));
+            Some(instance)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    drop(ready);
+    while let Ok(job) = queue.recv() {
+        if job.reply.is_closed() {
+            continue; // the client went away while the batch waited
+        }
+        let execution = runtime.block_on(run_batch(&blueprint, &mut slot, job.requests));
+        let _ = job.reply.send(execution);
+        if slot.is_none() {
+            // Replace a discarded instance now rather than on the next client's time.
+            match runtime.block_on(blueprint.instantiate()) {
+                Ok(fresh) => slot = Some(fresh),
+                Err(e) => {
+                    tracing::error!(model = %blueprint.label, "cannot start a fresh instance: {e}")
+                }
+            }
+        }
     }
 }
 
 /// Runs one batch on a slot, replacing the slot's instance if it is gone or broke.
-fn run_batch(
+async fn run_batch(
     blueprint: &Blueprint,
     slot: &mut Option<Instance>,
     requests: Vec<BackendRequest>,
@@ -433,7 +546,7 @@ fn run_batch(
     };
     let instance = match slot {
         Some(instance) => instance,
-        None => match blueprint.instantiate() {
+        None => match blueprint.instantiate().await {
             Ok(fresh) => slot.insert(fresh),
             Err(e) => return fail_all(e.context("starting a fresh instance")),
         },
@@ -462,20 +575,23 @@ fn run_batch(
         })
         .collect();
     let t1 = Instant::now();
-    instance.store.set_epoch_deadline(blueprint.execution_ticks);
-    let outcome = instance
-        .plugin
-        .wisp_plugin_model()
-        .call_execute(&mut instance.store, &wit_requests);
+    instance
+        .store
+        .set_epoch_deadline(ticks_for(blueprint.execution_timeout));
+    // Epochs stop running code; the timer also cancels host waits (a sleep).
+    let outcome = tokio::time::timeout(
+        blueprint.execution_timeout + EPOCH_TICK,
+        instance
+            .plugin
+            .wisp_plugin_model()
+            .call_execute(&mut instance.store, &wit_requests),
+    )
+    .await
+    .unwrap_or_else(|_| Err(wasmtime::Error::new(Trap::Interrupt)));
     let t2 = Instant::now();
     let mut execution = match outcome {
         Err(trap) => {
-            let why = describe_trap(
-                &trap,
-                &instance.output,
-                blueprint.execution_ticks,
-                blueprint.memory_limit,
-            );
+            let why = describe_trap(&trap, &instance.output, blueprint.execution_timeout);
             tracing::warn!(model = %blueprint.label, "plugin trapped, discarding the instance: {why}");
             *slot = None;
             let timed_out = trap.downcast_ref::<Trap>() == Some(&Trap::Interrupt);
@@ -530,70 +646,36 @@ fn run_batch(
     execution
 }
 
-/// A slot taken from the pool; it goes back on drop (a panic included),
-/// before the permit that guards it is released.
-struct SlotLease {
-    free: Arc<Mutex<Vec<Option<Instance>>>>,
-    slot: Option<Instance>,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl SlotLease {
-    fn take(free: Arc<Mutex<Vec<Option<Instance>>>>, permit: OwnedSemaphorePermit) -> Self {
-        let slot = free.lock().pop().flatten();
-        SlotLease {
-            free,
-            slot,
-            permit: Some(permit),
-        }
-    }
-}
-
-impl Drop for SlotLease {
-    fn drop(&mut self) {
-        // An instance whose call panicked on the host side may be mid-call: drop it.
-        let slot = if std::thread::panicking() {
-            None
-        } else {
-            self.slot.take()
-        };
-        self.free.lock().push(slot);
-        drop(self.permit.take());
-    }
-}
-
 impl Backend for WasmBackend {
     fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
         Box::pin(async move {
             let count = requests.len();
-            let permit: OwnedSemaphorePermit = match self.permits.clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => {
-                    return Execution {
-                        results: (0..count)
-                            .map(|_| Err(Error::unavailable("model is unloading")))
-                            .collect(),
-                        times: ExecutionTimes::default(),
-                    }
-                }
+            let fail_all = |e: Error| Execution {
+                results: (0..count).map(|_| Err(e.clone())).collect(),
+                times: ExecutionTimes::default(),
             };
-            let blueprint = self.blueprint.clone();
-            let free = self.free.clone();
-            // The slot goes back to the pool inside the blocking task, so a
-            // cancelled request (client gone) cannot lose it.
-            let task = tokio::task::spawn_blocking(move || {
-                let mut lease = SlotLease::take(free, permit);
-                run_batch(&blueprint, &mut lease.slot, requests)
-            });
-            match task.await {
-                Ok(execution) => execution,
-                Err(e) => Execution {
-                    results: (0..count)
-                        .map(|_| Err(Error::internal(format!("model execution panicked: {e}"))))
-                        .collect(),
-                    times: ExecutionTimes::default(),
-                },
+            let (reply, result) = oneshot::channel();
+            match self.jobs.try_send(Job { requests, reply }) {
+                Ok(()) => {}
+                Err(crossbeam_channel::TrySendError::Full(_)) => {
+                    return fail_all(Error::unavailable(format!(
+                        "model '{}' has {MAX_WAITING_BATCHES} batches waiting; try again later",
+                        self.label
+                    )))
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    return fail_all(Error::unavailable(format!(
+                        "model '{}' is unloading",
+                        self.label
+                    )))
+                }
             }
+            result.await.unwrap_or_else(|_| {
+                fail_all(Error::internal(format!(
+                    "model '{}' dropped the batch",
+                    self.label
+                )))
+            })
         })
     }
 }

@@ -264,10 +264,21 @@ impl ModelConfig {
                 "key 'version_policy.latest' must be at least 1",
             ));
         }
-        if self.sandbox.memory_limit_mib == 0 || self.sandbox.execution_timeout_ms == 0 {
-            return Err(Error::invalid(
-                "keys 'sandbox.memory_limit_mib' and 'sandbox.execution_timeout_ms' must be positive",
-            ));
+        let sandbox = &self.sandbox;
+        for (key, value, max) in [
+            ("memory_limit_mib", sandbox.memory_limit_mib, 1 << 20),
+            (
+                "execution_timeout_ms",
+                sandbox.execution_timeout_ms,
+                24 * 3_600_000,
+            ),
+            ("init_timeout_ms", sandbox.init_timeout_ms, 24 * 3_600_000),
+        ] {
+            if value == 0 || value > max {
+                return Err(Error::invalid(format!(
+                    "key 'sandbox.{key}' is {value}; it must be between 1 and {max}"
+                )));
+            }
         }
         Ok(())
     }

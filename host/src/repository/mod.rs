@@ -208,6 +208,18 @@ impl Repository {
         }
     }
 
+    /// Whether every model the repository should serve is ready: no failure
+    /// reason and every selected version ready (models unloaded on request do not count).
+    pub fn all_ready(&self) -> bool {
+        self.models.load().values().all(|e| {
+            e.reason.as_deref() == Some("unloaded")
+                || (e.reason.is_none()
+                    && e.versions
+                        .values()
+                        .all(|s| matches!(s, VersionState::Ready(_))))
+        })
+    }
+
     /// Models that are ready, as (name, version) pairs.
     pub fn ready_models(&self) -> Vec<Arc<LoadedModel>> {
         let models = self.models.load();
@@ -372,13 +384,46 @@ impl Repository {
                 Err(e) => {
                     tracing::error!(model = name, version, "model version failed to load: {e}");
                     failures.push(format!("version {version}: {}", e.message));
-                    VersionState::Unavailable(e.message)
+                    match old.versions.get(&version) {
+                        // A failed reload leaves the loaded version serving (Triton's rule);
+                        // its old fingerprint makes poll mode try the new files again.
+                        Some(ready @ VersionState::Ready(_)) => {
+                            entry.versions.insert(version, ready.clone());
+                            if let Some(&fp) = old.version_fingerprints.get(&version) {
+                                entry.version_fingerprints.insert(version, fp);
+                            }
+                            continue;
+                        }
+                        _ => VersionState::Unavailable(e.message),
+                    }
                 }
             };
             entry.versions.insert(version, state);
             entry
                 .version_fingerprints
                 .insert(version, version_fingerprint);
+        }
+        let any_ready = |e: &ModelEntry| {
+            e.versions
+                .values()
+                .any(|s| matches!(s, VersionState::Ready(_)))
+        };
+        if !failures.is_empty() {
+            entry.reason = Some(format!("reload failed: {}", failures.join("; ")));
+            if !any_ready(&entry) {
+                // Nothing new is ready: versions the policy dropped keep serving until something is.
+                for (version, state) in &old.versions {
+                    if matches!(state, VersionState::Ready(_)) {
+                        entry
+                            .versions
+                            .entry(*version)
+                            .or_insert_with(|| state.clone());
+                        if let Some(&fp) = old.version_fingerprints.get(version) {
+                            entry.version_fingerprints.entry(*version).or_insert(fp);
+                        }
+                    }
+                }
+            }
         }
         self.publish(name, Some(entry));
         if failures.is_empty() {

@@ -112,6 +112,17 @@ impl Model for Hostile {
             .unwrap_or("127.0.0.1:80")
             .to_string();
         let delay_ms = info.parameters.get_i64("delay_ms").unwrap_or(0).max(0) as u64;
+        // Attacks on `init`, which runs while the server loads the model.
+        match attack.as_str() {
+            "init_loop" => {
+                let mut i: u64 = 0;
+                loop {
+                    i = black_box(i.wrapping_add(1));
+                }
+            }
+            "init_sleep" => std::thread::sleep(std::time::Duration::MAX),
+            _ => {}
+        }
         Ok(Hostile {
             attack,
             target,

@@ -224,3 +224,22 @@ fn hostile_init_fails_the_load_and_the_server_carries_on() {
         .infer("simple", &simple_request(&ramp(), &ramp()))
         .ok();
 }
+
+#[test]
+fn output_floods_are_refused_within_the_budget() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let config = hostile_config("output_flood", "")
+        .replace(
+        "execution_timeout_ms = 500",
+        "execution_timeout_ms = 20000\nmax_output_mib = 16",
+    );
+    repo.add("output_flood", &config, "wisp_test_hostile", &[1]);
+    let server = Server::start(repo.path(), &[]);
+    let e = server.infer("output_flood", &request(true)).error(500);
+    assert!(e.contains("output limit of 16 MiB exceeded"), "{e}");
+    server.infer("output_flood", &request(false)).ok();
+    server
+        .infer("simple", &simple_request(&ramp(), &ramp()))
+        .ok();
+}

@@ -127,12 +127,53 @@ impl ResourceLimiter for SandboxLimiter {
     }
 }
 
+/// Output tensors a plugin emits during one `execute`, within a byte budget,
+/// so a plugin cannot make the host allocate more than it allows.
+#[derive(Default)]
+struct OutputCollector {
+    per_request: Vec<Vec<wit::Tensor>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl OutputCollector {
+    fn begin(&mut self, requests: usize, budget: usize) {
+        self.per_request = (0..requests).map(|_| Vec::new()).collect();
+        self.bytes = 0;
+        self.budget = budget;
+    }
+}
+
 /// What one instance's store holds: its WASI context and limits.
 struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: SandboxLimiter,
+    outputs: OutputCollector,
     model: Arc<str>,
+}
+
+impl bindings::wisp::plugin::output::Host for HostState {
+    fn emit(&mut self, request_index: u32, tensor: wit::Tensor) -> std::result::Result<(), String> {
+        let collector = &mut self.outputs;
+        let size = tensor.data.len() + tensor.name.len() + tensor.shape.len() * 8;
+        if collector.bytes + size > collector.budget {
+            // Drop everything: the call failed, and its memory goes back now.
+            collector.per_request.iter_mut().for_each(Vec::clear);
+            collector.bytes = collector.budget;
+            return Err(format!(
+                "output limit of {} MiB exceeded (sandbox.max_output_mib)",
+                collector.budget >> 20
+            ));
+        }
+        let slot = collector
+            .per_request
+            .get_mut(request_index as usize)
+            .ok_or_else(|| format!("no request {request_index} in this batch"))?;
+        collector.bytes += size;
+        slot.push(tensor);
+        Ok(())
+    }
 }
 
 impl WasiView for HostState {
@@ -232,6 +273,7 @@ struct Blueprint {
     label: Arc<str>,
     info: wit::ModelInfo,
     memory_limit: usize,
+    output_budget: usize,
     execution_timeout: Duration,
     init_timeout: Duration,
 }
@@ -261,6 +303,7 @@ impl Blueprint {
                 memory_limit: self.memory_limit,
                 memory_used: 0,
             },
+            outputs: OutputCollector::default(),
             model: self.label.clone(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -454,6 +497,8 @@ impl WasmBackend {
             },
             memory_limit: usize::try_from(config.sandbox.memory_limit_mib.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
+            output_budget: usize::try_from(config.sandbox.max_output_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
             execution_timeout: Duration::from_millis(config.sandbox.execution_timeout_ms),
             init_timeout: Duration::from_millis(config.sandbox.init_timeout_ms),
         });
@@ -578,6 +623,11 @@ async fn run_batch(
     instance
         .store
         .set_epoch_deadline(ticks_for(blueprint.execution_timeout));
+    instance
+        .store
+        .data_mut()
+        .outputs
+        .begin(count, blueprint.output_budget);
     // Epochs stop running code; the timer also cancels host waits (a sleep).
     let outcome = tokio::time::timeout(
         blueprint.execution_timeout + EPOCH_TICK,
@@ -589,6 +639,7 @@ async fn run_batch(
     .await
     .unwrap_or_else(|_| Err(wasmtime::Error::new(Trap::Interrupt)));
     let t2 = Instant::now();
+    let mut emitted = std::mem::take(&mut instance.store.data_mut().outputs.per_request);
     let mut execution = match outcome {
         Err(trap) => {
             let why = describe_trap(&trap, &instance.output, blueprint.execution_timeout);
@@ -613,15 +664,15 @@ async fn run_batch(
         Ok(results) => Execution {
             results: results
                 .into_iter()
-                .map(|r| match r {
+                .zip(emitted.iter_mut())
+                .map(|(r, outputs)| match r {
                     Ok(response) => Ok(BackendResponse {
                         parameters: response
                             .parameters
                             .into_iter()
                             .map(parameter_from_wit)
                             .collect(),
-                        outputs: response
-                            .outputs
+                        outputs: std::mem::take(outputs)
                             .into_iter()
                             .map(|t| Tensor {
                                 name: t.name,

@@ -114,6 +114,8 @@ pub struct SandboxConfig {
     pub execution_timeout_ms: u64,
     /// Deadline of `init`, which may read files from the version folder.
     pub init_timeout_ms: u64,
+    /// Most output bytes one `execute` may hand back (all its requests together).
+    pub max_output_mib: u64,
     /// File name of the component in the version folder.
     pub component: String,
 }
@@ -124,6 +126,7 @@ impl Default for SandboxConfig {
             memory_limit_mib: 512,
             execution_timeout_ms: 10_000,
             init_timeout_ms: 60_000,
+            max_output_mib: 256,
             component: "model.wasm".into(),
         }
     }
@@ -273,6 +276,7 @@ impl ModelConfig {
                 24 * 3_600_000,
             ),
             ("init_timeout_ms", sandbox.init_timeout_ms, 24 * 3_600_000),
+            ("max_output_mib", sandbox.max_output_mib, 1 << 20),
         ] {
             if value == 0 || value > max {
                 return Err(Error::invalid(format!(

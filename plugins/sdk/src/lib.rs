@@ -37,9 +37,16 @@ pub mod bindings {
 
 pub use bindings::wisp::plugin::log::Level;
 pub use bindings::wisp::plugin::types::{
-    Datatype, Error, ModelInfo, Parameter, ParameterValue, Request, Response, Tensor,
+    Datatype, Error, ModelInfo, Parameter, ParameterValue, Request, Tensor,
 };
 pub use tensor::{Element, Parameters};
+
+/// What a request returns: output tensors and response parameters.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub outputs: Vec<Tensor>,
+    pub parameters: Vec<Parameter>,
+}
 
 /// A model: created once per instance with [`Model::init`], then asked to run requests.
 pub trait Model: Sized + 'static {
@@ -77,8 +84,10 @@ pub mod __private {
         Ok(())
     }
 
-    pub fn execute<M: Model>(requests: Vec<Request>) -> Vec<Result<Response, Error>> {
-        INSTANCE.with(|slot| {
+    pub type WireResponse = bindings::wisp::plugin::types::Response;
+
+    pub fn execute<M: Model>(requests: Vec<Request>) -> Vec<Result<WireResponse, Error>> {
+        let results = INSTANCE.with(|slot| {
             let mut slot = slot.borrow_mut();
             match slot.as_mut().and_then(|m| m.downcast_mut::<M>()) {
                 Some(model) => model.execute_batch(requests),
@@ -87,7 +96,22 @@ pub mod __private {
                     .map(|_| Err(Error::Internal("execute called before init".into())))
                     .collect(),
             }
-        })
+        });
+        // Outputs go to the host one tensor at a time, within its budget.
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(index, result)| {
+                let response = result?;
+                for tensor in &response.outputs {
+                    bindings::wisp::plugin::output::emit(index as u32, tensor)
+                        .map_err(Error::Internal)?;
+                }
+                Ok(WireResponse {
+                    parameters: response.parameters,
+                })
+            })
+            .collect()
     }
 }
 
@@ -103,7 +127,7 @@ macro_rules! export_model {
             }
             fn execute(
                 requests: Vec<$crate::Request>,
-            ) -> Vec<Result<$crate::Response, $crate::Error>> {
+            ) -> Vec<Result<$crate::__private::WireResponse, $crate::Error>> {
                 $crate::__private::execute::<$model>(requests)
             }
         }

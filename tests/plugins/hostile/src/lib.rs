@@ -48,6 +48,20 @@ impl Hostile {
                 std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
                 leak("slept".into())
             }
+            "output_flood" => {
+                // Hands the host the same 4 MiB tensor a hundred times (400 MiB
+                // if the host kept them all), ignoring every refusal.
+                let big = Tensor {
+                    name: "OUTPUT0".into(),
+                    datatype: wisp_plugin_sdk::Datatype::Uint8,
+                    shape: vec![4 << 20],
+                    data: vec![7u8; 4 << 20],
+                };
+                for _ in 0..100 {
+                    let _ = wisp_plugin_sdk::bindings::wisp::plugin::output::emit(0, &big);
+                }
+                leak("flooded".into())
+            }
             "panic" => panic!("the hostile plugin panics on purpose"),
             "read_passwd" => match std::fs::read_to_string("/etc/passwd") {
                 Ok(text) => leak(text),

@@ -686,3 +686,21 @@ fn statistics_and_metrics() {
         "wisp_inference_queue_duration_seconds_bucket{model=\"simple\",version=\"1\",le=\"0.001\"}"
     ));
 }
+
+#[test]
+fn the_plugin_template_runs_as_documented() {
+    let repo = TestRepo::new();
+    let config =
+        std::fs::read_to_string(workspace_root().join("plugins/template/config.toml")).unwrap();
+    repo.add("scale", &config, "wisp_plugin_template", &[1]);
+    let server = Server::start(repo.path(), &[]);
+    let body = json!({"inputs": [{"name": "INPUT0", "shape": [2, 2], "datatype": "FP32", "data": [1.0, 2.0, -4.0, 0.5]}]});
+    let reply = server.infer("scale", &body).ok();
+    assert_eq!(reply["outputs"][0]["data"], json!([2.5, 5.0, -10.0, 1.25]));
+    // Its init logged through the host, tagged with the model.
+    assert!(
+        server.log().contains("scale v1 ready: factor 2.5, 1 files"),
+        "{}",
+        server.log()
+    );
+}

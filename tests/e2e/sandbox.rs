@@ -229,8 +229,7 @@ fn hostile_init_fails_the_load_and_the_server_carries_on() {
 fn output_floods_are_refused_within_the_budget() {
     let repo = TestRepo::new();
     repo.simple();
-    let config = hostile_config("output_flood", "")
-        .replace(
+    let config = hostile_config("output_flood", "").replace(
         "execution_timeout_ms = 500",
         "execution_timeout_ms = 20000\nmax_output_mib = 16",
     );

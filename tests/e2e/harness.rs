@@ -28,26 +28,10 @@ pub fn component(name: &str) -> PathBuf {
     path
 }
 
-pub const SIMPLE_CONFIG: &str = r#"
-backend = "wasm"
-max_batch_size = 8
-[[input]]
-name = "INPUT0"
-datatype = "INT32"
-dims = [16]
-[[input]]
-name = "INPUT1"
-datatype = "INT32"
-dims = [16]
-[[output]]
-name = "OUTPUT0"
-datatype = "INT32"
-dims = [16]
-[[output]]
-name = "OUTPUT1"
-datatype = "INT32"
-dims = [16]
-"#;
+/// The config of the default repository's `simple` (Triton's example shape).
+pub fn simple_config() -> String {
+    std::fs::read_to_string(workspace_root().join("model_repository/simple/config.toml")).unwrap()
+}
 
 /// A scratch model repository in a temporary folder.
 pub struct TestRepo {
@@ -83,7 +67,16 @@ impl TestRepo {
     }
 
     pub fn simple(&self) -> &Self {
-        self.add("simple", SIMPLE_CONFIG, "wisp_plugin_simple", &[1])
+        self.add("simple", &simple_config(), "wisp_plugin_simple", &[1])
+    }
+
+    /// `simple` on BYTES holding decimal strings.
+    pub fn simple_string(&self) -> &Self {
+        let config = std::fs::read_to_string(
+            workspace_root().join("model_repository/simple_string/config.toml"),
+        )
+        .unwrap();
+        self.add("simple_string", &config, "wisp_plugin_simple_string", &[1])
     }
 
     pub fn write_config(&self, name: &str, config: &str) {

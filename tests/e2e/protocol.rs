@@ -7,12 +7,7 @@ use std::io::Write;
 fn simple_server() -> (TestRepo, Server) {
     let repo = TestRepo::new();
     repo.simple();
-    repo.add(
-        "simple_string",
-        &SIMPLE_CONFIG.replace("INT32", "BYTES"),
-        "wisp_plugin_simple_string",
-        &[1],
-    );
+    repo.simple_string();
     let server = Server::start(repo.path(), &[]);
     (repo, server)
 }
@@ -210,88 +205,37 @@ const ALL_TYPES: [&str; 14] = [
     "FP32", "FP64", "BF16", "BYTES",
 ];
 
+/// Three values of a fixed-size type as JSON and as little-endian bytes.
+macro_rules! sample_of {
+    ($t:ty: $($v:expr),+) => {
+        (json!([$($v),+]), [$($v as $t),+].iter().flat_map(|v| v.to_le_bytes()).collect())
+    };
+}
+
 /// JSON values per datatype, with the little-endian bytes they must become.
 fn sample(dt: &str) -> (Value, Vec<u8>) {
+    let half_bits = |bits: [u16; 3]| bits.iter().flat_map(|v| v.to_le_bytes()).collect();
     match dt {
         "BOOL" => (json!([true, false, true]), vec![1, 0, 1]),
-        "UINT8" => (json!([0, 7, 255]), vec![0, 7, 255]),
-        "UINT16" => (
-            json!([0, 7, 65535]),
-            [0u16, 7, 65535]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "UINT32" => (
-            json!([0, 7, 4294967295u32]),
-            [0u32, 7, u32::MAX]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "UINT64" => (
-            json!([0, 7, u64::MAX]),
-            [0u64, 7, u64::MAX]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "INT8" => (
-            json!([-128, 0, 127]),
-            [-128i8, 0, 127]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "INT16" => (
-            json!([-32768, 0, 32767]),
-            [i16::MIN, 0, i16::MAX]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "INT32" => (
-            json!([i32::MIN, 0, i32::MAX]),
-            [i32::MIN, 0, i32::MAX]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "INT64" => (
-            json!([i64::MIN, 0, i64::MAX]),
-            [i64::MIN, 0, i64::MAX]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
+        "UINT8" => sample_of!(u8: 0, 7, 255),
+        "UINT16" => sample_of!(u16: 0, 7, u16::MAX),
+        "UINT32" => sample_of!(u32: 0, 7, u32::MAX),
+        "UINT64" => sample_of!(u64: 0, 7, u64::MAX),
+        "INT8" => sample_of!(i8: i8::MIN, 0, i8::MAX),
+        "INT16" => sample_of!(i16: i16::MIN, 0, i16::MAX),
+        "INT32" => sample_of!(i32: i32::MIN, 0, i32::MAX),
+        "INT64" => sample_of!(i64: i64::MIN, 0, i64::MAX),
+        // 1.5, -2.0, 0.25 in IEEE half and bfloat16.
         "FP16" => (
             json!([1.5, -2.0, 0.25]),
-            [0x3e00u16, 0xc000, 0x3400]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
+            half_bits([0x3e00, 0xc000, 0x3400]),
         ),
         "BF16" => (
             json!([1.5, -2.0, 0.25]),
-            [0x3fc0u16, 0xc000, 0x3e80]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
+            half_bits([0x3fc0, 0xc000, 0x3e80]),
         ),
-        "FP32" => (
-            json!([1.5, -2.0, 0.25]),
-            [1.5f32, -2.0, 0.25]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
-        "FP64" => (
-            json!([1.5, -2.0, 1e300]),
-            [1.5f64, -2.0, 1e300]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
+        "FP32" => sample_of!(f32: 1.5, -2.0, 0.25),
+        "FP64" => sample_of!(f64: 1.5, -2.0, 1e300),
         "BYTES" => (
             json!(["", "héllo", "x"]),
             [

@@ -25,12 +25,7 @@ fn row<'a>(rows: &'a [Value], name: &str, version: &str) -> Option<&'a Value> {
 fn explicit_mode_loads_and_unloads() {
     let repo = TestRepo::new();
     repo.simple();
-    repo.add(
-        "simple_string",
-        &SIMPLE_CONFIG.replace("INT32", "BYTES"),
-        "wisp_plugin_simple_string",
-        &[1],
-    );
+    repo.simple_string();
     let server = Server::start(
         repo.path(),
         &["--model-control-mode", "explicit", "--load-model", "simple"],
@@ -106,7 +101,7 @@ fn none_mode_refuses_load_and_unload() {
 #[test]
 fn version_policies() {
     let repo = TestRepo::new();
-    let with_policy = |policy: &str| format!("version_policy = {policy}\n{SIMPLE_CONFIG}");
+    let with_policy = |policy: &str| format!("version_policy = {policy}\n{}", simple_config());
     repo.add(
         "latest2",
         &with_policy("{ latest = 2 }"),
@@ -125,7 +120,12 @@ fn version_policies() {
         "wisp_plugin_simple",
         &[1, 2, 3],
     );
-    repo.add("default", SIMPLE_CONFIG, "wisp_plugin_simple", &[1, 2, 10]);
+    repo.add(
+        "default",
+        &simple_config(),
+        "wisp_plugin_simple",
+        &[1, 2, 10],
+    );
     let server = Server::start(repo.path(), &[]);
     let versions = |m: &str| server.get(&format!("/v2/models/{m}")).ok()["versions"].clone();
     assert_eq!(versions("latest2"), json!(["2", "3"]));
@@ -154,20 +154,20 @@ fn broken_models_are_unavailable_with_reasons_and_others_serve() {
     repo.simple();
     repo.add(
         "typo",
-        &format!("{SIMPLE_CONFIG}\nmax_batch = 4\n"),
+        &format!("{}\nmax_batch = 4\n", simple_config()),
         "wisp_plugin_simple",
         &[1],
     );
     repo.add(
         "bad_type",
-        &SIMPLE_CONFIG.replacen("INT32", "INT3", 1),
+        &simple_config().replacen("INT32", "INT3", 1),
         "wisp_plugin_simple",
         &[1],
     );
-    repo.add("no_versions", SIMPLE_CONFIG, "wisp_plugin_simple", &[]);
-    repo.add("no_component", SIMPLE_CONFIG, "wisp_plugin_simple", &[1]);
+    repo.add("no_versions", &simple_config(), "wisp_plugin_simple", &[]);
+    repo.add("no_component", &simple_config(), "wisp_plugin_simple", &[1]);
     std::fs::remove_file(repo.path().join("no_component/1/model.wasm")).unwrap();
-    repo.add("not_wasm", SIMPLE_CONFIG, "wisp_plugin_simple", &[1]);
+    repo.add("not_wasm", &simple_config(), "wisp_plugin_simple", &[1]);
     std::fs::write(
         repo.path().join("not_wasm/1/model.wasm"),
         b"MZ this is not wasm",
@@ -291,13 +291,13 @@ fn poll_mode_picks_up_changes() {
     // A changed config is reloaded.
     repo.write_config(
         "simple",
-        &SIMPLE_CONFIG.replace("max_batch_size = 8", "max_batch_size = 4"),
+        &simple_config().replace("max_batch_size = 8", "max_batch_size = 4"),
     );
     wait_for("the new max_batch_size", &|| {
         server.get("/v2/models/simple/config").json()["max_batch_size"] == 4
     });
     // A new model folder is loaded.
-    repo.add("second", SIMPLE_CONFIG, "wisp_plugin_simple", &[1]);
+    repo.add("second", &simple_config(), "wisp_plugin_simple", &[1]);
     wait_for("the new model", &|| {
         server.get("/v2/models/second/ready").status == 200
     });

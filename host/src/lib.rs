@@ -9,5 +9,6 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod repository;
+pub mod scheduler;
 pub mod server;
 pub mod tensor;

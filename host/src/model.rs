@@ -1,10 +1,11 @@
 //! A loaded model version: its config, its backend, its statistics, and the
 //! checks every request passes before it reaches the backend.
 
-use crate::backend::{Backend, BackendRequest, BackendResponse};
+use crate::backend::{Backend, BackendRequest, BackendResponse, ExecutionTimes};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::repository::config::ModelConfig;
+use crate::scheduler::Scheduler;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -91,7 +92,7 @@ impl ModelStats {
 pub struct LoadedModel {
     pub config: Arc<ModelConfig>,
     pub version: u64,
-    pub backend: Box<dyn Backend>,
+    scheduler: Scheduler,
     pub stats: ModelStats,
     metrics: Arc<Metrics>,
     version_label: String,
@@ -108,11 +109,18 @@ impl LoadedModel {
         backend: Box<dyn Backend>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let scheduler = Scheduler::new(
+            Arc::from(backend),
+            config.dynamic_batching.as_ref(),
+            config.max_batch_size,
+            config.instance_count(),
+            &format!("{}:{version}", config.name),
+        );
         LoadedModel {
             version_label: version.to_string(),
             config,
             version,
-            backend,
+            scheduler,
             stats: ModelStats::default(),
             metrics,
         }
@@ -263,7 +271,7 @@ impl LoadedModel {
     /// Validates and runs one request, recording statistics and metrics.
     pub async fn infer(&self, request: BackendRequest) -> Result<BackendResponse> {
         let started = Instant::now();
-        let result = self.run(request, started).await;
+        let result = self.run(request).await;
         let elapsed = started.elapsed().as_nanos() as u64;
         let labels = [self.config.name.as_str(), self.version_label.as_str()];
         match &result {
@@ -293,37 +301,23 @@ impl LoadedModel {
         result
     }
 
-    async fn run(&self, request: BackendRequest, started: Instant) -> Result<BackendResponse> {
+    async fn run(&self, request: BackendRequest) -> Result<BackendResponse> {
         let batch_size = self.validate(&request)?;
         let requested = request.requested_outputs.clone();
-        let execution = self.backend.execute(vec![request]).await;
-        let times = execution.times;
-        let compute_ns = times.compute_input_ns + times.compute_infer_ns + times.compute_output_ns;
-        let queue_ns = (started.elapsed().as_nanos() as u64).saturating_sub(compute_ns);
-        let result = execution
-            .results
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| Err(Error::internal("backend returned no result")));
-        let response = self.check_outputs(&requested, result?)?;
-        // Triton counts inferences, executions and batch statistics of successes only.
-        self.record_execution(batch_size, queue_ns, times);
+        let outcome = self.scheduler.schedule(request, batch_size).await?;
+        if outcome.records_batch {
+            self.record_batch(outcome.batch_size, outcome.times);
+        }
+        let response = self.check_outputs(&requested, outcome.result?)?;
+        // Triton counts inferences and their times for successes only.
+        self.record_request(batch_size, outcome.queue_ns, outcome.times);
         Ok(response)
     }
 
-    fn record_execution(&self, batch_size: u64, queue_ns: u64, t: crate::backend::ExecutionTimes) {
+    /// One execution (a batch of `batch_size` inferences, one or more requests).
+    fn record_batch(&self, batch_size: u64, t: ExecutionTimes) {
         let s = &self.stats;
-        s.queue.add(queue_ns);
-        s.compute_input.add(t.compute_input_ns);
-        s.compute_infer.add(t.compute_infer_ns);
-        s.compute_output.add(t.compute_output_ns);
-        s.inference_count.fetch_add(batch_size, Ordering::Relaxed);
         s.execution_count.fetch_add(1, Ordering::Relaxed);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        s.last_inference_ms.store(now_ms, Ordering::Relaxed);
         {
             let mut batches = s.batches.lock();
             let b = batches.entry(batch_size).or_default();
@@ -333,11 +327,31 @@ impl LoadedModel {
             b.output_ns += t.compute_output_ns;
         }
         let labels = [self.config.name.as_str(), self.version_label.as_str()];
+        self.metrics
+            .execution_count
+            .with_label_values(&labels)
+            .inc();
+    }
+
+    /// One successful request of `batch_size` inferences, with its queue time
+    /// and the compute times of the batch it ran in.
+    fn record_request(&self, batch_size: u64, queue_ns: u64, t: ExecutionTimes) {
+        let s = &self.stats;
+        s.queue.add(queue_ns);
+        s.compute_input.add(t.compute_input_ns);
+        s.compute_infer.add(t.compute_infer_ns);
+        s.compute_output.add(t.compute_output_ns);
+        s.inference_count.fetch_add(batch_size, Ordering::Relaxed);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        s.last_inference_ms.store(now_ms, Ordering::Relaxed);
+        let labels = [self.config.name.as_str(), self.version_label.as_str()];
         let m = &self.metrics;
         m.inference_count
             .with_label_values(&labels)
             .inc_by(batch_size);
-        m.execution_count.with_label_values(&labels).inc();
         m.queue_duration_us
             .with_label_values(&labels)
             .inc_by(queue_ns as f64 / 1e3);

@@ -5,3 +5,4 @@ mod harness;
 mod protocol;
 mod repository;
 mod sandbox;
+mod scheduling;

@@ -132,6 +132,125 @@ impl Default for SandboxConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// A request past its queue timeout fails with 503.
+    #[default]
+    Reject,
+    /// A request past its queue timeout waits behind every request that is not.
+    Delay,
+}
+
+/// Triton's queue policy, for the default queue or one priority level.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuePolicy {
+    /// Longest a request may wait in the queue; 0 is no limit.
+    pub timeout_us: u64,
+    pub timeout_action: TimeoutAction,
+    /// Whether a request's `timeout` parameter (µs) replaces `timeout_us`.
+    pub allow_timeout_override: bool,
+    /// Requests that may wait; a full queue answers 503 at once. 0 means the server's cap.
+    pub max_queue_size: u32,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        QueuePolicy {
+            timeout_us: 0,
+            timeout_action: TimeoutAction::Reject,
+            allow_timeout_override: false,
+            max_queue_size: 0,
+        }
+    }
+}
+
+impl QueuePolicy {
+    fn to_triton_json(&self) -> Value {
+        json!({
+            "timeout_action": match self.timeout_action { TimeoutAction::Reject => "REJECT", TimeoutAction::Delay => "DELAY" },
+            "default_timeout_microseconds": self.timeout_us,
+            "allow_timeout_override": self.allow_timeout_override,
+            "max_queue_size": self.max_queue_size,
+        })
+    }
+}
+
+/// `[dynamic_batching]`: requests from many clients are batched together.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamicBatching {
+    /// Batch sizes (in inferences) dispatched as soon as they can be formed.
+    pub preferred_batch_size: Vec<u32>,
+    /// Longest the oldest request waits for a batch to fill.
+    pub max_queue_delay_us: u64,
+    /// Number of priority levels (1 is the highest); 0 is one level.
+    pub priority_levels: u32,
+    /// Level of requests without a `priority` parameter.
+    pub default_priority_level: u32,
+    pub default_queue_policy: QueuePolicy,
+    /// Policies of single levels, keyed by level ("1", "2", ...).
+    pub priority_queue_policy: BTreeMap<String, QueuePolicy>,
+}
+
+impl DynamicBatching {
+    /// The policy of a priority level (1-based; 0 when there are no levels).
+    pub fn policy(&self, level: u32) -> &QueuePolicy {
+        self.priority_queue_policy
+            .get(&level.to_string())
+            .unwrap_or(&self.default_queue_policy)
+    }
+
+    fn validate(&self, max_batch_size: u32) -> Result<()> {
+        for (i, &p) in self.preferred_batch_size.iter().enumerate() {
+            if p == 0
+                || (max_batch_size > 0 && p > max_batch_size)
+                || (max_batch_size == 0 && p > 1)
+            {
+                return Err(Error::invalid(format!(
+                    "key 'dynamic_batching.preferred_batch_size[{i}]' is {p}; it must be between 1 and max_batch_size ({max_batch_size})"
+                )));
+            }
+        }
+        if self.priority_levels > 0
+            && !(1..=self.priority_levels).contains(&self.default_priority_level)
+        {
+            return Err(Error::invalid(format!(
+                "key 'dynamic_batching.default_priority_level' is {}; with priority_levels = {} it must be between 1 and {}",
+                self.default_priority_level, self.priority_levels, self.priority_levels
+            )));
+        }
+        for key in self.priority_queue_policy.keys() {
+            let level: u32 = key.parse().unwrap_or(0);
+            if level == 0 || level > self.priority_levels {
+                return Err(Error::invalid(format!(
+                    "key 'dynamic_batching.priority_queue_policy.{key}' names no priority level (priority_levels = {})",
+                    self.priority_levels
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn to_triton_json(&self) -> Value {
+        let per_level: Map<String, Value> = self
+            .priority_queue_policy
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_triton_json()))
+            .collect();
+        json!({
+            "preferred_batch_size": self.preferred_batch_size,
+            "max_queue_delay_microseconds": self.max_queue_delay_us,
+            "preserve_ordering": false,
+            "priority_levels": self.priority_levels,
+            "default_priority_level": self.default_priority_level,
+            "default_queue_policy": self.default_queue_policy.to_triton_json(),
+            "priority_queue_policy": per_level,
+        })
+    }
+}
+
 /// A `[parameters]` value: what TOML can hold that a plugin can use.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -181,6 +300,8 @@ pub struct ModelConfig {
     pub instance_group: Vec<InstanceGroup>,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub dynamic_batching: Option<DynamicBatching>,
     #[serde(default)]
     pub parameters: BTreeMap<String, ParameterValue>,
 }
@@ -261,6 +382,9 @@ impl ModelConfig {
                     "key 'instance_group[{i}].kind': backend 'wasm' runs on cpu only"
                 )));
             }
+        }
+        if let Some(batching) = &self.dynamic_batching {
+            batching.validate(self.max_batch_size)?;
         }
         if let VersionPolicy::Latest(0) = self.version_policy {
             return Err(Error::invalid(
@@ -344,7 +468,7 @@ impl ModelConfig {
             .iter()
             .map(|(k, v)| (k.clone(), json!({"string_value": v.to_string_value()})))
             .collect();
-        json!({
+        let mut config = json!({
             "name": self.name,
             "platform": "",
             "backend": self.backend.as_str(),
@@ -362,7 +486,11 @@ impl ModelConfig {
             "metric_tags": {},
             "parameters": parameters,
             "model_warmup": [],
-        })
+        });
+        if let Some(batching) = &self.dynamic_batching {
+            config["dynamic_batching"] = batching.to_triton_json();
+        }
+        config
     }
 }
 
@@ -428,5 +556,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.version_policy, VersionPolicy::Specific(vec![1, 3]));
+    }
+}
+
+#[cfg(test)]
+mod batching_tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_batching_parses_and_validates() {
+        let base = "backend = \"wasm\"\nmax_batch_size = 8\n[[input]]\nname = \"X\"\ndatatype = \"FP32\"\ndims = [1]\n[[output]]\nname = \"Y\"\ndatatype = \"FP32\"\ndims = [1]\n";
+        let c = ModelConfig::parse(
+            &format!("{base}[dynamic_batching]\npreferred_batch_size = [4, 8]\nmax_queue_delay_us = 100\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = 3\ntimeout_action = \"delay\"\n"),
+            "m",
+        )
+        .unwrap();
+        let b = c.dynamic_batching.as_ref().unwrap();
+        assert_eq!(b.policy(1).max_queue_size, 3);
+        assert_eq!(b.policy(1).timeout_action, TimeoutAction::Delay);
+        assert_eq!(b.policy(2).max_queue_size, 0);
+        assert_eq!(
+            c.to_triton_json()["dynamic_batching"]["max_queue_delay_microseconds"],
+            100
+        );
+        let err = ModelConfig::parse(
+            &format!("{base}[dynamic_batching]\npreferred_batch_size = [16]\n"),
+            "m",
+        )
+        .unwrap_err();
+        assert!(err.message.contains("preferred_batch_size[0]"), "{err}");
+        let err = ModelConfig::parse(
+            &format!("{base}[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 3\n"),
+            "m",
+        )
+        .unwrap_err();
+        assert!(err.message.contains("default_priority_level"), "{err}");
+        let err = ModelConfig::parse(&format!("{base}[dynamic_batching]\nmax_delay = 3\n"), "m")
+            .unwrap_err();
+        assert!(err.message.contains("max_delay"), "{err}");
     }
 }

@@ -1,0 +1,346 @@
+//! Between a validated request and the backend: direct (one request, one
+//! execution) or the dynamic batcher (Triton's `dynamic_batching`).
+//!
+//! The dynamic batcher keeps one queue per priority level behind a mutex that
+//! is never held across an await, and one task that forms batches: it waits
+//! for a free instance, then for a batch worth sending (a preferred size, the
+//! largest batch, or the oldest request's `max_queue_delay_us`), and hands the
+//! batch to the backend in a task of its own, so up to `count` batches run at
+//! once. Requests whose client went away are dropped before execution.
+
+use crate::backend::{Backend, BackendRequest, BackendResponse, ExecutionTimes};
+use crate::error::{Error, Result};
+use crate::repository::config::{DynamicBatching, ParameterValue, TimeoutAction};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify, Semaphore};
+
+/// Requests one priority level may hold when its policy sets no `max_queue_size`.
+pub const DEFAULT_MAX_QUEUE_SIZE: usize = 4096;
+
+/// What became of one request.
+pub struct Outcome {
+    pub result: Result<BackendResponse>,
+    pub times: ExecutionTimes,
+    pub queue_ns: u64,
+    /// Inferences in the batch the request ran in.
+    pub batch_size: u64,
+    /// Set on one request per batch that ran: it records the batch's statistics.
+    pub records_batch: bool,
+}
+
+pub enum Scheduler {
+    Direct(Arc<dyn Backend>),
+    Dynamic(DynamicBatcher),
+}
+
+/// Scheduling fields a request carries as parameters (Triton's `priority`, `timeout`).
+fn take_u64(params: &mut Vec<(String, ParameterValue)>, key: &str) -> Result<Option<u64>> {
+    let Some(at) = params.iter().position(|(k, _)| k == key) else {
+        return Ok(None);
+    };
+    match params.remove(at).1 {
+        ParameterValue::Int(v) if v >= 0 => Ok(Some(v as u64)),
+        other => Err(Error::invalid(format!(
+            "parameter '{key}' must be a non-negative integer, got {other:?}"
+        ))),
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        batching: Option<&DynamicBatching>,
+        max_batch_size: u32,
+        instances: usize,
+        label: &str,
+    ) -> Self {
+        match batching {
+            None => Scheduler::Direct(backend),
+            Some(config) => Scheduler::Dynamic(DynamicBatcher::start(
+                backend,
+                config.clone(),
+                max_batch_size,
+                instances,
+                label,
+            )),
+        }
+    }
+
+    /// Runs one request (of `batch_size` inferences) and waits for its outcome.
+    pub async fn schedule(&self, mut request: BackendRequest, batch_size: u64) -> Result<Outcome> {
+        let priority = take_u64(&mut request.parameters, "priority")?;
+        let timeout_us = take_u64(&mut request.parameters, "timeout")?;
+        match self {
+            Scheduler::Direct(backend) => {
+                let arrived = Instant::now();
+                let execution = backend.execute(vec![request]).await;
+                let t = execution.times;
+                let compute = t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns;
+                let result = execution
+                    .results
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(Error::internal("backend returned no result")));
+                Ok(Outcome {
+                    records_batch: result.is_ok(),
+                    result,
+                    times: t,
+                    queue_ns: (arrived.elapsed().as_nanos() as u64).saturating_sub(compute),
+                    batch_size,
+                })
+            }
+            Scheduler::Dynamic(batcher) => {
+                batcher
+                    .submit(request, batch_size, priority, timeout_us)
+                    .await
+            }
+        }
+    }
+}
+
+struct Pending {
+    request: BackendRequest,
+    batch_size: u64,
+    arrived: Instant,
+    /// When the queue policy's timeout expires.
+    deadline: Option<Instant>,
+    action: TimeoutAction,
+    reply: oneshot::Sender<Outcome>,
+}
+
+struct Queues {
+    /// Index 0 is priority level 1, the highest.
+    levels: Vec<VecDeque<Pending>>,
+    /// Requests past their timeout under `timeout_action = "delay"`: served last.
+    delayed: VecDeque<Pending>,
+}
+
+struct Shared {
+    queues: Mutex<Queues>,
+    wake: Notify,
+    config: DynamicBatching,
+    /// Largest batch in inferences; models without a batch dimension run one request at a time.
+    max_batch: u64,
+    label: String,
+}
+
+pub struct DynamicBatcher {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DynamicBatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DynamicBatcher {
+    fn start(
+        backend: Arc<dyn Backend>,
+        config: DynamicBatching,
+        max_batch_size: u32,
+        instances: usize,
+        label: &str,
+    ) -> Self {
+        let levels = config.priority_levels.max(1) as usize;
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues {
+                levels: (0..levels).map(|_| VecDeque::new()).collect(),
+                delayed: VecDeque::new(),
+            }),
+            wake: Notify::new(),
+            max_batch: max_batch_size.max(1) as u64,
+            config,
+            label: label.to_string(),
+        });
+        let task = tokio::spawn(form_batches(shared.clone(), backend, instances.max(1)));
+        DynamicBatcher { shared, task }
+    }
+
+    async fn submit(
+        &self,
+        request: BackendRequest,
+        batch_size: u64,
+        priority: Option<u64>,
+        timeout_us: Option<u64>,
+    ) -> Result<Outcome> {
+        let config = &self.shared.config;
+        let level = match (config.priority_levels, priority) {
+            (0, _) | (_, None) | (_, Some(0)) => config.default_priority_level.max(1),
+            (levels, Some(p)) if p <= levels as u64 => p as u32,
+            (levels, Some(p)) => {
+                return Err(Error::invalid(format!(
+                    "parameter 'priority' is {p}; model '{}' has priority levels 1 to {levels}",
+                    self.shared.label
+                )))
+            }
+        };
+        let policy = config.policy(if config.priority_levels == 0 {
+            0
+        } else {
+            level
+        });
+        let timeout = match timeout_us {
+            Some(t) if policy.allow_timeout_override => t,
+            _ => policy.timeout_us,
+        };
+        let arrived = Instant::now();
+        let (reply, outcome) = oneshot::channel();
+        let pending = Pending {
+            request,
+            batch_size,
+            arrived,
+            deadline: (timeout > 0).then(|| arrived + Duration::from_micros(timeout)),
+            action: policy.timeout_action,
+            reply,
+        };
+        {
+            let mut queues = self.shared.queues.lock();
+            let queue = &mut queues.levels[(level - 1) as usize];
+            let cap = match policy.max_queue_size {
+                0 => DEFAULT_MAX_QUEUE_SIZE,
+                n => n as usize,
+            };
+            if queue.len() >= cap {
+                return Err(Error::unavailable(format!(
+                    "the queue of model '{}' (priority level {level}) is full: {cap} requests wait (max_queue_size)",
+                    self.shared.label
+                )));
+            }
+            queue.push_back(pending);
+        }
+        self.shared.wake.notify_one();
+        outcome
+            .await
+            .map_err(|_| Error::unavailable(format!("model '{}' is unloading", self.shared.label)))
+    }
+}
+
+enum Decision {
+    Dispatch(Vec<Pending>),
+    /// Nothing to send yet: wake at this instant (or on a new request).
+    Wait(Option<Instant>),
+}
+
+impl Shared {
+    fn decide(&self, now: Instant) -> Decision {
+        let mut queues = self.queues.lock();
+        let Queues { levels, delayed } = &mut *queues;
+        // Expired and abandoned requests leave the queues first.
+        for level in levels.iter_mut() {
+            let mut kept = VecDeque::with_capacity(level.len());
+            for p in level.drain(..) {
+                if p.reply.is_closed() {
+                    continue;
+                }
+                match p.deadline {
+                    Some(d) if d <= now => match p.action {
+                        TimeoutAction::Reject => {
+                            let waited = now.duration_since(p.arrived).as_micros();
+                            let _ = p.reply.send(Outcome {
+                                result: Err(Error::unavailable(format!(
+                                    "request timed out in the queue of model '{}' after {waited} µs",
+                                    self.label
+                                ))),
+                                times: ExecutionTimes::default(),
+                                queue_ns: (waited * 1000) as u64,
+                                batch_size: p.batch_size,
+                                records_batch: false,
+                            });
+                        }
+                        TimeoutAction::Delay => delayed.push_back(Pending {
+                            deadline: None,
+                            ..p
+                        }),
+                    },
+                    _ => kept.push_back(p),
+                }
+            }
+            *level = kept;
+        }
+        delayed.retain(|p| !p.reply.is_closed());
+
+        let order = || levels.iter().flatten().chain(delayed.iter());
+        let total: u64 = order().map(|p| p.batch_size).sum();
+        let next_expiry = levels.iter().flatten().filter_map(|p| p.deadline).min();
+        let Some(oldest) = order().map(|p| p.arrived).min() else {
+            return Decision::Wait(None);
+        };
+        let flush_at = oldest + Duration::from_micros(self.config.max_queue_delay_us);
+        let preferred = &self.config.preferred_batch_size;
+        let largest_preferred = preferred.iter().max().map(|&p| p as u64);
+        let target =
+            if total >= self.max_batch || now >= flush_at || preferred.contains(&(total as u32)) {
+                self.max_batch
+            } else if let Some(p) = largest_preferred.filter(|&p| total >= p) {
+                p
+            } else {
+                let wake = next_expiry.map_or(flush_at, |e| e.min(flush_at));
+                return Decision::Wait(Some(wake));
+            };
+
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for queue in levels.iter_mut().chain(std::iter::once(delayed)) {
+            while let Some(front) = queue.front() {
+                if !batch.is_empty() && size + front.batch_size > target {
+                    break;
+                }
+                size += front.batch_size;
+                batch.push(queue.pop_front().expect("front exists"));
+            }
+            if size >= target {
+                break;
+            }
+        }
+        Decision::Dispatch(batch)
+    }
+}
+
+async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances: usize) {
+    let free = Arc::new(Semaphore::new(instances));
+    loop {
+        let Ok(permit) = free.clone().acquire_owned().await else {
+            return;
+        };
+        let batch = loop {
+            match shared.decide(Instant::now()) {
+                Decision::Dispatch(batch) => break batch,
+                Decision::Wait(None) => shared.wake.notified().await,
+                Decision::Wait(Some(at)) => {
+                    tokio::select! {
+                        _ = shared.wake.notified() => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+            }
+        };
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let batch_size: u64 = batch.iter().map(|p| p.batch_size).sum();
+            let (requests, waiting): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|p| (p.request, (p.arrived, p.reply)))
+                .unzip();
+            let execution = backend.execute(requests).await;
+            drop(permit);
+            let any_ok = execution.results.iter().any(|r| r.is_ok());
+            for (i, ((arrived, reply), result)) in
+                waiting.into_iter().zip(execution.results).enumerate()
+            {
+                let _ = reply.send(Outcome {
+                    result,
+                    times: execution.times,
+                    queue_ns: started.duration_since(arrived).as_nanos() as u64,
+                    batch_size,
+                    records_batch: i == 0 && any_ok,
+                });
+            }
+        });
+    }
+}

@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the models of a model repository over HTTP.
     Serve(ServeArgs),
+    /// Measure a served model: latency and throughput at each concurrency (like perf_analyzer).
+    Perf(crate::perf::PerfArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod perf;
 pub mod repository;
 pub mod scheduler;
 pub mod server;

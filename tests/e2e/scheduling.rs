@@ -238,3 +238,68 @@ fn queue_timeouts_reject_and_can_be_overridden() {
     server.infer("slow", &patient).ok();
     assert_eq!(running.join().unwrap().0, 200);
 }
+
+#[test]
+fn wisp_perf_writes_csv_and_plot() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let server = Server::start(repo.path(), &[]);
+    let out = tempfile::tempdir().unwrap();
+    let (csv, svg) = (out.path().join("perf.csv"), out.path().join("perf.svg"));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_wisp"))
+        .args([
+            "perf",
+            "-m",
+            "simple",
+            "-u",
+            server.base.trim_start_matches("http://"),
+        ])
+        .args([
+            "--concurrency-range",
+            "1:2:1",
+            "--measurement-interval",
+            "200",
+            "--max-trials",
+            "3",
+        ])
+        .arg("-f")
+        .arg(&csv)
+        .arg("--plot")
+        .arg(&svg)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "Concurrency,Inferences/Second,Client Send+Recv avg (us),p50 latency,p90 latency,p95 latency,p99 latency,Server Queue (us),Server Compute (us),Requests,Errors,Stable"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0][0], rows[1][0]), ("1", "2"));
+    for row in &rows {
+        assert!(row[1].parse::<f64>().unwrap() > 0.0, "{row:?}");
+        assert!(row[9].parse::<u64>().unwrap() > 0, "{row:?}");
+        assert_eq!(row[10], "0", "errors: {row:?}");
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.matches("<circle").count() == 2,
+        "{plot}"
+    );
+    // An unknown model is a clear error.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wisp"))
+        .args([
+            "perf",
+            "-m",
+            "nothing",
+            "-u",
+            server.base.trim_start_matches("http://"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model 'nothing'"));
+}

@@ -36,15 +36,13 @@ async fn shutdown_signal() {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let runtime = WasmRuntime::new().context("starting the WebAssembly runtime")?;
-    let repository = Arc::new(
-        Repository::new(
-            args.model_repository.clone(),
-            args.model_control_mode,
-            runtime,
-            metrics.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!(e.message))?,
-    );
+    let repository = Repository::new(
+        args.model_repository.clone(),
+        args.model_control_mode,
+        runtime,
+        metrics.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!(e.message))?;
     let state = Arc::new(ServerState {
         repository: repository.clone(),
         metrics: metrics.clone(),

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `wisp` binary on loopback ports, a real HTTP client.
 //! The Wasm components come from scripts/build-plugins.sh.
 
+mod ensemble;
 mod harness;
 mod protocol;
 mod repository;

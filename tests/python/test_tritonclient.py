@@ -336,7 +336,7 @@ def test_statistics_after_infers(client):
 
     all_stats = client.get_inference_statistics()
     names = {s["name"] for s in all_stats["model_stats"]}
-    assert names == {"simple", "simple_string", "simple_identity"}
+    assert names == {"simple", "simple_string", "simple_identity", "ensemble_add_sub"}
 
 
 def test_statistics_count_failures(client):
@@ -430,7 +430,7 @@ def is_ready(entries):
 
 def test_repository_index_explicit(explicit_client):
     by_name = index_by_name(explicit_client)
-    assert set(by_name) == {"simple", "simple_string", "simple_identity"}
+    assert set(by_name) == {"simple", "simple_string", "simple_identity", "ensemble_add_sub"}
     assert is_ready(by_name["simple"])
     assert [e.get("version") for e in by_name["simple"] if e.get("state") == "READY"] == ["1"]
     assert not is_ready(by_name["simple_string"])
@@ -626,3 +626,16 @@ def test_triton_simple_http_health_metadata_example(wisp_server):
     with pytest.raises(InferenceServerException):
         triton_client.get_model_metadata("wrong_model_name")
     triton_client.close()
+
+
+def test_ensemble_add_sub(client):
+    """The two-step ensemble in the default repository doubles both inputs."""
+    in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+    in1 = np.full((1, 16), -5, dtype=np.int32)
+    inputs = simple_inputs(in0, in1)
+    result = client.infer("ensemble_add_sub", inputs, outputs=simple_outputs())
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), in0 * 2)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), in1 * 2)
+    config = client.get_model_config("ensemble_add_sub")
+    assert config["platform"] == "ensemble"
+    assert [s["model_name"] for s in config["ensemble_scheduling"]["step"]] == ["simple", "simple"]

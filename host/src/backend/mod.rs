@@ -1,5 +1,6 @@
 //! The seam between the scheduler and whatever executes a model.
 
+pub mod ensemble;
 pub mod wasm;
 
 use crate::error::Result;

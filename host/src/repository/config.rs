@@ -251,6 +251,20 @@ impl DynamicBatching {
     }
 }
 
+/// One `[[step]]` of an ensemble: a request to another model.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub model: String,
+    /// A specific version; the latest ready one when absent.
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// The step model's input name -> the ensemble tensor it reads.
+    pub input_map: BTreeMap<String, String>,
+    /// The step model's output name -> the ensemble tensor it writes.
+    pub output_map: BTreeMap<String, String>,
+}
+
 /// A `[parameters]` value: what TOML can hold that a plugin can use.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -302,6 +316,8 @@ pub struct ModelConfig {
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub dynamic_batching: Option<DynamicBatching>,
+    #[serde(default, rename = "step")]
+    pub steps: Vec<Step>,
     #[serde(default)]
     pub parameters: BTreeMap<String, ParameterValue>,
 }
@@ -385,6 +401,23 @@ impl ModelConfig {
         }
         if let Some(batching) = &self.dynamic_batching {
             batching.validate(self.max_batch_size)?;
+        }
+        match (self.backend, self.steps.is_empty()) {
+            (BackendKind::Ensemble, true) => {
+                return Err(Error::invalid("key 'step': an ensemble declares at least one [[step]]"))
+            }
+            (BackendKind::Ensemble, false) if self.dynamic_batching.is_some() => {
+                return Err(Error::invalid(
+                    "key 'dynamic_batching': an ensemble is scheduled through its steps' models; batch those instead",
+                ))
+            }
+            (BackendKind::Wasm | BackendKind::Encoder, false) => {
+                return Err(Error::invalid(format!(
+                    "key 'step' belongs to ensembles, not to backend '{}'",
+                    self.backend.as_str()
+                )))
+            }
+            _ => {}
         }
         if let VersionPolicy::Latest(0) = self.version_policy {
             return Err(Error::invalid(
@@ -489,6 +522,22 @@ impl ModelConfig {
         });
         if let Some(batching) = &self.dynamic_batching {
             config["dynamic_batching"] = batching.to_triton_json();
+        }
+        if self.backend == BackendKind::Ensemble {
+            config["platform"] = json!("ensemble");
+            let steps: Vec<Value> = self
+                .steps
+                .iter()
+                .map(|s| {
+                    json!({
+                        "model_name": s.model,
+                        "model_version": s.version.map(|v| v as i64).unwrap_or(-1),
+                        "input_map": s.input_map,
+                        "output_map": s.output_map,
+                    })
+                })
+                .collect();
+            config["ensemble_scheduling"] = json!({ "step": steps });
         }
         config
     }

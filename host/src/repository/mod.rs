@@ -8,6 +8,7 @@
 
 pub mod config;
 
+use crate::backend::ensemble::EnsembleBackend;
 use crate::backend::wasm::{WasmBackend, WasmRuntime};
 use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
@@ -50,6 +51,8 @@ pub struct ModelEntry {
 }
 
 pub struct Repository {
+    /// Ensembles hold this to reach their steps' models without a reference cycle.
+    me: std::sync::Weak<Repository>,
     root: PathBuf,
     mode: ControlMode,
     runtime: WasmRuntime,
@@ -133,21 +136,22 @@ impl Repository {
         mode: ControlMode,
         runtime: WasmRuntime,
         metrics: Arc<Metrics>,
-    ) -> Result<Self> {
+    ) -> Result<Arc<Self>> {
         if !root.is_dir() {
             return Err(Error::invalid(format!(
                 "model repository {} is not a folder",
                 root.display()
             )));
         }
-        Ok(Repository {
+        Ok(Arc::new_cyclic(|me| Repository {
+            me: me.clone(),
             root,
             mode,
             runtime,
             metrics,
             models: ArcSwap::from_pointee(HashMap::new()),
             control: tokio::sync::Mutex::new(()),
-        })
+        }))
     }
 
     pub fn mode(&self) -> ControlMode {
@@ -275,10 +279,16 @@ impl Repository {
 
     /// Loads everything at startup as the control mode says.
     pub async fn load_startup(&self, explicit: &[String]) {
-        let names = match self.mode {
+        let mut names = match self.mode {
             ControlMode::Explicit if !explicit.iter().any(|n| n == "*") => explicit.to_vec(),
             _ => self.folder_names(),
         };
+        // Ensembles after the models their steps use.
+        let is_ensemble = |name: &String| {
+            ModelConfig::load(&self.root.join(name), name)
+                .is_ok_and(|c| c.backend == BackendKind::Ensemble)
+        };
+        names.sort_by_key(is_ensemble);
         for name in names {
             if let Err(e) = self.load(&name).await {
                 tracing::error!(model = %name, "failed to load: {e}");
@@ -450,6 +460,13 @@ impl Repository {
                         .map(|b| Box::new(b) as Box<dyn Backend>)
                 })
                 .await?
+            }
+            BackendKind::Ensemble => {
+                let repository = self
+                    .me
+                    .upgrade()
+                    .ok_or_else(|| Error::unavailable("the server is shutting down"))?;
+                EnsembleBackend::load(&config, &repository).map(|b| Box::new(b) as Box<dyn Backend>)
             }
             other => Err(Error::unavailable(format!(
                 "backend '{}' is not available in this build of wisp",

@@ -1,0 +1,252 @@
+//! Ensembles: a DAG of steps declared in `[[step]]` tables. Each step is a
+//! request to the composing model's own scheduler (so a model inside a
+//! pipeline still batches across pipelines); steps whose inputs are ready run
+//! concurrently. The DAG is checked at load against the composing models.
+
+use super::{Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes};
+use crate::error::{Error, Result};
+use crate::repository::config::{ModelConfig, Step, TensorConfig};
+use crate::repository::Repository;
+use crate::tensor::Tensor;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+pub struct EnsembleBackend {
+    name: String,
+    steps: Vec<Step>,
+    /// Tensors the ensemble returns.
+    outputs: Vec<String>,
+    repository: Weak<Repository>,
+}
+
+fn dims_compatible(a: &[i64], b: &[i64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| x == -1 || y == -1 || x == y)
+}
+
+impl EnsembleBackend {
+    /// Checks the DAG against the composing models now loaded in `repository`.
+    pub fn load(config: &ModelConfig, repository: &Arc<Repository>) -> Result<Self> {
+        if config.steps.is_empty() {
+            return Err(Error::invalid("an ensemble needs at least one [[step]]"));
+        }
+        let mut step_configs = Vec::new();
+        for (i, step) in config.steps.iter().enumerate() {
+            let model = repository.get(&step.model, step.version).map_err(|e| {
+                Error::invalid(format!("step {i} (model '{}'): {}", step.model, e.message))
+            })?;
+            if config.max_batch_size > model.config.max_batch_size {
+                return Err(Error::invalid(format!(
+                    "step {i} (model '{}'): its max_batch_size {} is below the ensemble's {}",
+                    step.model, model.config.max_batch_size, config.max_batch_size
+                )));
+            }
+            step_configs.push(model.config.clone());
+        }
+        // Where each ensemble tensor comes from: an ensemble input or one step's output.
+        let mut producers: HashMap<&str, (String, &TensorConfig)> = HashMap::new();
+        for input in &config.inputs {
+            producers.insert(&input.name, ("the ensemble's inputs".into(), input));
+        }
+        for (i, (step, composing)) in config.steps.iter().zip(&step_configs).enumerate() {
+            for (step_output, tensor) in &step.output_map {
+                let declared = composing.output(step_output).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "step {i}: model '{}' has no output '{step_output}' (output_map)",
+                        step.model
+                    ))
+                })?;
+                if let Some((other, _)) = producers.get(tensor.as_str()) {
+                    return Err(Error::invalid(format!(
+                        "step {i}: tensor '{tensor}' is already produced by {other}"
+                    )));
+                }
+                producers.insert(
+                    tensor,
+                    (format!("step {i} (model '{}')", step.model), declared),
+                );
+            }
+        }
+        for (i, (step, composing)) in config.steps.iter().zip(&step_configs).enumerate() {
+            for (step_input, tensor) in &step.input_map {
+                let wanted = composing.input(step_input).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "step {i}: model '{}' has no input '{step_input}' (input_map)",
+                        step.model
+                    ))
+                })?;
+                let (from, produced) = producers.get(tensor.as_str()).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "step {i}: tensor '{tensor}' (for input '{step_input}') is neither an ensemble input nor any step's output"
+                    ))
+                })?;
+                if produced.datatype != wanted.datatype
+                    || !dims_compatible(&produced.dims, &wanted.dims)
+                {
+                    return Err(Error::invalid(format!(
+                        "step {i}: tensor '{tensor}' from {from} is {} {:?}, but input '{step_input}' of model '{}' is {} {:?}",
+                        produced.datatype, produced.dims, step.model, wanted.datatype, wanted.dims
+                    )));
+                }
+            }
+            for declared in composing.inputs.iter().filter(|t| !t.optional) {
+                if !step.input_map.contains_key(&declared.name) {
+                    return Err(Error::invalid(format!(
+                        "step {i}: input '{}' of model '{}' is not in input_map",
+                        declared.name, step.model
+                    )));
+                }
+            }
+        }
+        for output in &config.outputs {
+            let (from, produced) = producers.get(output.name.as_str()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "ensemble output '{}' is produced by no step",
+                    output.name
+                ))
+            })?;
+            if produced.datatype != output.datatype
+                || !dims_compatible(&produced.dims, &output.dims)
+            {
+                return Err(Error::invalid(format!(
+                    "ensemble output '{}' is declared {} {:?} but {from} produces {} {:?}",
+                    output.name, output.datatype, output.dims, produced.datatype, produced.dims
+                )));
+            }
+        }
+        // Cycles: run the steps in dependency order on paper; steps left over wait on each other.
+        let mut available: HashSet<&str> = config.inputs.iter().map(|t| t.name.as_str()).collect();
+        let mut done = vec![false; config.steps.len()];
+        while let Some(i) = (0..config.steps.len()).find(|&i| {
+            !done[i]
+                && config.steps[i]
+                    .input_map
+                    .values()
+                    .all(|t| available.contains(t.as_str()))
+        }) {
+            done[i] = true;
+            available.extend(config.steps[i].output_map.values().map(|t| t.as_str()));
+        }
+        if let Some(stuck) = done.iter().position(|d| !d) {
+            return Err(Error::invalid(format!(
+                "step {stuck} (model '{}') can never run: its inputs depend on a cycle of steps",
+                config.steps[stuck].model
+            )));
+        }
+        Ok(EnsembleBackend {
+            name: config.name.clone(),
+            steps: config.steps.clone(),
+            outputs: config.outputs.iter().map(|t| t.name.clone()).collect(),
+            repository: Arc::downgrade(repository),
+        })
+    }
+
+    /// Runs the DAG for one request.
+    async fn run(&self, request: BackendRequest) -> Result<BackendResponse> {
+        let repository = self
+            .repository
+            .upgrade()
+            .ok_or_else(|| Error::unavailable("the server is shutting down"))?;
+        let mut pool: HashMap<String, Tensor> = request
+            .inputs
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let mut pending: Vec<usize> = (0..self.steps.len()).collect();
+        while !pending.is_empty() {
+            let (ready, waiting): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| {
+                self.steps[i]
+                    .input_map
+                    .values()
+                    .all(|t| pool.contains_key(t))
+            });
+            if ready.is_empty() {
+                return Err(Error::internal(format!(
+                    "ensemble '{}' has steps that can never run",
+                    self.name
+                )));
+            }
+            let mut running = tokio::task::JoinSet::new();
+            for i in ready {
+                let step = &self.steps[i];
+                let model = repository
+                    .get(&step.model, step.version)
+                    .map_err(|e| e.context(format!("ensemble '{}' step {i}", self.name)))?;
+                let inputs = step
+                    .input_map
+                    .iter()
+                    .map(|(step_input, tensor)| Tensor {
+                        name: step_input.clone(),
+                        ..pool[tensor].clone()
+                    })
+                    .collect();
+                let step_request = BackendRequest {
+                    inputs,
+                    requested_outputs: step.output_map.keys().cloned().collect(),
+                    parameters: request.parameters.clone(),
+                };
+                running.spawn(async move { (i, model.infer(step_request).await) });
+            }
+            while let Some(joined) = running.join_next().await {
+                let (i, result) = joined
+                    .map_err(|e| Error::internal(format!("ensemble step task failed: {e}")))?;
+                let step = &self.steps[i];
+                let response = result.map_err(|e| {
+                    e.context(format!(
+                        "ensemble '{}' step {i} (model '{}')",
+                        self.name, step.model
+                    ))
+                })?;
+                for tensor in response.outputs {
+                    if let Some(name) = step.output_map.get(&tensor.name) {
+                        pool.insert(
+                            name.clone(),
+                            Tensor {
+                                name: name.clone(),
+                                ..tensor
+                            },
+                        );
+                    }
+                }
+            }
+            pending = waiting;
+        }
+        let outputs = self
+            .outputs
+            .iter()
+            .filter(|name| {
+                request.requested_outputs.is_empty() || request.requested_outputs.contains(name)
+            })
+            .map(|name| {
+                pool.remove(name).ok_or_else(|| {
+                    Error::internal(format!("ensemble output '{name}' was not produced"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BackendResponse {
+            outputs,
+            parameters: Vec::new(),
+        })
+    }
+}
+
+impl Backend for EnsembleBackend {
+    fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
+        Box::pin(async move {
+            let started = Instant::now();
+            // Ensembles are scheduled directly: one request per call. Their
+            // steps batch with other pipelines' on the composing models.
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                results.push(self.run(request).await);
+            }
+            Execution {
+                results,
+                times: ExecutionTimes {
+                    compute_infer_ns: started.elapsed().as_nanos() as u64,
+                    ..Default::default()
+                },
+            }
+        })
+    }
+}

@@ -146,8 +146,8 @@ fn the_environment_is_empty() {
 }
 
 #[test]
-fn instances_run_concurrently_and_a_trap_spares_the_others() {
-    // Two instances of a slow model: two requests overlap instead of queueing.
+fn two_instances_execute_at_the_same_time() {
+    // Two instances of a slow model; the plugin reports when each execution ran.
     let repo = TestRepo::new();
     repo.add(
         "slow",
@@ -166,20 +166,23 @@ fn instances_run_concurrently_and_a_trap_spares_the_others() {
             std::thread::spawn(move || server.infer("slow", &request(true)).ok())
         })
         .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap()["outputs"][0]["data"], json!(["slept"]));
-    }
+    let spans: Vec<(i64, i64)> = handles
+        .into_iter()
+        .map(|h| {
+            let reply = h.join().unwrap();
+            assert_eq!(reply["outputs"][0]["data"], json!(["slept"]));
+            let at = |k: &str| reply["parameters"][k].as_i64().unwrap();
+            (at("started_ns"), at("finished_ns"))
+        })
+        .collect();
+    let latest_start = spans[0].0.max(spans[1].0);
+    let earliest_end = spans[0].1.min(spans[1].1);
+    assert!(
+        latest_start < earliest_end,
+        "the executions did not overlap: {spans:?}"
+    );
     let stats = server.get("/v2/models/slow/stats").ok();
     assert_eq!(stats["model_stats"][0]["execution_count"], 2);
-    // Sequential execution would take at least 1.4 s; concurrent well under.
-    // (A structural check on the server's own queue time rather than a benchmark.)
-    let queue_ns = stats["model_stats"][0]["inference_stats"]["queue"]["ns"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        queue_ns < 600_000_000,
-        "the second request queued {queue_ns} ns behind the first"
-    );
 }
 
 #[test]

@@ -8,7 +8,8 @@
 
 use std::hint::black_box;
 use wisp_plugin_sdk::{
-    export_model, Error, Model, ModelInfo, Parameters, Request, Response, Tensor,
+    export_model, Error, Model, ModelInfo, Parameter, ParameterValue, Parameters, Request,
+    Response, Tensor,
 };
 
 struct Hostile {
@@ -44,9 +45,23 @@ impl Hostile {
                 std::process::abort();
             }
             "slow" => {
-                // Not an attack: a model that takes `delay_ms`, for shutdown and load tests.
+                // Not an attack: a model that takes `delay_ms`, for shutdown, load and
+                // scheduling tests. It reports when it ran (the host's wall clock), so
+                // tests can see whether two executions overlapped.
+                let now = || {
+                    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                    since.map(|d| d.as_nanos() as i64).unwrap_or(0)
+                };
+                let started = now();
                 std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
-                leak("slept".into())
+                let mut response = leak("slept".into())?;
+                for (name, at) in [("started_ns", started), ("finished_ns", now())] {
+                    response.parameters.push(Parameter {
+                        name: name.into(),
+                        value: ParameterValue::Integer(at),
+                    });
+                }
+                Ok(response)
             }
             "output_flood" => {
                 // Hands the host the same 4 MiB tensor a hundred times (400 MiB

@@ -101,6 +101,7 @@ fn main() {
                 version: None,
                 url: addr.clone(),
                 concurrency_range: c.trim().to_string(),
+                request_rate_range: None,
                 batch_size: 1,
                 input_data: "random".into(),
                 shapes: vec![],

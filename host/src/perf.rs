@@ -34,10 +34,14 @@ pub struct PerfArgs {
     /// Concurrency levels, `start:end:step` (perf_analyzer's syntax).
     #[arg(long, default_value = "1:1:1")]
     pub concurrency_range: String,
+    /// Request rates per second, `start:end:step`: open-loop load instead of concurrency.
+    #[arg(long, conflicts_with = "concurrency_range")]
+    pub request_rate_range: Option<String>,
     /// Batch size of each request (models with max_batch_size > 0).
     #[arg(short = 'b', long, default_value_t = 1)]
     pub batch_size: u64,
-    /// `zero` or `random` input values.
+    /// `zero` or `random` input values, or a perf_analyzer JSON data file
+    /// (`{"data": [{"INPUT0": [..], "INPUT1": {"content": [..], "shape": [..]}}]}`).
     #[arg(long, default_value = "random")]
     pub input_data: String,
     /// Dimensions of a variable-shaped input, `NAME:d1,d2` (without the batch). Repeatable.
@@ -66,7 +70,10 @@ pub struct PerfArgs {
 /// One concurrency level's results.
 #[derive(Debug, Clone)]
 pub struct StepResult {
+    /// The concurrency of a closed-loop step (0 for a request-rate step).
     pub concurrency: usize,
+    /// The offered rate of an open-loop step (0 for a concurrency step).
+    pub request_rate: f64,
     pub requests: usize,
     pub errors: usize,
     pub throughput: f64,
@@ -155,103 +162,127 @@ async fn get_json(addr: &str, path: &str) -> Result<Value> {
     Ok(value)
 }
 
-/// Builds the request body the model's metadata calls for.
-fn build_request(meta: &Value, args: &PerfArgs, batched: bool) -> Result<(Bytes, Option<usize>)> {
-    let mut inputs = Vec::new();
-    let mut binary = Vec::new();
-    let random = match args.input_data.as_str() {
-        "random" => true,
-        "zero" => false,
-        other => bail!("--input-data '{other}': use zero or random"),
-    };
-    for input in meta["inputs"]
-        .as_array()
-        .ok_or_else(|| anyhow!("model metadata has no inputs"))?
-    {
-        let name = input["name"].as_str().unwrap_or_default();
-        let datatype = input["datatype"].as_str().unwrap_or_default();
-        let declared: Vec<i64> = input["shape"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|d| d.as_i64()).collect())
-            .unwrap_or_default();
-        let dims: Vec<i64> = if batched {
-            declared[1..].to_vec()
-        } else {
-            declared.clone()
-        };
-        let dims = match args.shapes.iter().find_map(|s| s.strip_prefix(&format!("{name}:"))) {
-            Some(given) => given
-                .split(',')
-                .map(|d| d.trim().parse::<i64>())
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .with_context(|| format!("--shape {name}:{given} is not a list of integers"))?,
-            None if dims.contains(&-1) => bail!("input '{name}' has variable dimensions {dims:?}; give them with --shape {name}:d1,d2"),
-            None => dims,
-        };
-        let shape: Vec<i64> = if batched {
-            std::iter::once(args.batch_size as i64)
-                .chain(dims)
-                .collect()
-        } else {
-            dims
-        };
-        let count: usize = shape.iter().map(|&d| d.max(0) as usize).product();
-        let mut data = Vec::new();
-        let mut values = Vec::new();
-        for _ in 0..count {
+/// A request body, and the JSON header's length when tensors follow it in binary.
+type Body = (Bytes, Option<usize>);
+
+/// The values of one input: given in a perf_analyzer data file, or generated.
+fn input_values(datatype: &str, count: usize, random: bool) -> Vec<Value> {
+    (0..count)
+        .map(|_| {
             let n: i64 = if random { fastrand::i64(0..100) } else { 0 };
             match datatype {
-                "BYTES" => {
-                    let s = n.to_string();
-                    data.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                    data.extend_from_slice(s.as_bytes());
-                    values.push(json!(s));
+                "BYTES" => json!(n.to_string()),
+                "BOOL" => json!(n % 2 == 1),
+                "FP16" | "BF16" | "FP32" | "FP64" => json!(n as f64),
+                _ => json!(n),
+            }
+        })
+        .collect()
+}
+
+/// Builds the request bodies: one per entry of a perf_analyzer `--input-data`
+/// file (`{"data": [{"INPUT0": [..] | {"content": [..], "shape": [..]}}]}`), or
+/// one of zero or random values shaped from the model's metadata.
+fn build_requests(meta: &Value, args: &PerfArgs, batched: bool) -> Result<Vec<Body>> {
+    let entries: Vec<Option<Value>> = match args.input_data.as_str() {
+        "random" | "zero" => vec![None],
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("--input-data {path}: not zero, random or a readable file")
+            })?;
+            let file: Value =
+                serde_json::from_str(&text).with_context(|| format!("{path} is not JSON"))?;
+            let data = file["data"]
+                .as_array()
+                .filter(|d| !d.is_empty())
+                .ok_or_else(|| {
+                    anyhow!("{path}: expected {{\"data\": [ {{input: values}}, ... ]}}")
+                })?;
+            data.iter().cloned().map(Some).collect()
+        }
+    };
+    let random = args.input_data == "random";
+    let mut bodies = Vec::new();
+    for entry in entries {
+        let mut inputs = Vec::new();
+        let mut binary = Vec::new();
+        for input in meta["inputs"]
+            .as_array()
+            .ok_or_else(|| anyhow!("model metadata has no inputs"))?
+        {
+            let name = input["name"].as_str().unwrap_or_default();
+            let datatype = input["datatype"].as_str().unwrap_or_default();
+            let declared: Vec<i64> = input["shape"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|d| d.as_i64()).collect())
+                .unwrap_or_default();
+            let given = entry.as_ref().map(|e| &e[name]);
+            let given_shape: Option<Vec<i64>> = given
+                .and_then(|g| g.get("shape"))
+                .and_then(|s| serde_json::from_value(s.clone()).ok());
+            let dims: Vec<i64> = if batched {
+                declared[1..].to_vec()
+            } else {
+                declared.clone()
+            };
+            let dims = match (
+                given_shape,
+                args.shapes
+                    .iter()
+                    .find_map(|s| s.strip_prefix(&format!("{name}:"))),
+            ) {
+                (Some(shape), _) => shape,
+                (None, Some(text)) => text
+                    .split(',')
+                    .map(|d| d.trim().parse::<i64>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .with_context(|| format!("--shape {name}:{text} is not a list of integers"))?,
+                (None, None) if dims.contains(&-1) => {
+                    bail!("input '{name}' has variable dimensions {dims:?}; give them with --shape {name}:d1,d2")
                 }
-                "BOOL" => {
-                    data.push((n % 2) as u8);
-                    values.push(json!(n % 2 == 1));
+                (None, None) => dims,
+            };
+            let shape: Vec<i64> = if batched {
+                std::iter::once(args.batch_size as i64)
+                    .chain(dims)
+                    .collect()
+            } else {
+                dims
+            };
+            let count: usize = shape.iter().map(|&d| d.max(0) as usize).product();
+            let values = match given {
+                Some(Value::Null) | None if entry.is_some() => {
+                    bail!("--input-data: an entry has no values for input '{name}'")
                 }
-                "FP32" => {
-                    data.extend_from_slice(&(n as f32).to_le_bytes());
-                    values.push(json!(n as f32));
-                }
-                "FP64" => {
-                    data.extend_from_slice(&(n as f64).to_le_bytes());
-                    values.push(json!(n as f64));
-                }
-                "FP16" => {
-                    data.extend_from_slice(&half::f16::from_f64(n as f64).to_le_bytes());
-                    values.push(json!(n as f64));
-                }
-                "BF16" => {
-                    data.extend_from_slice(&half::bf16::from_f64(n as f64).to_le_bytes());
-                    values.push(json!(n as f64));
-                }
-                other => {
-                    let size = crate::tensor::DataType::parse(other)
-                        .and_then(|d| d.element_size())
-                        .ok_or_else(|| anyhow!("input '{name}' has unknown datatype {other}"))?;
-                    data.extend_from_slice(&n.to_le_bytes()[..size]);
-                    values.push(json!(n));
-                }
+                Some(Value::Object(o)) => o.get("content").cloned().unwrap_or(Value::Null),
+                Some(v) => v.clone(),
+                None => Value::Array(input_values(datatype, count, random)),
+            };
+            let dt = crate::tensor::DataType::parse(datatype)
+                .ok_or_else(|| anyhow!("input '{name}' has unknown datatype {datatype}"))?;
+            let tensor = crate::tensor::Tensor::from_json(name, dt, shape.clone(), &values)
+                .map_err(|e| anyhow!("input '{name}': {}", e.message))?;
+            if args.json {
+                inputs.push(
+                    json!({"name": name, "datatype": datatype, "shape": shape, "data": values}),
+                );
+            } else {
+                inputs.push(json!({"name": name, "datatype": datatype, "shape": shape,
+                                   "parameters": {"binary_data_size": tensor.data.len()}}));
+                binary.extend_from_slice(&tensor.data);
             }
         }
+        let header = json!({"inputs": inputs, "parameters": {"binary_data_output": !args.json}});
+        let mut body = serde_json::to_vec(&header)?;
         if args.json {
-            inputs
-                .push(json!({"name": name, "datatype": datatype, "shape": shape, "data": values}));
+            bodies.push((Bytes::from(body), None));
         } else {
-            inputs.push(json!({"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": data.len()}}));
-            binary.extend_from_slice(&data);
+            let header_len = body.len();
+            body.extend_from_slice(&binary);
+            bodies.push((Bytes::from(body), Some(header_len)));
         }
     }
-    let header = json!({"inputs": inputs, "parameters": {"binary_data_output": !args.json}});
-    let mut body = serde_json::to_vec(&header)?;
-    if args.json {
-        return Ok((Bytes::from(body), None));
-    }
-    let header_len = body.len();
-    body.extend_from_slice(&binary);
-    Ok((Bytes::from(body), Some(header_len)))
+    Ok(bodies)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -273,49 +304,115 @@ async fn server_totals(addr: &str, stats_path: &str) -> Result<(u64, u64, u64)> 
     ))
 }
 
+/// How load is offered in one step.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// This many requests in flight at all times (closed loop).
+    Concurrency(usize),
+    /// Requests started at this rate per second, whatever is in flight (open loop).
+    Rate(f64),
+}
+
+/// Requests an open-loop step may have in flight before it counts the rest as errors.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Every finished request: (when it finished, latency ns, ok).
+type Records = Arc<Mutex<Vec<(Instant, u64, bool)>>>;
+
+fn headers_for(header_len: Option<usize>) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("content-type", "application/octet-stream".to_string())];
+    if let Some(len) = header_len {
+        headers.push(("inference-header-content-length", len.to_string()));
+    }
+    headers
+}
+
+/// Sends one request on `conn` (reopening it after a failure) and records it.
+async fn send_one(
+    conn: &mut Option<Connection>,
+    addr: &str,
+    path: &str,
+    body: &Body,
+    records: &Records,
+    sent: Instant,
+) {
+    if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
+        *conn = Connection::open(addr).await.ok();
+    }
+    let ok = match conn.as_mut() {
+        Some(c) => matches!(
+            c.send("POST", path, &headers_for(body.1), body.0.clone())
+                .await,
+            Ok((200, _))
+        ),
+        None => false,
+    };
+    records
+        .lock()
+        .push((Instant::now(), sent.elapsed().as_nanos() as u64, ok));
+}
+
 async fn run_step(
     addr: &str,
     infer_path: &str,
     stats_path: &str,
-    body: &Bytes,
-    header_len: Option<usize>,
-    concurrency: usize,
+    bodies: &[Body],
+    load: Load,
     args: &PerfArgs,
 ) -> Result<StepResult> {
-    // Every finished request: (when it finished, latency ns, ok).
-    let records: Arc<Mutex<Vec<(Instant, u64, bool)>>> = Arc::default();
+    let records: Records = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    let bodies: Arc<Vec<Body>> = Arc::new(bodies.to_vec());
     let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let mut conn = Connection::open(addr).await?;
-        let (records, stop, body, path) = (
-            records.clone(),
-            stop.clone(),
-            body.clone(),
-            infer_path.to_string(),
-        );
-        let mut headers = vec![("content-type", "application/octet-stream".to_string())];
-        if let Some(len) = header_len {
-            headers.push(("inference-header-content-length", len.to_string()));
-        }
-        workers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let sent = Instant::now();
-                let ok = matches!(
-                    conn.send("POST", &path, &headers, body.clone()).await,
-                    Ok((200, _))
-                );
-                records
-                    .lock()
-                    .push((Instant::now(), sent.elapsed().as_nanos() as u64, ok));
-                if !ok && conn.sender.is_closed() {
-                    match Connection::open(&conn.host).await {
-                        Ok(fresh) => conn = fresh,
-                        Err(_) => break,
+    match load {
+        Load::Concurrency(concurrency) => {
+            for worker in 0..concurrency {
+                let mut conn = Some(Connection::open(addr).await?);
+                let (records, stop, bodies) = (records.clone(), stop.clone(), bodies.clone());
+                let (addr, path) = (addr.to_string(), infer_path.to_string());
+                workers.push(tokio::spawn(async move {
+                    let mut next = worker;
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = &bodies[next % bodies.len()];
+                        next += 1;
+                        send_one(&mut conn, &addr, &path, body, &records, Instant::now()).await;
                     }
-                }
+                }));
             }
-        }));
+        }
+        Load::Rate(rate) => {
+            // Idle connections are reused; each request runs in a task of its own.
+            let idle: Arc<Mutex<Vec<Connection>>> = Arc::default();
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+            let (records, stop, bodies) = (records.clone(), stop.clone(), bodies.clone());
+            let (addr, path) = (addr.to_string(), infer_path.to_string());
+            workers.push(tokio::spawn(async move {
+                let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut next = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    ticker.tick().await;
+                    let scheduled = Instant::now();
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        records.lock().push((scheduled, 0, false));
+                        continue;
+                    };
+                    let body = bodies[next % bodies.len()].clone();
+                    next += 1;
+                    let (idle, records, addr, path) =
+                        (idle.clone(), records.clone(), addr.clone(), path.clone());
+                    tokio::spawn(async move {
+                        let mut conn = idle.lock().pop();
+                        send_one(&mut conn, &addr, &path, &body, &records, scheduled).await;
+                        if let Some(c) = conn.filter(|c| !c.sender.is_closed()) {
+                            idle.lock().push(c);
+                        }
+                        drop(permit);
+                    });
+                }
+            }));
+        }
     }
     let window = Duration::from_millis(args.measurement_ms.max(100));
     // Warm-up: one window not counted.
@@ -360,7 +457,14 @@ async fn run_step(
     let seconds = window.as_secs_f64() * measured.len() as f64;
     let served = (after.2 - before.2).max(1) as f64;
     Ok(StepResult {
-        concurrency,
+        concurrency: match load {
+            Load::Concurrency(c) => c,
+            Load::Rate(_) => 0,
+        },
+        request_rate: match load {
+            Load::Concurrency(_) => 0.0,
+            Load::Rate(r) => r,
+        },
         requests: latencies.len(),
         errors,
         throughput: latencies.len() as f64 * args.batch_size as f64 / seconds,
@@ -375,13 +479,23 @@ async fn run_step(
     })
 }
 
+/// The load of a step as perf_analyzer's first CSV column shows it.
+fn load_column(results: &[StepResult]) -> (&'static str, fn(&StepResult) -> String) {
+    if results.iter().any(|r| r.request_rate > 0.0) {
+        ("Request Rate", |r| format!("{:.0}", r.request_rate))
+    } else {
+        ("Concurrency", |r| r.concurrency.to_string())
+    }
+}
+
 pub fn csv(results: &[StepResult]) -> String {
-    let mut out = String::from("Concurrency,Inferences/Second,Client Send+Recv avg (us),p50 latency,p90 latency,p95 latency,p99 latency,Server Queue (us),Server Compute (us),Requests,Errors,Stable\n");
+    let (column, load) = load_column(results);
+    let mut out = format!("{column},Inferences/Second,Client Send+Recv avg (us),p50 latency,p90 latency,p95 latency,p99 latency,Server Queue (us),Server Compute (us),Requests,Errors,Stable\n");
     for r in results {
         let _ = writeln!(
             out,
             "{},{:.1},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{}",
-            r.concurrency,
+            load(r),
             r.throughput,
             r.avg_us,
             r.p50_us,
@@ -445,12 +559,13 @@ pub fn svg_plot(series: &[(&str, &[StepResult])]) -> String {
 }
 
 pub fn print_table(results: &[StepResult]) {
-    println!("| concurrency | inferences/s | p50 (µs) | p90 (µs) | p95 (µs) | p99 (µs) | server queue (µs) | server compute (µs) | errors | stable |");
+    let (column, load) = load_column(results);
+    println!("| {column} | inferences/s | p50 (µs) | p90 (µs) | p95 (µs) | p99 (µs) | server queue (µs) | server compute (µs) | errors | stable |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         println!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
-            r.concurrency,
+            load(r),
             r.throughput,
             r.p50_us,
             r.p90_us,
@@ -478,21 +593,34 @@ pub async fn measure(args: &PerfArgs) -> Result<Vec<StepResult>> {
     let meta = get_json(&addr, &base).await?;
     let config = get_json(&addr, &format!("{base}/config")).await?;
     let batched = config["max_batch_size"].as_u64().unwrap_or(0) > 0;
-    let (body, header_len) = build_request(&meta, args, batched)?;
+    let bodies = build_requests(&meta, args, batched)?;
+    let loads: Vec<Load> = match &args.request_rate_range {
+        Some(range) => parse_range(range)?
+            .into_iter()
+            .map(|r| Load::Rate(r as f64))
+            .collect(),
+        None => parse_range(&args.concurrency_range)?
+            .into_iter()
+            .map(Load::Concurrency)
+            .collect(),
+    };
     let mut results = Vec::new();
-    for concurrency in parse_range(&args.concurrency_range)? {
+    for load in loads {
         let step = run_step(
             &addr,
             &format!("{base}/infer"),
             &format!("{base}/stats"),
-            &body,
-            header_len,
-            concurrency,
+            &bodies,
+            load,
             args,
         )
         .await?;
+        let what = match load {
+            Load::Concurrency(c) => format!("concurrency {c}"),
+            Load::Rate(r) => format!("request rate {r:.0}/s"),
+        };
         eprintln!(
-            "concurrency {concurrency}: {:.0} infer/s, p50 {:.0} µs, p95 {:.0} µs{}",
+            "{what}: {:.0} infer/s, p50 {:.0} µs, p95 {:.0} µs{}",
             step.throughput,
             step.p50_us,
             step.p95_us,

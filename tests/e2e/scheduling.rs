@@ -289,6 +289,43 @@ fn wisp_perf_writes_csv_and_plot() {
         plot.starts_with("<svg") && plot.matches("<circle").count() == 2,
         "{plot}"
     );
+    // Open-loop load from a perf_analyzer data file.
+    let data = out.path().join("data.json");
+    let values: Vec<i32> = (0..16).collect();
+    std::fs::write(
+        &data,
+        json!({"data": [{"INPUT0": values, "INPUT1": {"content": values, "shape": [16]}}]})
+            .to_string(),
+    )
+    .unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_wisp"))
+        .args([
+            "perf",
+            "-m",
+            "simple",
+            "-u",
+            server.base.trim_start_matches("http://"),
+        ])
+        .args([
+            "--request-rate-range",
+            "50",
+            "--measurement-interval",
+            "200",
+            "--max-trials",
+            "3",
+        ])
+        .arg("--input-data")
+        .arg(&data)
+        .arg("-f")
+        .arg(&csv)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.starts_with("Request Rate,Inferences/Second"), "{text}");
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!((row[0], row[10]), ("50", "0"), "{text}");
     // An unknown model is a clear error.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wisp"))
         .args([

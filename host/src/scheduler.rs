@@ -120,6 +120,9 @@ struct Queues {
 
 struct Shared {
     queues: Mutex<Queues>,
+    /// With `preserve_ordering`: completion of the latest request so far; each
+    /// request answers only after the one before it has.
+    order_tail: Mutex<Option<oneshot::Receiver<()>>>,
     wake: Notify,
     config: DynamicBatching,
     /// Largest batch in inferences; models without a batch dimension run one request at a time.
@@ -153,6 +156,7 @@ impl DynamicBatcher {
                 delayed: VecDeque::new(),
             }),
             wake: Notify::new(),
+            order_tail: Mutex::new(None),
             max_batch: max_batch_size.max(1) as u64,
             config,
             label: label.to_string(),
@@ -190,6 +194,13 @@ impl DynamicBatcher {
         };
         let arrived = Instant::now();
         let (reply, outcome) = oneshot::channel();
+        // Dropped when this request is answered (or abandoned), releasing the next.
+        let (answered, answered_rx) = oneshot::channel::<()>();
+        let predecessor = if config.preserve_ordering {
+            self.shared.order_tail.lock().replace(answered_rx)
+        } else {
+            None
+        };
         let pending = Pending {
             request,
             batch_size,
@@ -214,9 +225,14 @@ impl DynamicBatcher {
             queue.push_back(pending);
         }
         self.shared.wake.notify_one();
-        outcome
+        let outcome = outcome
             .await
-            .map_err(|_| Error::unavailable(format!("model '{}' is unloading", self.shared.label)))
+            .map_err(|_| Error::unavailable(format!("model '{}' is unloading", self.shared.label)));
+        if let Some(predecessor) = predecessor {
+            let _ = predecessor.await;
+        }
+        drop(answered);
+        outcome
     }
 }
 

@@ -340,3 +340,31 @@ fn wisp_perf_writes_csv_and_plot() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model 'nothing'"));
 }
+
+#[test]
+fn preserve_ordering_answers_in_arrival_order() {
+    let repo = TestRepo::new();
+    let two_instances = "[[instance_group]]\ncount = 2\n";
+    for (name, ordered) in [("unordered", false), ("ordered", true)] {
+        let config = format!(
+            "{}preserve_ordering = {ordered}\n{two_instances}",
+            slow_batched(300, "")
+        );
+        repo.add(name, &config, "wisp_test_hostile", &[1]);
+    }
+    let server = Arc::new(Server::start(repo.path(), &[]));
+    let scaled = |scale: i32| json!({"inputs": [{"name": "INPUT0", "shape": [1], "datatype": "INT32", "data": [scale]}]});
+    for (model, ordered) in [("unordered", false), ("ordered", true)] {
+        // A runs three times as long as B, on the other instance.
+        let a = send(&server, model, scaled(3));
+        std::thread::sleep(Duration::from_millis(100));
+        let b = send(&server, model, scaled(1));
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        assert_eq!((a.0, b.0), (200, 200), "{} {}", a.1, b.1);
+        if ordered {
+            assert!(a.2 <= b.2, "{model}: B was answered before A");
+        } else {
+            assert!(b.2 < a.2, "{model}: B should finish first without ordering");
+        }
+    }
+}

@@ -185,6 +185,9 @@ pub struct DynamicBatching {
     pub preferred_batch_size: Vec<u32>,
     /// Longest the oldest request waits for a batch to fill.
     pub max_queue_delay_us: u64,
+    /// Responses leave in the order the requests arrived, even when batches
+    /// on different instances finish out of order.
+    pub preserve_ordering: bool,
     /// Number of priority levels (1 is the highest); 0 is one level.
     pub priority_levels: u32,
     /// Level of requests without a `priority` parameter.
@@ -242,7 +245,7 @@ impl DynamicBatching {
         json!({
             "preferred_batch_size": self.preferred_batch_size,
             "max_queue_delay_microseconds": self.max_queue_delay_us,
-            "preserve_ordering": false,
+            "preserve_ordering": self.preserve_ordering,
             "priority_levels": self.priority_levels,
             "default_priority_level": self.default_priority_level,
             "default_queue_policy": self.default_queue_policy.to_triton_json(),

@@ -24,7 +24,7 @@ fn leak(what: String) -> Result<Response, Error> {
 }
 
 impl Hostile {
-    fn attack(&self) -> Result<Response, Error> {
+    fn attack(&self, scale: i32) -> Result<Response, Error> {
         match self.attack.as_str() {
             "infinite_loop" => {
                 let mut i: u64 = 0;
@@ -53,7 +53,10 @@ impl Hostile {
                     since.map(|d| d.as_nanos() as i64).unwrap_or(0)
                 };
                 let started = now();
-                std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
+                // The input value scales the delay, so tests can make one request slower.
+                std::thread::sleep(std::time::Duration::from_millis(
+                    self.delay_ms * scale as u64,
+                ));
                 let mut response = leak("slept".into())?;
                 for (name, at) in [("started_ns", started), ("finished_ns", now())] {
                     response.parameters.push(Parameter {
@@ -161,8 +164,8 @@ impl Model for Hostile {
 
     fn execute(&mut self, request: Request) -> Result<Response, Error> {
         let input = request.input("INPUT0")?.to_vec::<i32>()?;
-        if input.iter().any(|&v| v != 0) {
-            self.attack()
+        if let Some(&scale) = input.iter().find(|&&v| v != 0) {
+            self.attack(scale.max(1))
         } else {
             leak("harmless".into())
         }

@@ -111,9 +111,7 @@ impl LoadedModel {
     ) -> Self {
         let scheduler = Scheduler::new(
             Arc::from(backend),
-            config.dynamic_batching.as_ref(),
-            config.max_batch_size,
-            config.instance_count(),
+            &config,
             &format!("{}:{version}", config.name),
         );
         LoadedModel {

@@ -10,8 +10,12 @@
 
 use crate::backend::{Backend, BackendRequest, BackendResponse, ExecutionTimes};
 use crate::error::{Error, Result};
-use crate::repository::config::{DynamicBatching, ParameterValue, TimeoutAction};
+use crate::repository::config::{
+    ControlKind, DynamicBatching, ParameterValue, SequenceBatching, TimeoutAction,
+};
+use crate::tensor::{DataType, Tensor};
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +38,7 @@ pub struct Outcome {
 pub enum Scheduler {
     Direct(Arc<dyn Backend>),
     Dynamic(DynamicBatcher),
+    Sequence(SequenceBatcher, bool),
 }
 
 /// Scheduling fields a request carries as parameters (Triton's `priority`, `timeout`).
@@ -52,25 +57,31 @@ fn take_u64(params: &mut Vec<(String, ParameterValue)>, key: &str) -> Result<Opt
 impl Scheduler {
     pub fn new(
         backend: Arc<dyn Backend>,
-        batching: Option<&DynamicBatching>,
-        max_batch_size: u32,
-        instances: usize,
+        config: &crate::repository::config::ModelConfig,
         label: &str,
     ) -> Self {
-        match batching {
-            None => Scheduler::Direct(backend),
-            Some(config) => Scheduler::Dynamic(DynamicBatcher::start(
+        let (max_batch_size, instances) = (config.max_batch_size, config.instance_count());
+        match (&config.dynamic_batching, &config.sequence_batching) {
+            (_, Some(sequence)) => Scheduler::Sequence(
+                SequenceBatcher::start(backend, sequence.clone(), max_batch_size, label),
+                max_batch_size > 0,
+            ),
+            (Some(batching), None) => Scheduler::Dynamic(DynamicBatcher::start(
                 backend,
-                config.clone(),
+                batching.clone(),
                 max_batch_size,
                 instances,
                 label,
             )),
+            (None, None) => Scheduler::Direct(backend),
         }
     }
 
     /// Runs one request (of `batch_size` inferences) and waits for its outcome.
     pub async fn schedule(&self, mut request: BackendRequest, batch_size: u64) -> Result<Outcome> {
+        if let Scheduler::Sequence(batcher, batched) = self {
+            return batcher.submit(request, batch_size, *batched).await;
+        }
         let priority = take_u64(&mut request.parameters, "priority")?;
         let timeout_us = take_u64(&mut request.parameters, "timeout")?;
         match self {
@@ -97,6 +108,7 @@ impl Scheduler {
                     .submit(request, batch_size, priority, timeout_us)
                     .await
             }
+            Scheduler::Sequence(..) => unreachable!("sequences return above"),
         }
     }
 }
@@ -358,5 +370,286 @@ async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances:
                 });
             }
         });
+    }
+}
+
+/// A sequence's correlation id: an integer or a string (Triton's `sequence_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CorrelationId {
+    Number(u64),
+    Text(String),
+}
+
+impl std::fmt::Display for CorrelationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CorrelationId::Number(n) => write!(f, "{n}"),
+            CorrelationId::Text(s) => write!(f, "'{s}'"),
+        }
+    }
+}
+
+struct SequencePending {
+    request: BackendRequest,
+    batch_size: u64,
+    arrived: Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+struct Sequence {
+    instance: usize,
+    last_active: Instant,
+    queue: VecDeque<SequencePending>,
+    /// The request with `sequence_end` is queued: no more may follow.
+    ended: bool,
+}
+
+struct SequenceState {
+    sequences: HashMap<CorrelationId, Sequence>,
+    busy: Vec<bool>,
+}
+
+struct SequenceShared {
+    state: Mutex<SequenceState>,
+    wake: Notify,
+    config: SequenceBatching,
+    max_batch_requests: usize,
+    label: String,
+    backend: Arc<dyn Backend>,
+}
+
+/// Triton's sequence batcher, `direct` strategy: a sequence keeps the instance
+/// it started on (its state lives in that instance's memory); each execution
+/// on an instance takes the next request of up to `max_batch_size` of its
+/// sequences, so a sequence's requests run one at a time, in order.
+pub struct SequenceBatcher {
+    shared: Arc<SequenceShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SequenceBatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn control_tensor(name: &str, datatype: DataType, value: u64, text: Option<&str>) -> Tensor {
+    let data: Vec<u8> = match datatype {
+        DataType::Bool | DataType::Uint8 => vec![value as u8],
+        DataType::Int32 => (value as i32).to_le_bytes().to_vec(),
+        DataType::Fp32 => (value as f32).to_le_bytes().to_vec(),
+        DataType::Int64 | DataType::Uint64 => value.to_le_bytes().to_vec(),
+        DataType::Bytes => {
+            let text = text
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            [&(text.len() as u32).to_le_bytes()[..], text.as_bytes()].concat()
+        }
+        _ => value.to_le_bytes().to_vec(),
+    };
+    Tensor {
+        name: name.to_string(),
+        datatype,
+        shape: vec![1],
+        data: data.into(),
+    }
+}
+
+impl SequenceBatcher {
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        config: SequenceBatching,
+        max_batch_size: u32,
+        label: &str,
+    ) -> Self {
+        let instances = backend.instances().max(1);
+        let shared = Arc::new(SequenceShared {
+            state: Mutex::new(SequenceState {
+                sequences: HashMap::new(),
+                busy: vec![false; instances],
+            }),
+            wake: Notify::new(),
+            config,
+            max_batch_requests: max_batch_size.max(1) as usize,
+            label: label.to_string(),
+            backend,
+        });
+        let task = tokio::spawn(run_sequences(shared.clone()));
+        SequenceBatcher { shared, task }
+    }
+
+    async fn submit(
+        &self,
+        mut request: BackendRequest,
+        batch_size: u64,
+        batched: bool,
+    ) -> Result<Outcome> {
+        let label = &self.shared.label;
+        let mut take = |key: &str| -> Option<ParameterValue> {
+            let at = request.parameters.iter().position(|(k, _)| k == key)?;
+            Some(request.parameters.remove(at).1)
+        };
+        let id = match take("sequence_id") {
+            Some(ParameterValue::Int(n)) if n > 0 => CorrelationId::Number(n as u64),
+            Some(ParameterValue::Text(s)) if !s.is_empty() => CorrelationId::Text(s),
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "parameter 'sequence_id' must be a positive integer or a non-empty string, got {other:?}"
+                )))
+            }
+            None => return Err(Error::invalid(format!("model '{label}' is stateful: requests need a 'sequence_id' parameter"))),
+        };
+        let flag = |v: Option<ParameterValue>, key: &str| match v {
+            None => Ok(false),
+            Some(ParameterValue::Bool(b)) => Ok(b),
+            Some(other) => Err(Error::invalid(format!(
+                "parameter '{key}' must be a bool, got {other:?}"
+            ))),
+        };
+        let start = flag(take("sequence_start"), "sequence_start")?;
+        let end = flag(take("sequence_end"), "sequence_end")?;
+
+        for control in &self.shared.config.control_input {
+            let (value, text) = match (control.kind, &id) {
+                (ControlKind::Start, _) => (start as u64, None),
+                (ControlKind::End, _) => (end as u64, None),
+                (ControlKind::Ready, _) => (1, None),
+                (ControlKind::Corrid, CorrelationId::Number(n)) => (*n, None),
+                (ControlKind::Corrid, CorrelationId::Text(s)) => (0, Some(s.as_str())),
+            };
+            let mut tensor = control_tensor(&control.name, control.datatype, value, text);
+            if batched {
+                tensor.shape = vec![1, 1];
+            }
+            request.inputs.push(tensor);
+        }
+
+        let (reply, outcome) = oneshot::channel();
+        {
+            let mut state = self.shared.state.lock();
+            let SequenceState { sequences, busy } = &mut *state;
+            let now = Instant::now();
+            if start {
+                if !sequences.contains_key(&id) {
+                    // The instance with the fewest live sequences.
+                    let mut load = vec![0usize; busy.len()];
+                    sequences.values().for_each(|s| load[s.instance] += 1);
+                    let instance = (0..busy.len()).min_by_key(|&i| load[i]).unwrap_or(0);
+                    sequences.insert(
+                        id.clone(),
+                        Sequence {
+                            instance,
+                            last_active: now,
+                            queue: VecDeque::new(),
+                            ended: false,
+                        },
+                    );
+                }
+                // A start on a live sequence restarts it, on the same instance.
+                sequences.get_mut(&id).expect("inserted").ended = false;
+            }
+            let sequence = match sequences.get_mut(&id) {
+                Some(s) if !s.ended => s,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "sequence {id} of model '{label}' is not active: it was never started (sequence_start), \
+                         has ended, or was released after max_sequence_idle_us ({} µs) without requests",
+                        self.shared.config.max_sequence_idle_us
+                    )))
+                }
+            };
+            sequence.last_active = now;
+            sequence.ended = end;
+            sequence.queue.push_back(SequencePending {
+                request,
+                batch_size,
+                arrived: now,
+                reply,
+            });
+        }
+        self.shared.wake.notify_one();
+        outcome
+            .await
+            .map_err(|_| Error::unavailable(format!("model '{label}' is unloading")))
+    }
+}
+
+async fn run_sequences(shared: Arc<SequenceShared>) {
+    let idle = Duration::from_micros(shared.config.max_sequence_idle_us.max(1));
+    loop {
+        let mut next_release: Option<Instant> = None;
+        let mut batches = Vec::new();
+        {
+            let mut state = shared.state.lock();
+            let now = Instant::now();
+            let SequenceState { sequences, busy } = &mut *state;
+            sequences.retain(|id, s| {
+                let done = s.queue.is_empty() && (s.ended || now >= s.last_active + idle);
+                if done && !s.ended {
+                    tracing::info!(model = %shared.label, sequence = %id, "released an idle sequence");
+                }
+                if !done && s.queue.is_empty() {
+                    let at = s.last_active + idle;
+                    next_release = Some(next_release.map_or(at, |n: Instant| n.min(at)));
+                }
+                !done
+            });
+            for (instance, is_busy) in busy.iter_mut().enumerate() {
+                if *is_busy {
+                    continue;
+                }
+                let mut batch = Vec::new();
+                for sequence in sequences.values_mut().filter(|s| s.instance == instance) {
+                    if batch.len() == shared.max_batch_requests {
+                        break;
+                    }
+                    while let Some(p) = sequence.queue.pop_front() {
+                        if !p.reply.is_closed() {
+                            batch.push(p);
+                            break;
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    *is_busy = true;
+                    batches.push((instance, batch));
+                }
+            }
+        }
+        for (instance, batch) in batches {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let batch_size: u64 = batch.iter().map(|p| p.batch_size).sum();
+                let (requests, waiting): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .map(|p| (p.request, (p.arrived, p.reply)))
+                    .unzip();
+                let execution = shared.backend.execute_on(instance, requests).await;
+                shared.state.lock().busy[instance] = false;
+                shared.wake.notify_one();
+                let any_ok = execution.results.iter().any(|r| r.is_ok());
+                for (i, ((arrived, reply), result)) in
+                    waiting.into_iter().zip(execution.results).enumerate()
+                {
+                    let _ = reply.send(Outcome {
+                        result,
+                        times: execution.times,
+                        queue_ns: started.duration_since(arrived).as_nanos() as u64,
+                        batch_size,
+                        records_batch: i == 0 && any_ok,
+                    });
+                }
+            });
+        }
+        match next_release {
+            Some(at) => {
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
+            None => shared.wake.notified().await,
+        }
     }
 }

@@ -7,3 +7,4 @@ mod protocol;
 mod repository;
 mod sandbox;
 mod scheduling;
+mod sequence;

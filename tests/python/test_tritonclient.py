@@ -336,7 +336,7 @@ def test_statistics_after_infers(client):
 
     all_stats = client.get_inference_statistics()
     names = {s["name"] for s in all_stats["model_stats"]}
-    assert names == {"simple", "simple_string", "simple_identity", "ensemble_add_sub"}
+    assert names == {"simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence"}
 
 
 def test_statistics_count_failures(client):
@@ -430,7 +430,7 @@ def is_ready(entries):
 
 def test_repository_index_explicit(explicit_client):
     by_name = index_by_name(explicit_client)
-    assert set(by_name) == {"simple", "simple_string", "simple_identity", "ensemble_add_sub"}
+    assert set(by_name) == {"simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence"}
     assert is_ready(by_name["simple"])
     assert [e.get("version") for e in by_name["simple"] if e.get("state") == "READY"] == ["1"]
     assert not is_ready(by_name["simple_string"])
@@ -639,3 +639,24 @@ def test_ensemble_add_sub(client):
     config = client.get_model_config("ensemble_add_sub")
     assert config["platform"] == "ensemble"
     assert [s["model_name"] for s in config["ensemble_scheduling"]["step"]] == ["simple", "simple"]
+
+
+def test_simple_sequence_like_tritons_sequence_client(client):
+    """Triton's simple_http_sequence_sync_infer_client flow: two interleaved sequences."""
+    values = [11, 7, 5, 3, 2, 0, 1]
+    ids = (1000, "one-thousand-one")
+    sums = {sid: 0 for sid in ids}
+    for i, value in enumerate(values):
+        for sign, sid in zip((1, -1), ids):
+            inp = httpclient.InferInput("INPUT", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.array([[sign * value]], dtype=np.int32))
+            result = client.infer(
+                "simple_sequence",
+                [inp],
+                sequence_id=sid,
+                sequence_start=(i == 0),
+                sequence_end=(i == len(values) - 1),
+            )
+            sums[sid] += sign * value
+            assert int(result.as_numpy("OUTPUT")[0][0]) == sums[sid]
+    assert sums[1000] == sum(values)

@@ -44,4 +44,20 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Backend: Send + Sync {
     /// Runs a batch of requests. The future resolves when an instance has run it.
     fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution>;
+
+    /// How many instances can run batches at once.
+    fn instances(&self) -> usize {
+        1
+    }
+
+    /// Runs a batch on one instance (0-based, below `instances()`), for state
+    /// that lives in that instance. Backends without per-instance state run it anywhere.
+    fn execute_on(
+        &self,
+        instance: usize,
+        requests: Vec<BackendRequest>,
+    ) -> BoxFuture<'_, Execution> {
+        let _ = instance;
+        self.execute(requests)
+    }
 }

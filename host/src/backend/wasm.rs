@@ -376,6 +376,9 @@ fn describe_trap(trap: &wasmtime::Error, output: &OutputTail, timeout: Duration)
 /// threads of its instances.
 pub struct WasmBackend {
     jobs: crossbeam_channel::Sender<Job>,
+    /// One queue per instance, for batches that must run on a given instance
+    /// (a sequence's state lives in that instance's memory).
+    pinned: Vec<crossbeam_channel::Sender<Job>>,
     label: Arc<str>,
 }
 
@@ -506,11 +509,14 @@ impl WasmBackend {
         let count = config.instance_count();
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let mut pinned = Vec::with_capacity(count);
         for index in 0..count {
+            let (own, own_queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
+            pinned.push(own);
             let (blueprint, queue, ready) = (blueprint.clone(), queue.clone(), ready_tx.clone());
             std::thread::Builder::new()
                 .name(format!("wasm-{}-{index}", config.name))
-                .spawn(move || instance_thread(blueprint, queue, ready))
+                .spawn(move || instance_thread(blueprint, queue, own_queue, ready))
                 .map_err(|e| Error::internal(format!("cannot start an instance thread: {e}")))?;
         }
         drop(ready_tx);
@@ -526,7 +532,11 @@ impl WasmBackend {
             ms = started.elapsed().as_millis() as u64,
             "compiled and started wasm component"
         );
-        Ok(WasmBackend { jobs, label })
+        Ok(WasmBackend {
+            jobs,
+            pinned,
+            label,
+        })
     }
 }
 
@@ -535,6 +545,7 @@ impl WasmBackend {
 fn instance_thread(
     blueprint: Arc<Blueprint>,
     queue: crossbeam_channel::Receiver<Job>,
+    own_queue: crossbeam_channel::Receiver<Job>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -560,7 +571,15 @@ fn instance_thread(
         }
     };
     drop(ready);
-    while let Ok(job) = queue.recv() {
+    loop {
+        // Batches pinned to this instance first, then the shared queue.
+        let job = match own_queue.try_recv() {
+            Ok(job) => job,
+            Err(_) => crossbeam_channel::select! {
+                recv(own_queue) -> job => match job { Ok(job) => job, Err(_) => break },
+                recv(queue) -> job => match job { Ok(job) => job, Err(_) => break },
+            },
+        };
         if job.reply.is_closed() {
             continue; // the client went away while the batch waited
         }
@@ -697,36 +716,57 @@ async fn run_batch(
     execution
 }
 
-impl Backend for WasmBackend {
-    fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
-        Box::pin(async move {
-            let count = requests.len();
-            let fail_all = |e: Error| Execution {
-                results: (0..count).map(|_| Err(e.clone())).collect(),
-                times: ExecutionTimes::default(),
-            };
-            let (reply, result) = oneshot::channel();
-            match self.jobs.try_send(Job { requests, reply }) {
-                Ok(()) => {}
-                Err(crossbeam_channel::TrySendError::Full(_)) => {
-                    return fail_all(Error::unavailable(format!(
-                        "model '{}' has {MAX_WAITING_BATCHES} batches waiting; try again later",
-                        self.label
-                    )))
-                }
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                    return fail_all(Error::unavailable(format!(
-                        "model '{}' is unloading",
-                        self.label
-                    )))
-                }
-            }
-            result.await.unwrap_or_else(|_| {
-                fail_all(Error::internal(format!(
-                    "model '{}' dropped the batch",
+impl WasmBackend {
+    async fn submit(
+        &self,
+        queue: &crossbeam_channel::Sender<Job>,
+        requests: Vec<BackendRequest>,
+    ) -> Execution {
+        let count = requests.len();
+        let fail_all = |e: Error| Execution {
+            results: (0..count).map(|_| Err(e.clone())).collect(),
+            times: ExecutionTimes::default(),
+        };
+        let (reply, result) = oneshot::channel();
+        match queue.try_send(Job { requests, reply }) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                return fail_all(Error::unavailable(format!(
+                    "model '{}' has {MAX_WAITING_BATCHES} batches waiting; try again later",
                     self.label
                 )))
-            })
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return fail_all(Error::unavailable(format!(
+                    "model '{}' is unloading",
+                    self.label
+                )))
+            }
+        }
+        result.await.unwrap_or_else(|_| {
+            fail_all(Error::internal(format!(
+                "model '{}' dropped the batch",
+                self.label
+            )))
         })
+    }
+}
+
+impl Backend for WasmBackend {
+    fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
+        Box::pin(self.submit(&self.jobs, requests))
+    }
+
+    fn instances(&self) -> usize {
+        self.pinned.len()
+    }
+
+    fn execute_on(
+        &self,
+        instance: usize,
+        requests: Vec<BackendRequest>,
+    ) -> BoxFuture<'_, Execution> {
+        let queue = &self.pinned[instance % self.pinned.len()];
+        Box::pin(self.submit(queue, requests))
     }
 }

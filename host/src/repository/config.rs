@@ -254,6 +254,57 @@ impl DynamicBatching {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlKind {
+    /// 1 on a sequence's first request, else 0.
+    Start,
+    /// 1 on a sequence's last request, else 0.
+    End,
+    /// 1 when the request carries input (always, here).
+    Ready,
+    /// The sequence's correlation id.
+    Corrid,
+}
+
+/// A tensor the sequence batcher adds to each request for the model.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlInput {
+    pub name: String,
+    pub kind: ControlKind,
+    #[serde(deserialize_with = "datatype_from_str")]
+    pub datatype: DataType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SequenceStrategy {
+    /// Each sequence keeps one instance (and one batch slot there) from start to end.
+    #[default]
+    Direct,
+}
+
+/// `[sequence_batching]`: stateful streams, routed by correlation id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SequenceBatching {
+    pub strategy: SequenceStrategy,
+    /// A sequence without requests for this long is released.
+    pub max_sequence_idle_us: u64,
+    pub control_input: Vec<ControlInput>,
+}
+
+impl Default for SequenceBatching {
+    fn default() -> Self {
+        SequenceBatching {
+            strategy: SequenceStrategy::Direct,
+            max_sequence_idle_us: 1_000_000,
+            control_input: Vec::new(),
+        }
+    }
+}
+
 /// One `[[step]]` of an ensemble: a request to another model.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,6 +372,8 @@ pub struct ModelConfig {
     pub dynamic_batching: Option<DynamicBatching>,
     #[serde(default, rename = "step")]
     pub steps: Vec<Step>,
+    #[serde(default)]
+    pub sequence_batching: Option<SequenceBatching>,
     #[serde(default)]
     pub parameters: BTreeMap<String, ParameterValue>,
 }
@@ -404,6 +457,37 @@ impl ModelConfig {
         }
         if let Some(batching) = &self.dynamic_batching {
             batching.validate(self.max_batch_size)?;
+        }
+        if let Some(sequence) = &self.sequence_batching {
+            if self.dynamic_batching.is_some() {
+                return Err(Error::invalid(
+                    "keys 'sequence_batching' and 'dynamic_batching' exclude each other",
+                ));
+            }
+            for (i, control) in sequence.control_input.iter().enumerate() {
+                if self.input(&control.name).is_some() {
+                    return Err(Error::invalid(format!(
+                        "key 'sequence_batching.control_input[{i}]': '{}' is also an [[input]]; the server supplies control inputs",
+                        control.name
+                    )));
+                }
+                let allowed = match control.kind {
+                    ControlKind::Corrid => matches!(
+                        control.datatype,
+                        DataType::Uint64 | DataType::Int64 | DataType::Bytes
+                    ),
+                    _ => matches!(
+                        control.datatype,
+                        DataType::Int32 | DataType::Bool | DataType::Fp32 | DataType::Uint8
+                    ),
+                };
+                if !allowed {
+                    return Err(Error::invalid(format!(
+                        "key 'sequence_batching.control_input[{i}].datatype': {} cannot carry a {:?} control",
+                        control.datatype, control.kind
+                    )));
+                }
+            }
         }
         match (self.backend, self.steps.is_empty()) {
             (BackendKind::Ensemble, true) => {
@@ -525,6 +609,26 @@ impl ModelConfig {
         });
         if let Some(batching) = &self.dynamic_batching {
             config["dynamic_batching"] = batching.to_triton_json();
+        }
+        if let Some(sequence) = &self.sequence_batching {
+            let controls: Vec<Value> = sequence
+                .control_input
+                .iter()
+                .map(|c| {
+                    let kind = match c.kind {
+                        ControlKind::Start => "CONTROL_SEQUENCE_START",
+                        ControlKind::End => "CONTROL_SEQUENCE_END",
+                        ControlKind::Ready => "CONTROL_SEQUENCE_READY",
+                        ControlKind::Corrid => "CONTROL_SEQUENCE_CORRID",
+                    };
+                    json!({"name": c.name, "control": [{"kind": kind, "data_type": c.datatype.triton_config_name()}]})
+                })
+                .collect();
+            config["sequence_batching"] = json!({
+                "max_sequence_idle_microseconds": sequence.max_sequence_idle_us,
+                "control_input": controls,
+                "direct": {},
+            });
         }
         if self.backend == BackendKind::Ensemble {
             config["platform"] = json!("ensemble");

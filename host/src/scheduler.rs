@@ -598,8 +598,14 @@ async fn run_sequences(shared: Arc<SequenceShared>) {
                 if *is_busy {
                     continue;
                 }
+                // The sequences waiting longest go first.
+                let mut waiting: Vec<&mut Sequence> = sequences
+                    .values_mut()
+                    .filter(|s| s.instance == instance && !s.queue.is_empty())
+                    .collect();
+                waiting.sort_by_key(|s| s.queue.front().map(|p| p.arrived));
                 let mut batch = Vec::new();
-                for sequence in sequences.values_mut().filter(|s| s.instance == instance) {
+                for sequence in waiting {
                     if batch.len() == shared.max_batch_requests {
                         break;
                     }

@@ -11,7 +11,7 @@
 use crate::backend::{Backend, BackendRequest, BackendResponse, ExecutionTimes};
 use crate::error::{Error, Result};
 use crate::repository::config::{
-    ControlKind, DynamicBatching, ParameterValue, SequenceBatching, TimeoutAction,
+    ControlKind, DynamicBatching, ParameterValue, SequenceBatching, SequenceStrategy, TimeoutAction,
 };
 use crate::tensor::{DataType, Tensor};
 use parking_lot::Mutex;
@@ -397,7 +397,9 @@ struct SequencePending {
 }
 
 struct Sequence {
-    instance: usize,
+    /// `None` until the batching task places it (a `direct` sequence waits for a free slot).
+    instance: Option<usize>,
+    started: Instant,
     last_active: Instant,
     queue: VecDeque<SequencePending>,
     /// The request with `sequence_end` is queued: no more may follow.
@@ -527,18 +529,15 @@ impl SequenceBatcher {
         let (reply, outcome) = oneshot::channel();
         {
             let mut state = self.shared.state.lock();
-            let SequenceState { sequences, busy } = &mut *state;
             let now = Instant::now();
+            let sequences = &mut state.sequences;
             if start {
                 if !sequences.contains_key(&id) {
-                    // The instance with the fewest live sequences.
-                    let mut load = vec![0usize; busy.len()];
-                    sequences.values().for_each(|s| load[s.instance] += 1);
-                    let instance = (0..busy.len()).min_by_key(|&i| load[i]).unwrap_or(0);
                     sequences.insert(
                         id.clone(),
                         Sequence {
-                            instance,
+                            instance: None,
+                            started: now,
                             last_active: now,
                             queue: VecDeque::new(),
                             ended: false,
@@ -594,6 +593,31 @@ async fn run_sequences(shared: Arc<SequenceShared>) {
                 }
                 !done
             });
+            // Place new sequences, in order of arrival, on the instance with the
+            // fewest live sequences; `direct` allows `max_batch_size` per instance.
+            let mut load = vec![0usize; busy.len()];
+            sequences
+                .values()
+                .filter_map(|s| s.instance)
+                .for_each(|i| load[i] += 1);
+            let mut unplaced: Vec<&mut Sequence> = sequences
+                .values_mut()
+                .filter(|s| s.instance.is_none())
+                .collect();
+            unplaced.sort_by_key(|s| s.started);
+            for sequence in unplaced {
+                let Some(instance) = (0..load.len()).min_by_key(|&i| load[i]) else {
+                    break;
+                };
+                if shared.config.strategy == SequenceStrategy::Direct
+                    && load[instance] >= shared.max_batch_requests
+                {
+                    break; // every slot is taken: wait for a sequence to end
+                }
+                load[instance] += 1;
+                sequence.instance = Some(instance);
+            }
+            let delay = Duration::from_micros(shared.config.max_queue_delay_us);
             for (instance, is_busy) in busy.iter_mut().enumerate() {
                 if *is_busy {
                     continue;
@@ -601,9 +625,25 @@ async fn run_sequences(shared: Arc<SequenceShared>) {
                 // The sequences waiting longest go first.
                 let mut waiting: Vec<&mut Sequence> = sequences
                     .values_mut()
-                    .filter(|s| s.instance == instance && !s.queue.is_empty())
+                    .filter(|s| s.instance == Some(instance) && !s.queue.is_empty())
                     .collect();
                 waiting.sort_by_key(|s| s.queue.front().map(|p| p.arrived));
+                let oldest = waiting
+                    .first()
+                    .and_then(|s| s.queue.front())
+                    .map(|p| p.arrived);
+                let fill = waiting.len().min(shared.max_batch_requests);
+                if let (SequenceStrategy::Oldest, Some(oldest)) = (shared.config.strategy, oldest) {
+                    let preferred = &shared.config.preferred_batch_size;
+                    let full =
+                        fill == shared.max_batch_requests || preferred.contains(&(fill as u32));
+                    if !full && now < oldest + delay {
+                        // Wait for a fuller batch, at most until the oldest request's delay ends.
+                        let at = oldest + delay;
+                        next_release = Some(next_release.map_or(at, |n: Instant| n.min(at)));
+                        continue;
+                    }
+                }
                 let mut batch = Vec::new();
                 for sequence in waiting {
                     if batch.len() == shared.max_batch_requests {

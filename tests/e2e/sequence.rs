@@ -124,3 +124,70 @@ fn requests_outside_a_live_sequence_are_refused() {
         .error(400);
     assert!(e.contains("max_sequence_idle_us"), "{e}");
 }
+
+#[test]
+fn direct_sequences_wait_for_a_free_slot() {
+    let repo = TestRepo::new();
+    // One instance with one slot: a second sequence waits for the first to end.
+    let config = sequence_config(5_000_000)
+        .replace("max_batch_size = 8", "max_batch_size = 1")
+        .replace("count = 2", "count = 1");
+    repo.add("seq", &config, "wisp_plugin_sequence", &[1]);
+    let server = Arc::new(Server::start(repo.path(), &[]));
+    assert_eq!(
+        output(&server.infer("seq", &step(json!(1), 4, true, false)).ok()),
+        4
+    );
+    let second = {
+        let server = server.clone();
+        std::thread::spawn(move || {
+            output(&server.infer("seq", &step(json!(2), 9, true, false)).ok())
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !second.is_finished(),
+        "sequence 2 ran while sequence 1 held the only slot"
+    );
+    assert_eq!(
+        output(&server.infer("seq", &step(json!(1), 1, false, true)).ok()),
+        5
+    );
+    assert_eq!(second.join().unwrap(), 9);
+}
+
+#[test]
+fn oldest_strategy_batches_across_sequences() {
+    let repo = TestRepo::new();
+    let config = sequence_config(5_000_000)
+        .replace(
+            "strategy = \"direct\"",
+            "strategy = \"oldest\"\nmax_queue_delay_us = 30000000\npreferred_batch_size = [3]",
+        )
+        .replace("count = 2", "count = 1");
+    repo.add("seq", &config, "wisp_plugin_sequence", &[1]);
+    let server = Arc::new(Server::start(repo.path(), &[]));
+    let handles: Vec<_> = (1..=3)
+        .map(|id| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                output(
+                    &server
+                        .infer("seq", &step(json!(id), id * 10, true, false))
+                        .ok(),
+                )
+            })
+        })
+        .collect();
+    let mut sums: Vec<i64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    sums.sort();
+    assert_eq!(sums, vec![10, 20, 30]);
+    let stats = server.get("/v2/models/seq/stats").ok();
+    assert_eq!(stats["model_stats"][0]["batch_stats"][0]["batch_size"], 3);
+    assert_eq!(stats["model_stats"][0]["execution_count"], 1);
+    let config = server.get("/v2/models/seq/config").ok();
+    assert_eq!(
+        config["sequence_batching"]["strategy"]["oldest"]["preferred_batch_size"],
+        json!([3])
+    );
+}

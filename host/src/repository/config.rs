@@ -280,9 +280,13 @@ pub struct ControlInput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SequenceStrategy {
-    /// Each sequence keeps one instance (and one batch slot there) from start to end.
+    /// Each sequence holds one of an instance's `max_batch_size` slots from start to
+    /// end; a sequence that finds every slot taken waits for one to free.
     #[default]
     Direct,
+    /// Sequences stay on one instance, which batches the requests of the sequences
+    /// waiting longest, dynamic-batcher style (`max_queue_delay_us`, `preferred_batch_size`).
+    Oldest,
 }
 
 /// `[sequence_batching]`: stateful streams, routed by correlation id.
@@ -293,6 +297,10 @@ pub struct SequenceBatching {
     /// A sequence without requests for this long is released.
     pub max_sequence_idle_us: u64,
     pub control_input: Vec<ControlInput>,
+    /// `oldest`: longest the oldest request waits for a fuller batch.
+    pub max_queue_delay_us: u64,
+    /// `oldest`: batch sizes (in requests) dispatched as soon as they form.
+    pub preferred_batch_size: Vec<u32>,
 }
 
 impl Default for SequenceBatching {
@@ -301,6 +309,8 @@ impl Default for SequenceBatching {
             strategy: SequenceStrategy::Direct,
             max_sequence_idle_us: 1_000_000,
             control_input: Vec::new(),
+            max_queue_delay_us: 0,
+            preferred_batch_size: Vec::new(),
         }
     }
 }
@@ -462,6 +472,13 @@ impl ModelConfig {
             if self.dynamic_batching.is_some() {
                 return Err(Error::invalid(
                     "keys 'sequence_batching' and 'dynamic_batching' exclude each other",
+                ));
+            }
+            if sequence.strategy == SequenceStrategy::Direct
+                && (sequence.max_queue_delay_us > 0 || !sequence.preferred_batch_size.is_empty())
+            {
+                return Err(Error::invalid(
+                    "keys 'sequence_batching.max_queue_delay_us' and 'preferred_batch_size' apply to strategy = \"oldest\"",
                 ));
             }
             for (i, control) in sequence.control_input.iter().enumerate() {
@@ -627,7 +644,13 @@ impl ModelConfig {
             config["sequence_batching"] = json!({
                 "max_sequence_idle_microseconds": sequence.max_sequence_idle_us,
                 "control_input": controls,
-                "direct": {},
+                "strategy": match sequence.strategy {
+                    SequenceStrategy::Direct => json!({"direct": {}}),
+                    SequenceStrategy::Oldest => json!({"oldest": {
+                        "max_queue_delay_microseconds": sequence.max_queue_delay_us,
+                        "preferred_batch_size": sequence.preferred_batch_size,
+                    }}),
+                },
             });
         }
         if self.backend == BackendKind::Ensemble {

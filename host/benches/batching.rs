@@ -8,11 +8,10 @@
 //! WISP_BENCH_WINDOW_MS (default 2000), WISP_BENCH_OUT (folder for CSV and SVG,
 //! default bench-results/).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
 use wisp::perf::{csv, measure, svg_plot, PerfArgs};
+
+mod support;
 
 const MODEL_BASE: &str = "backend = \"wasm\"\nmax_batch_size = 64\n\
     [[input]]\nname = \"INPUT0\"\ndatatype = \"FP32\"\ndims = [16]\n\
@@ -40,42 +39,7 @@ fn main() {
         std::fs::write(dir.join("config.toml"), format!("{MODEL_BASE}{extra}")).unwrap();
         std::fs::copy(&component, dir.join("1/model.wasm")).unwrap();
     }
-    let mut server = Command::new(env!("CARGO_BIN_EXE_wisp"))
-        .args([
-            "serve",
-            "--http-address",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--model-repository",
-        ])
-        .arg(repo.path())
-        .env("WISP_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut addr = String::new();
-        for line in lines.map_while(Result::ok) {
-            if let Some(at) = line.find("http=") {
-                addr = line[at + 5..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-            }
-            if line.contains("startup loading finished") {
-                let _ = tx.send(addr.clone());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("wisp started");
+    let (mut server, addr) = support::start_wisp(repo.path());
 
     let window: u64 = std::env::var("WISP_BENCH_WINDOW_MS")
         .ok()

@@ -21,6 +21,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
 fn main() {
@@ -55,27 +57,11 @@ fn main() {
     .unwrap();
     std::fs::copy(&component, repo.path().join("simple/1/model.wasm")).unwrap();
 
-    let (mut wisp, wisp_addr) = spawn(
-        Command::new(env!("CARGO_BIN_EXE_wisp"))
-            .args([
-                "serve",
-                "--http-address",
-                "127.0.0.1",
-                "--http-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--model-repository",
-            ])
-            .arg(repo.path())
-            .env("WISP_LOG", "warn,wisp::server=info"),
-        "http=",
-    );
+    let (mut wisp, wisp_addr) = support::start_wisp(repo.path());
     let (mut echo, echo_addr) = spawn(
         Command::new(std::env::current_exe().unwrap()).arg("echo-server"),
         "echo=",
     );
-    wait_ready(&wisp_addr);
 
     let (body, header_len) = simple_body();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -174,25 +160,6 @@ fn spawn(command: &mut Command, key: &str) -> (Child, String) {
         .recv_timeout(Duration::from_secs(60))
         .expect("the server printed its address");
     (child, addr)
-}
-
-fn wait_ready(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(
-                b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-            );
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("wisp at {addr} never became ready");
 }
 
 fn simple_body() -> (Bytes, usize) {

@@ -329,6 +329,25 @@ impl Shared {
     }
 }
 
+/// Sends each request of an executed batch its outcome; the first records the batch.
+fn answer(
+    waiting: Vec<(Instant, oneshot::Sender<Outcome>)>,
+    execution: crate::backend::Execution,
+    started: Instant,
+    batch_size: u64,
+) {
+    let any_ok = execution.results.iter().any(|r| r.is_ok());
+    for (i, ((arrived, reply), result)) in waiting.into_iter().zip(execution.results).enumerate() {
+        let _ = reply.send(Outcome {
+            result,
+            times: execution.times,
+            queue_ns: started.duration_since(arrived).as_nanos() as u64,
+            batch_size,
+            records_batch: i == 0 && any_ok,
+        });
+    }
+}
+
 async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances: usize) {
     let free = Arc::new(Semaphore::new(instances));
     loop {
@@ -357,18 +376,7 @@ async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances:
                 .unzip();
             let execution = backend.execute(requests).await;
             drop(permit);
-            let any_ok = execution.results.iter().any(|r| r.is_ok());
-            for (i, ((arrived, reply), result)) in
-                waiting.into_iter().zip(execution.results).enumerate()
-            {
-                let _ = reply.send(Outcome {
-                    result,
-                    times: execution.times,
-                    queue_ns: started.duration_since(arrived).as_nanos() as u64,
-                    batch_size,
-                    records_batch: i == 0 && any_ok,
-                });
-            }
+            answer(waiting, execution, started, batch_size);
         });
     }
 }
@@ -674,18 +682,7 @@ async fn run_sequences(shared: Arc<SequenceShared>) {
                 let execution = shared.backend.execute_on(instance, requests).await;
                 shared.state.lock().busy[instance] = false;
                 shared.wake.notify_one();
-                let any_ok = execution.results.iter().any(|r| r.is_ok());
-                for (i, ((arrived, reply), result)) in
-                    waiting.into_iter().zip(execution.results).enumerate()
-                {
-                    let _ = reply.send(Outcome {
-                        result,
-                        times: execution.times,
-                        queue_ns: started.duration_since(arrived).as_nanos() as u64,
-                        batch_size,
-                        records_batch: i == 0 && any_ok,
-                    });
-                }
+                answer(waiting, execution, started, batch_size);
             });
         }
         match next_release {

@@ -1,0 +1,48 @@
+//! Shared by the benchmarks: start `wisp serve` on a loopback port.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Starts the release `wisp` over `repo` and returns it with its HTTP address,
+/// once startup loading has finished.
+pub fn start_wisp(repo: &Path) -> (Child, String) {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_wisp"))
+        .args([
+            "serve",
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .arg("--model-repository")
+        .arg(repo)
+        .env("WISP_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting wisp");
+    let lines = BufReader::new(server.stderr.take().expect("piped stderr")).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut addr = String::new();
+        for line in lines.map_while(Result::ok) {
+            if let Some(at) = line.find("http=") {
+                addr = line[at + 5..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+            }
+            if line.contains("startup loading finished") {
+                let _ = tx.send(addr.clone());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("wisp finished loading");
+    (server, addr)
+}

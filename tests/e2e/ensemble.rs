@@ -110,34 +110,23 @@ fn invalid_ensembles_are_unavailable_with_reasons() {
     );
     add_ensemble(&repo, "no_steps", &base[..base.find("[[step]]").unwrap()]);
     let server = Server::start(repo.path(), &["--strict-readiness", "false"]);
-    let rows = server.post_json("/v2/repository/index", &json!({})).ok();
-    let reason = |name: &str| -> String {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .unwrap_or_else(|| panic!("{name}: {rows}"))["reason"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let r = reason("unknown_model");
+    let r = server.index_reason("unknown_model");
     assert!(r.contains("step 0") && r.contains("nosuch"), "{r}");
-    let r = reason("unproduced");
+    let r = server.index_reason("unproduced");
     assert!(
         r.contains("step 1") && r.contains("'TOTAL'") && r.contains("neither"),
         "{r}"
     );
-    let r = reason("cycle");
+    let r = server.index_reason("cycle");
     assert!(r.contains("cycle") && r.contains("step 0"), "{r}");
-    let r = reason("mismatch");
+    let r = server.index_reason("mismatch");
     assert!(
         r.contains("step 0") && r.contains("INT32") && r.contains("BYTES"),
         "{r}"
     );
-    let r = reason("no_such_output");
+    let r = server.index_reason("no_such_output");
     assert!(r.contains("step 0") && r.contains("OUTPUT9"), "{r}");
-    let r = reason("no_steps");
+    let r = server.index_reason("no_steps");
     assert!(r.contains("[[step]]"), "{r}");
     server
         .infer("simple", &simple_request(&ramp(), &ramp()))
@@ -171,18 +160,7 @@ fn a_model_inside_pipelines_batches_across_them() {
     for h in handles {
         h.join().unwrap();
     }
-    let stats = server.get("/v2/models/simple/stats").ok();
-    let batches: Vec<(u64, u64)> = stats["model_stats"][0]["batch_stats"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["batch_size"].as_u64().unwrap(),
-                b["compute_infer"]["count"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let batches = server.batch_stats("simple");
     // Step 0 of all four pipelines ran as one batch, then step 1 of all four.
     assert_eq!(batches, vec![(4, 2)]);
 }

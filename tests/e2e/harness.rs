@@ -182,6 +182,37 @@ impl Server {
         self.post_json(&format!("/v2/models/{model}/infer"), body)
     }
 
+    /// The repository index's `reason` for a model (its first row).
+    pub fn index_reason(&self, name: &str) -> String {
+        let rows = self
+            .post_json("/v2/repository/index", &serde_json::json!({}))
+            .ok();
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned();
+        let row = row.unwrap_or_else(|| panic!("{name} not in the index: {rows}"));
+        row["reason"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// (batch size, executions) from a model's `batch_stats`.
+    pub fn batch_stats(&self, model: &str) -> Vec<(u64, u64)> {
+        let stats = self.get(&format!("/v2/models/{model}/stats")).ok();
+        stats["model_stats"][0]["batch_stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["batch_size"].as_u64().unwrap(),
+                    b["compute_infer"]["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
     pub fn metrics_text(&self) -> String {
         ureq::get(&self.metrics)
             .call()

@@ -176,32 +176,23 @@ fn broken_models_are_unavailable_with_reasons_and_others_serve() {
     std::fs::create_dir_all(repo.path().join("no_config")).unwrap();
     let server = Server::start(repo.path(), &[]);
 
-    let rows = index(&server, false);
-    let reason = |name: &str| -> String {
-        rows.iter()
-            .find(|r| r["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not in {rows:?}"))["reason"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let r = reason("typo");
+    let r = server.index_reason("typo");
     assert!(
         r.contains("typo/config.toml") && r.contains("max_batch"),
         "{r}"
     );
-    let r = reason("bad_type");
+    let r = server.index_reason("bad_type");
     assert!(
         r.contains("bad_type/config.toml") && r.contains("INT3") && r.contains("datatype"),
         "{r}"
     );
-    let r = reason("no_versions");
+    let r = server.index_reason("no_versions");
     assert!(r.contains("no version folder"), "{r}");
-    let r = reason("no_component");
+    let r = server.index_reason("no_component");
     assert!(r.contains("model.wasm") && r.contains("not found"), "{r}");
-    let r = reason("not_wasm");
+    let r = server.index_reason("not_wasm");
     assert!(r.contains("not a valid component"), "{r}");
-    let r = reason("no_config");
+    let r = server.index_reason("no_config");
     assert!(r.contains("no_config/config.toml"), "{r}");
 
     assert_eq!(server.get("/v2/models/typo/ready").status, 400);

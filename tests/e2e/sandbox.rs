@@ -204,23 +204,12 @@ fn hostile_init_fails_the_load_and_the_server_carries_on() {
         repo.add(attack, &config, "wisp_test_hostile", &[1]);
     }
     let server = Server::start(repo.path(), &["--strict-readiness", "false"]);
-    let rows = server.post_json("/v2/repository/index", &json!({})).ok();
-    let reason = |name: &str| -> String {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .unwrap()["reason"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let r = reason("init_loop");
+    let r = server.index_reason("init_loop");
     assert!(
         r.contains("plugin init trapped") && r.contains("deadline of 300 ms"),
         "{r}"
     );
-    let r = reason("init_sleep");
+    let r = server.index_reason("init_sleep");
     assert!(r.contains("did not finish within 300 ms"), "{r}");
     assert_eq!(server.infer("init_loop", &request(false)).status, 503);
     server

@@ -32,21 +32,6 @@ fn one(value: i32) -> Value {
     json!({"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "INT32", "data": [value]}]})
 }
 
-fn batch_stats(server: &Server, model: &str) -> Vec<(u64, u64)> {
-    let stats = server.get(&format!("/v2/models/{model}/stats")).ok();
-    stats["model_stats"][0]["batch_stats"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["batch_size"].as_u64().unwrap(),
-                b["compute_infer"]["count"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Sends `n` requests at once from threads; returns the replies in send order.
 fn concurrently(server: &Arc<Server>, model: &str, bodies: Vec<Value>) -> Vec<Value> {
     let handles: Vec<_> = bodies
@@ -81,7 +66,7 @@ fn a_preferred_batch_size_is_dispatched_when_it_forms() {
             "each request gets its own output"
         );
     }
-    assert_eq!(batch_stats(&server, "m"), vec![(4, 1)]);
+    assert_eq!(server.batch_stats("m"), vec![(4, 1)]);
     let stats = server.get("/v2/models/m/stats").ok();
     assert_eq!(stats["model_stats"][0]["execution_count"], 1);
     assert_eq!(stats["model_stats"][0]["inference_count"], 4);
@@ -98,7 +83,7 @@ fn batches_are_cut_at_max_batch_size() {
     );
     let server = Arc::new(Server::start(repo.path(), &[]));
     concurrently(&server, "m", (0..8).map(one).collect());
-    assert_eq!(batch_stats(&server, "m"), vec![(4, 2)]);
+    assert_eq!(server.batch_stats("m"), vec![(4, 2)]);
 }
 
 #[test]
@@ -118,7 +103,7 @@ fn the_max_delay_sends_a_partial_batch() {
         server.infer("m", &one(7)).ok()["outputs"][0]["data"],
         json!([7])
     );
-    assert_eq!(batch_stats(&server, "m"), vec![(1, 1)]);
+    assert_eq!(server.batch_stats("m"), vec![(1, 1)]);
     let config = server.get("/v2/models/m/config").ok();
     assert_eq!(
         config["dynamic_batching"]["max_queue_delay_microseconds"],

@@ -1,5 +1,6 @@
 //! The seam between the scheduler and whatever executes a model.
 
+pub mod encoder;
 pub mod ensemble;
 pub mod wasm;
 

@@ -8,6 +8,7 @@
 
 pub mod config;
 
+use crate::backend::encoder::EncoderBackend;
 use crate::backend::ensemble::EnsembleBackend;
 use crate::backend::wasm::{WasmBackend, WasmRuntime};
 use crate::backend::Backend;
@@ -461,6 +462,13 @@ impl Repository {
                 })
                 .await?
             }
+            BackendKind::Encoder => {
+                blocking(move || {
+                    EncoderBackend::load(&config, version, &dir)
+                        .map(|b| Box::new(b) as Box<dyn Backend>)
+                })
+                .await?
+            }
             BackendKind::Ensemble => {
                 let repository = self
                     .me
@@ -468,10 +476,6 @@ impl Repository {
                     .ok_or_else(|| Error::unavailable("the server is shutting down"))?;
                 EnsembleBackend::load(&config, &repository).map(|b| Box::new(b) as Box<dyn Backend>)
             }
-            other => Err(Error::unavailable(format!(
-                "backend '{}' is not available in this build of wisp",
-                other.as_str()
-            ))),
         }
     }
 

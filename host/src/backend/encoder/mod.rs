@@ -1,0 +1,593 @@
+//! `backend = "encoder"`: transformer encoders (BERT, DistilBERT, RoBERTa) from
+//! Hugging Face checkpoint folders, run natively on the CPU.
+//!
+//! Each instance is a thread with its own rayon pool and activation buffers. A batch
+//! of requests is packed into one token matrix without padding (see `model.rs`), so a
+//! batch of short and long sequences costs its real tokens.
+
+pub mod checkpoint;
+pub mod linear;
+pub mod model;
+pub mod ops;
+
+use super::{Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes};
+use crate::error::{Error, Result};
+use crate::repository::config::{ModelConfig, ParameterValue};
+use crate::tensor::{DataType, Tensor};
+use bytes::Bytes;
+use checkpoint::{Checkpoint, Dimensions, Family, Pooling};
+use linear::Threads;
+use model::{Encoder, HeadKind, PackedBatch, Workspace};
+use ops::Segment;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Batches waiting for an instance before `execute` answers 503.
+const MAX_WAITING_BATCHES: usize = 256;
+
+pub const INPUT_IDS: &str = "input_ids";
+pub const ATTENTION_MASK: &str = "attention_mask";
+pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+
+/// The encoder's settings from the `[parameters]` table of config.toml.
+#[derive(Debug, Clone)]
+pub struct EncoderSettings {
+    /// The checkpoint folder, relative to the version folder ("." by default).
+    pub checkpoint: PathBuf,
+    pub head: Option<HeadKind>,
+    pub pooling: Option<Pooling>,
+    pub normalize: Option<bool>,
+    /// Threads per instance; 0 = the machine's cores shared among instances.
+    pub threads: usize,
+    /// false runs every sequence padded to the batch's longest, as padded engines do
+    /// (for comparison and tests; results are the same).
+    pub remove_padding: bool,
+}
+
+impl EncoderSettings {
+    pub fn from_config(config: &ModelConfig) -> Result<EncoderSettings> {
+        let mut settings = EncoderSettings {
+            checkpoint: PathBuf::from("."),
+            head: None,
+            pooling: None,
+            normalize: None,
+            threads: 0,
+            remove_padding: true,
+        };
+        let bad = |key: &str, want: &str| {
+            Error::invalid(format!(
+                "model '{}': parameter '{key}' must be {want}",
+                config.name
+            ))
+        };
+        for (key, value) in &config.parameters {
+            match (key.as_str(), value) {
+                ("checkpoint", ParameterValue::Text(path)) => {
+                    settings.checkpoint = PathBuf::from(path)
+                }
+                ("checkpoint", _) => return Err(bad(key, "a folder path")),
+                ("head", ParameterValue::Text(name)) => {
+                    settings.head = Some(HeadKind::parse(name).ok_or_else(|| {
+                        bad(key, "one of embedding, qa, classification, token_classification")
+                    })?)
+                }
+                ("pooling", ParameterValue::Text(name)) => {
+                    settings.pooling =
+                        Some(Pooling::parse(name).ok_or_else(|| bad(key, "mean, cls or max"))?)
+                }
+                ("normalize", ParameterValue::Bool(b)) => settings.normalize = Some(*b),
+                ("threads", ParameterValue::Int(n)) if *n >= 0 => settings.threads = *n as usize,
+                ("remove_padding", ParameterValue::Bool(b)) => settings.remove_padding = *b,
+                ("head" | "pooling", _) => return Err(bad(key, "a string")),
+                ("normalize" | "remove_padding", _) => return Err(bad(key, "true or false")),
+                ("threads", _) => return Err(bad(key, "a non-negative integer")),
+                (other, _) => {
+                    return Err(Error::invalid(format!(
+                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding)",
+                        config.name
+                    )))
+                }
+            }
+        }
+        Ok(settings)
+    }
+}
+
+/// Loads the encoder described by `settings` from `version_dir`.
+pub fn load_encoder(settings: &EncoderSettings, version_dir: &Path) -> Result<Encoder> {
+    let folder = version_dir.join(&settings.checkpoint);
+    let dims = Dimensions::read(&folder)?;
+    let checkpoint = Checkpoint::open(&folder)?;
+    let head = settings
+        .head
+        .unwrap_or_else(|| HeadKind::from_architecture(&dims.architecture));
+    let (st_pooling, st_normalize) = checkpoint::sentence_transformers_pooling(&folder)?;
+    let pooling = settings.pooling.or(st_pooling).unwrap_or(Pooling::Mean);
+    let normalize = settings.normalize.unwrap_or(st_normalize);
+    Encoder::load(dims, &checkpoint, head, pooling, normalize)
+}
+
+struct Job {
+    requests: Vec<BackendRequest>,
+    reply: oneshot::Sender<Execution>,
+}
+
+pub struct EncoderBackend {
+    label: String,
+    jobs: crossbeam_channel::Sender<Job>,
+    instances: usize,
+}
+
+impl EncoderBackend {
+    pub fn load(config: &ModelConfig, version: u64, version_dir: &Path) -> Result<EncoderBackend> {
+        let label = format!("{} (version {version})", config.name);
+        let settings = EncoderSettings::from_config(config)?;
+        let encoder = Arc::new(
+            load_encoder(&settings, version_dir)
+                .map_err(|e| e.context(format!("model '{}'", config.name)))?,
+        );
+        check_signature(config, &encoder)?;
+        let instances: usize = config
+            .instance_group
+            .iter()
+            .map(|g| g.count as usize)
+            .sum::<usize>()
+            .max(1);
+        let threads = if settings.threads > 0 {
+            settings.threads
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / instances).max(1)
+        };
+        let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
+        for index in 0..instances {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |t| format!("encoder-{index}-{t}"))
+                .build()
+                .map_err(|e| Error::internal(format!("cannot start encoder threads: {e}")))?;
+            let queue = queue.clone();
+            let runner = Runner::new(encoder.clone(), settings.remove_padding, threads);
+            std::thread::Builder::new()
+                .name(format!("encoder-{index}"))
+                .spawn(move || runner.serve(pool, queue))
+                .map_err(|e| Error::internal(format!("cannot start encoder instance: {e}")))?;
+        }
+        tracing::info!(
+            model = %config.name,
+            family = encoder.dims.family.as_str(),
+            head = encoder.head_kind.as_str(),
+            layers = encoder.dims.layers,
+            hidden = encoder.dims.hidden,
+            instances,
+            threads,
+            "encoder loaded"
+        );
+        Ok(EncoderBackend {
+            label,
+            jobs,
+            instances,
+        })
+    }
+
+    async fn submit(&self, requests: Vec<BackendRequest>) -> Execution {
+        let count = requests.len();
+        let fail_all = |e: Error| Execution {
+            results: (0..count).map(|_| Err(e.clone())).collect(),
+            times: ExecutionTimes::default(),
+        };
+        let (reply, result) = oneshot::channel();
+        match self.jobs.try_send(Job { requests, reply }) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                return fail_all(Error::unavailable(format!(
+                    "model '{}' has {MAX_WAITING_BATCHES} batches waiting; try again later",
+                    self.label
+                )))
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return fail_all(Error::unavailable(format!(
+                    "model '{}' is unloading",
+                    self.label
+                )))
+            }
+        }
+        result.await.unwrap_or_else(|_| {
+            fail_all(Error::internal(format!(
+                "model '{}' dropped the batch",
+                self.label
+            )))
+        })
+    }
+}
+
+impl Backend for EncoderBackend {
+    fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
+        Box::pin(self.submit(requests))
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+}
+
+/// The config's inputs and outputs must be ones the encoder reads and writes.
+fn check_signature(config: &ModelConfig, encoder: &Encoder) -> Result<()> {
+    let model = &config.name;
+    if config.input(INPUT_IDS).is_none() {
+        return Err(Error::invalid(format!(
+            "model '{model}': an encoder needs an input named '{INPUT_IDS}'"
+        )));
+    }
+    for input in &config.inputs {
+        let known = [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS];
+        if !known.contains(&input.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "model '{model}': the encoder has no input '{}' (inputs: {})",
+                input.name,
+                known.join(", ")
+            )));
+        }
+        if !matches!(input.datatype, DataType::Int64 | DataType::Int32) {
+            return Err(Error::invalid(format!(
+                "model '{model}': input '{}' must be INT64 or INT32, not {}",
+                input.name, input.datatype
+            )));
+        }
+    }
+    let produced = encoder.head_kind.outputs();
+    for output in &config.outputs {
+        if !produced.contains(&output.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "model '{model}': the {} head has no output '{}' (outputs: {})",
+                encoder.head_kind.as_str(),
+                output.name,
+                produced.join(", ")
+            )));
+        }
+        if output.datatype != DataType::Fp32 {
+            return Err(Error::invalid(format!(
+                "model '{model}': output '{}' must be FP32, not {}",
+                output.name, output.datatype
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One request's rows, as unpacked from its tensors.
+struct RequestRows {
+    rows: usize,
+    /// Padded length of each row in the request.
+    width: usize,
+    /// Whether the request's tensors had a batch dimension.
+    batched: bool,
+    /// For every packed token: its column in the request's rows.
+    columns: Vec<u32>,
+    /// First segment of this request in the packed batch.
+    first_segment: usize,
+}
+
+/// One instance: the encoder and its buffers. `run` uses the rayon pool it is called in.
+pub struct Runner {
+    encoder: Arc<Encoder>,
+    remove_padding: bool,
+    threads: Threads,
+    batch: PackedBatch,
+    workspace: Workspace,
+    head_out: Vec<f32>,
+}
+
+impl Runner {
+    pub fn new(encoder: Arc<Encoder>, remove_padding: bool, threads: usize) -> Runner {
+        Runner {
+            encoder,
+            remove_padding,
+            threads: Threads(threads),
+            batch: PackedBatch::default(),
+            workspace: Workspace::default(),
+            head_out: Vec::new(),
+        }
+    }
+
+    fn serve(mut self, pool: rayon::ThreadPool, queue: crossbeam_channel::Receiver<Job>) {
+        while let Ok(job) = queue.recv() {
+            let execution = pool.install(|| self.run(&job.requests));
+            let _ = job.reply.send(execution);
+        }
+    }
+
+    /// Packs, runs and unpacks one batch. A request that fails validation fails alone.
+    pub fn run(&mut self, requests: &[BackendRequest]) -> Execution {
+        let started = Instant::now();
+        self.batch.clear();
+        let mut results: Vec<Option<Result<BackendResponse>>> =
+            requests.iter().map(|_| None).collect();
+        let mut packed: Vec<(usize, RequestRows)> = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            let mark = (self.batch.tokens(), self.batch.segments.len());
+            match pack_request(&self.encoder, request, &mut self.batch) {
+                Ok(rows) => packed.push((i, rows)),
+                Err(e) => {
+                    truncate(&mut self.batch, mark);
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
+        if !self.remove_padding {
+            pad_batch(&self.encoder, &mut self.batch);
+        }
+        let packed_at = Instant::now();
+        if self.batch.tokens() > 0 {
+            self.encoder
+                .forward(&self.batch, &mut self.workspace, self.threads);
+            match self.encoder.head_kind {
+                HeadKind::Embedding => {
+                    self.encoder
+                        .pool(&self.batch, &self.workspace, &mut self.head_out)
+                }
+                HeadKind::Classification => {
+                    self.encoder
+                        .classify(&self.batch, &self.workspace, &mut self.head_out)
+                }
+                HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+                    self.encoder.per_token(
+                        &self.batch,
+                        &self.workspace,
+                        &mut self.head_out,
+                        self.threads,
+                    )
+                }
+            }
+        }
+        let inferred_at = Instant::now();
+        for (i, rows) in packed {
+            results[i] = Some(Ok(self.unpack(&rows, &requests[i].requested_outputs)));
+        }
+        let done = Instant::now();
+        Execution {
+            results: results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(Error::internal("request was not run"))))
+                .collect(),
+            times: ExecutionTimes {
+                compute_input_ns: (packed_at - started).as_nanos() as u64,
+                compute_infer_ns: (inferred_at - packed_at).as_nanos() as u64,
+                compute_output_ns: (done - inferred_at).as_nanos() as u64,
+            },
+        }
+    }
+
+    fn unpack(&self, rows: &RequestRows, requested: &[String]) -> BackendResponse {
+        let width = self.encoder.head_width();
+        let segments = &self.batch.segments[rows.first_segment..rows.first_segment + rows.rows];
+        let lead: Vec<i64> = if rows.batched {
+            vec![rows.rows as i64]
+        } else {
+            Vec::new()
+        };
+        let mut outputs = Vec::new();
+        let mut push = |name: &str, extra: &[i64], values: Vec<f32>| {
+            if requested.is_empty() || requested.iter().any(|r| r == name) {
+                let mut shape = lead.clone();
+                shape.extend_from_slice(extra);
+                outputs.push(f32_tensor(name, shape, &values));
+            }
+        };
+        match self.encoder.head_kind {
+            HeadKind::Embedding | HeadKind::Classification => {
+                let first = rows.first_segment * width;
+                let values = self.head_out[first..first + rows.rows * width].to_vec();
+                let name = if self.encoder.head_kind == HeadKind::Embedding {
+                    "embedding"
+                } else {
+                    "logits"
+                };
+                push(name, &[width as i64], values);
+            }
+            HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+                // Scatter packed tokens back to their columns; padding stays 0.
+                let mut values = vec![0f32; rows.rows * rows.width * width];
+                let mut columns = rows.columns.iter();
+                for (r, seg) in segments.iter().enumerate() {
+                    for t in seg.start..seg.start + seg.len {
+                        if let Some(valid) = &self.batch.key_valid {
+                            if !valid[t] {
+                                continue;
+                            }
+                        }
+                        let Some(&c) = columns.next() else { break };
+                        let dst = (r * rows.width + c as usize) * width;
+                        values[dst..dst + width]
+                            .copy_from_slice(&self.head_out[t * width..(t + 1) * width]);
+                    }
+                }
+                if self.encoder.head_kind == HeadKind::QuestionAnswering {
+                    let (start, end): (Vec<f32>, Vec<f32>) =
+                        values.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+                    push("start_logits", &[rows.width as i64], start);
+                    push("end_logits", &[rows.width as i64], end);
+                } else {
+                    push("logits", &[rows.width as i64, width as i64], values);
+                }
+            }
+        }
+        BackendResponse {
+            outputs,
+            parameters: Vec::new(),
+        }
+    }
+}
+
+fn truncate(batch: &mut PackedBatch, (tokens, segments): (usize, usize)) {
+    batch.ids.truncate(tokens);
+    batch.positions.truncate(tokens);
+    batch.types.truncate(tokens);
+    batch.segments.truncate(segments);
+}
+
+fn f32_tensor(name: &str, shape: Vec<i64>, values: &[f32]) -> Tensor {
+    let mut data = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    Tensor {
+        name: name.to_string(),
+        datatype: DataType::Fp32,
+        shape,
+        data: Bytes::from(data),
+    }
+}
+
+/// An integer input as i64 values with its [rows, width] shape.
+fn read_ids(tensor: &Tensor) -> Result<(Vec<i64>, usize, usize, bool)> {
+    let values: Vec<i64> = match tensor.datatype {
+        DataType::Int64 => tensor
+            .data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect(),
+        DataType::Int32 => tensor
+            .data
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+            .collect(),
+        other => {
+            return Err(Error::invalid(format!(
+                "input '{}' must be INT64 or INT32, not {other}",
+                tensor.name
+            )))
+        }
+    };
+    let (rows, width, batched) = match tensor.shape[..] {
+        [w] => (1, w as usize, false),
+        [r, w] => (r as usize, w as usize, true),
+        _ => {
+            return Err(Error::invalid(format!(
+                "input '{}' must have shape [batch, tokens] or [tokens], got {:?}",
+                tensor.name, tensor.shape
+            )))
+        }
+    };
+    Ok((values, rows, width, batched))
+}
+
+/// Appends a request's real tokens to `batch`: one segment per row.
+fn pack_request(
+    encoder: &Encoder,
+    request: &BackendRequest,
+    batch: &mut PackedBatch,
+) -> Result<RequestRows> {
+    let dims = &encoder.dims;
+    let find = |name: &str| request.inputs.iter().find(|t| t.name == name);
+    let ids_tensor =
+        find(INPUT_IDS).ok_or_else(|| Error::invalid(format!("missing input '{INPUT_IDS}'")))?;
+    let (ids, rows, width, batched) = read_ids(ids_tensor)?;
+    let same_shape = |name: &str| -> Result<Option<Vec<i64>>> {
+        let Some(t) = find(name) else { return Ok(None) };
+        if t.shape != ids_tensor.shape {
+            return Err(Error::invalid(format!(
+                "input '{name}' has shape {:?}, input '{INPUT_IDS}' has {:?}",
+                t.shape, ids_tensor.shape
+            )));
+        }
+        Ok(Some(read_ids(t)?.0))
+    };
+    let mask = same_shape(ATTENTION_MASK)?;
+    let types = same_shape(TOKEN_TYPE_IDS)?;
+    let first_segment = batch.segments.len();
+    let mut columns = Vec::new();
+    for r in 0..rows {
+        let row = &ids[r * width..(r + 1) * width];
+        let start = batch.tokens();
+        let mut roberta_position = dims.pad_token_id;
+        for (c, &id) in row.iter().enumerate() {
+            if id < 0 || id as usize >= dims.vocab {
+                return Err(Error::invalid(format!(
+                    "input '{INPUT_IDS}'[{r}, {c}] is {id}, outside the vocabulary of {} tokens",
+                    dims.vocab
+                )));
+            }
+            // Positions follow Hugging Face: the column for BERT and DistilBERT,
+            // padding_idx + rank of the non-padding token for RoBERTa.
+            let position = if dims.family == Family::Roberta {
+                if id as u32 == dims.pad_token_id {
+                    dims.pad_token_id
+                } else {
+                    roberta_position += 1;
+                    roberta_position
+                }
+            } else {
+                c as u32
+            };
+            let real = mask.as_ref().is_none_or(|m| m[r * width + c] != 0);
+            if !real {
+                continue;
+            }
+            if position as usize >= dims.max_positions {
+                return Err(Error::invalid(format!(
+                    "input '{INPUT_IDS}' row {r} is too long: token {c} needs position {position}, the model has {} position embeddings",
+                    dims.max_positions
+                )));
+            }
+            let token_type = match &types {
+                Some(t) => {
+                    let v = t[r * width + c];
+                    if v < 0 || v as usize >= dims.type_vocab.max(1) {
+                        return Err(Error::invalid(format!(
+                            "input '{TOKEN_TYPE_IDS}'[{r}, {c}] is {v}; the model has {} token types",
+                            dims.type_vocab.max(1)
+                        )));
+                    }
+                    v as u32
+                }
+                None => 0,
+            };
+            batch.ids.push(id as u32);
+            batch.positions.push(position);
+            batch.types.push(token_type);
+            columns.push(c as u32);
+        }
+        batch.segments.push(Segment {
+            start,
+            len: batch.tokens() - start,
+        });
+    }
+    Ok(RequestRows {
+        rows,
+        width,
+        batched,
+        columns,
+        first_segment,
+    })
+}
+
+/// Padded mode: every segment grows to the batch's longest with padding tokens that
+/// no query attends to (what an engine with a [batch, max_len] layout computes).
+fn pad_batch(encoder: &Encoder, batch: &mut PackedBatch) {
+    let longest = batch.segments.iter().map(|s| s.len).max().unwrap_or(0);
+    let old = std::mem::take(batch);
+    let mut valid = Vec::with_capacity(old.segments.len() * longest);
+    for seg in &old.segments {
+        let start = batch.tokens();
+        for t in seg.start..seg.start + seg.len {
+            batch.ids.push(old.ids[t]);
+            batch.positions.push(old.positions[t]);
+            batch.types.push(old.types[t]);
+            valid.push(true);
+        }
+        for _ in seg.len..longest {
+            batch.ids.push(encoder.dims.pad_token_id);
+            batch.positions.push(0);
+            batch.types.push(0);
+            valid.push(false);
+        }
+        batch.segments.push(Segment {
+            start,
+            len: longest,
+        });
+    }
+    batch.key_valid = Some(valid);
+}

@@ -22,6 +22,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Measure a served model: latency and throughput at each concurrency (like perf_analyzer).
     Perf(crate::perf::PerfArgs),
+    /// Turn a Hugging Face checkpoint folder into model repository entries
+    /// (tokenizer, encoder and pipeline), ready to serve.
+    Import(crate::import::ImportArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -179,6 +179,37 @@ impl Tensor {
     }
 
     /// The data as a flat JSON array.
+    /// Numeric elements as f64 (BYTES is an error naming the tensor).
+    pub fn to_f64(&self) -> Result<Vec<f64>> {
+        let size = self.datatype.element_size().ok_or_else(|| {
+            Error::invalid(format!("tensor '{}' is BYTES, not numeric", self.name))
+        })?;
+        Ok(self
+            .data
+            .chunks_exact(size)
+            .map(|chunk| {
+                decode_json_element(self.datatype, chunk)
+                    .as_f64()
+                    .unwrap_or(0.0)
+            })
+            .collect())
+    }
+
+    /// A BYTES tensor of UTF-8 strings.
+    pub fn from_strings(name: &str, shape: Vec<i64>, strings: &[String]) -> Tensor {
+        let mut data = Vec::with_capacity(strings.iter().map(|s| s.len() + 4).sum());
+        for s in strings {
+            data.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            data.extend_from_slice(s.as_bytes());
+        }
+        Tensor {
+            name: name.to_string(),
+            datatype: DataType::Bytes,
+            shape,
+            data: Bytes::from(data),
+        }
+    }
+
     pub fn to_json(&self) -> Result<Value> {
         let mut values = Vec::new();
         match self.datatype.element_size() {

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 MODELS = ("simple", "simple_string", "simple_identity")
 
-READY_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 30.0
 CLIENT_TIMEOUT_S = 10.0
 
@@ -54,8 +54,16 @@ def copy_model_repository(dest: Path) -> Path:
             pytrace=False,
         )
     target = dest / "model_repository"
-    shutil.copytree(MODEL_REPOSITORY, target)
+    # Weights are linked, not copied: the server only reads them.
+    shutil.copytree(MODEL_REPOSITORY, target, copy_function=_link_large)
     return target
+
+
+def _link_large(src, dst):
+    if src.endswith(".safetensors"):
+        os.symlink(os.path.abspath(src), dst)
+    else:
+        shutil.copy2(src, dst)
 
 
 class WispServer:
@@ -114,11 +122,12 @@ def _wait_ready(server: WispServer) -> None:
 
 
 @contextlib.contextmanager
-def run_wisp(workdir: Path, mode: str = "none", load_models=()):
-    """Starts wisp on a private copy of the model repository; stops it with SIGTERM and
-    asserts a graceful exit (code 0 within 30 s)."""
+def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path = None):
+    """Starts wisp on a private copy of the model repository (or on `repository`); stops it
+    with SIGTERM and asserts a graceful exit (code 0 within 30 s)."""
     binary = wisp_bin()
-    repository = copy_model_repository(workdir)
+    if repository is None:
+        repository = copy_model_repository(workdir)
     http_port, metrics_port = free_port(), free_port()
     while metrics_port == http_port:
         metrics_port = free_port()

@@ -46,6 +46,17 @@ struct OutputJson {
 pub struct OutputRequest {
     pub name: String,
     pub binary: bool,
+    /// Triton's classification extension: the top `k` classes per batch row instead of
+    /// the raw output.
+    pub classification: Option<Classification>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Classification {
+    pub k: usize,
+    pub labels: Vec<String>,
+    /// Whether the output's first dimension is the batch.
+    pub batched: bool,
 }
 
 /// A parsed inference request.
@@ -171,13 +182,7 @@ pub fn parse_request(
         let owner = format!("output '{}'", output.name);
         for key in output.parameters.keys() {
             match key.as_str() {
-                "binary_data" => {}
-                "classification" => {
-                    return Err(Error::invalid(format!(
-                        "{owner} asks for classification, which model '{}' does not support",
-                        config.name
-                    )))
-                }
+                "binary_data" | "classification" => {}
                 other => {
                     return Err(Error::invalid(format!(
                         "{owner} has unknown parameter '{other}'"
@@ -187,9 +192,39 @@ pub fn parse_request(
         }
         let binary =
             bool_parameter(&output.parameters, "binary_data", &owner)?.unwrap_or(binary_default);
+        let classification = match output.parameters.get("classification") {
+            None => None,
+            Some(value) => {
+                let k = value
+                    .as_u64()
+                    .filter(|k| (1..=10_000).contains(k))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "parameter 'classification' of {owner} must be a positive integer (the number of classes), got {value}"
+                        ))
+                    })?;
+                let declared = config.output(&output.name).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{owner} asks for classification, but model '{}' has no such output",
+                        config.name
+                    ))
+                })?;
+                if declared.datatype == DataType::Bytes {
+                    return Err(Error::invalid(format!(
+                        "{owner} is BYTES; classification needs a numeric output"
+                    )));
+                }
+                Some(Classification {
+                    k: k as usize,
+                    labels: declared.labels.clone(),
+                    batched: config.max_batch_size > 0,
+                })
+            }
+        };
         outputs.push(OutputRequest {
             name: output.name,
             binary,
+            classification,
         });
     }
 
@@ -209,6 +244,32 @@ pub fn parse_request(
         outputs,
         binary_default,
     })
+}
+
+/// Triton's classification extension: per batch row, the `k` largest values as
+/// `"value:index"` or `"value:index:label"` BYTES, best first.
+fn classify(tensor: &Tensor, classification: &Classification) -> Result<Tensor> {
+    let values = tensor.to_f64()?;
+    let (rows, lead) = match (classification.batched, tensor.shape.first()) {
+        (true, Some(&b)) if b > 0 => (b as usize, vec![b]),
+        _ => (1, Vec::new()),
+    };
+    let per_row = values.len() / rows.max(1);
+    let k = classification.k.min(per_row);
+    let mut strings = Vec::with_capacity(rows * k);
+    for row in values.chunks(per_row.max(1)).take(rows) {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &i in &order[..k] {
+            strings.push(match classification.labels.get(i) {
+                Some(label) => format!("{:.6}:{i}:{label}", row[i]),
+                None => format!("{:.6}:{i}", row[i]),
+            });
+        }
+    }
+    let mut shape = lead;
+    shape.push(k as i64);
+    Ok(Tensor::from_strings(&tensor.name, shape, &strings))
 }
 
 /// A body that is the data of the model's only input (`Inference-Header-Content-Length: 0`).
@@ -311,12 +372,12 @@ pub fn encode_response(
     let mut json_outputs = Vec::with_capacity(outputs.len());
     let mut binary_parts: Vec<Bytes> = Vec::new();
     for tensor in outputs {
-        let binary = request
-            .outputs
-            .iter()
-            .find(|o| o.name == tensor.name)
-            .map(|o| o.binary)
-            .unwrap_or(request.binary_default);
+        let wanted = request.outputs.iter().find(|o| o.name == tensor.name);
+        let binary = wanted.map(|o| o.binary).unwrap_or(request.binary_default);
+        let tensor = match wanted.and_then(|o| o.classification.as_ref()) {
+            Some(classification) => classify(&tensor, classification)?,
+            None => tensor,
+        };
         let mut out = json!({
             "name": tensor.name,
             "datatype": tensor.datatype.as_str(),

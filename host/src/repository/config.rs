@@ -70,6 +70,10 @@ pub struct TensorConfig {
     /// An input the client may leave out.
     #[serde(default)]
     pub optional: bool,
+    /// Class names by index, for Triton's classification extension on this output
+    /// (`"score:index:label"` strings).
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 fn datatype_from_str<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<DataType, D::Error> {

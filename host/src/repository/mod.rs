@@ -96,6 +96,9 @@ fn hash_folder(dir: &Path, hasher: &mut std::collections::hash_map::DefaultHashe
     }
 }
 
+/// Files up to this size are fingerprinted by content.
+const CONTENT_HASH_LIMIT: u64 = 16 << 20;
+
 fn fingerprint(paths: &[&Path]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for path in paths {
@@ -106,7 +109,11 @@ fn fingerprint(paths: &[&Path]) -> u64 {
                 if let Ok(m) = meta.modified() {
                     m.hash(&mut hasher);
                 }
-                std::fs::read(path).unwrap_or_default().hash(&mut hasher);
+                // Configs and components are hashed; large weight files are identified
+                // by size and modification time (reading a gigabyte every poll is not).
+                if meta.len() <= CONTENT_HASH_LIMIT {
+                    std::fs::read(path).unwrap_or_default().hash(&mut hasher);
+                }
             }
             Err(_) => 0u8.hash(&mut hasher),
         }

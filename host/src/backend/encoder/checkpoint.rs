@@ -180,7 +180,7 @@ fn read_labels(config: &Value) -> Vec<String> {
 }
 
 /// sentence-transformers' pooling: `1_Pooling/config.json` and a `Normalize` module in
-/// `modules.json`. Absent files mean mean pooling with normalisation off.
+/// `modules.json`. Absent files mean mean pooling, normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     Mean,
@@ -202,8 +202,11 @@ impl Pooling {
 pub fn sentence_transformers_pooling(folder: &Path) -> Result<(Option<Pooling>, bool)> {
     let modules_file = folder.join("modules.json");
     let mut pooling_dir = folder.join("1_Pooling");
-    let mut normalize = false;
+    // Without modules.json the embedding is normalised (what embedding users expect);
+    // with it, only when it lists a Normalize module, as sentence-transformers does.
+    let mut normalize = true;
     if let Ok(text) = std::fs::read_to_string(&modules_file) {
+        normalize = false;
         let modules: Value = serde_json::from_str(&text).map_err(|e| {
             Error::invalid(format!("{} is not valid JSON: {e}", modules_file.display()))
         })?;

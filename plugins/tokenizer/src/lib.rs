@@ -1,0 +1,206 @@
+//! A HuggingFace `tokenizer.json` as a wisp model: text in, BERT-style input
+//! tensors out, for an ensemble to feed an encoder model.
+//!
+//! Parameters (config.toml `[parameters]`):
+//! - `tokenizer_file`: in the version folder, default `tokenizer.json`.
+//! - `mode`: `single` (default) or `qa`.
+//! - `max_length`: longest encoding, special tokens included (default 512).
+//! - `doc_stride`: qa only, tokens shared by consecutive context windows (default 128).
+//! - `max_windows`: qa only, most windows one request may produce (default 64).
+//! - `pad_id`: default the tokenizer.json padding id, else `[PAD]`/`<pad>`, else 0.
+//!
+//! The truncation and padding that tokenizer.json ships are replaced: encodings
+//! are cut at `max_length` and padded only to the longest of their request.
+//!
+//! `single`: `TEXT` (BYTES, n elements of any shape) gives `input_ids`,
+//! `attention_mask` and `token_type_ids`, INT64 `[n, L]`.
+//!
+//! `qa`: `QUESTION` and `CONTEXT` (BYTES, n elements each) give the same three
+//! as `[W, L]` for the W windows of all pairs, plus `offsets` INT64 `[W, L, 2]`
+//! (character offsets into the context of context tokens, -1 elsewhere) and
+//! `window_owner` INT64 `[W]` (the pair of each window).
+
+mod encode;
+
+use encode::{Batch, EncodeError, Encoder, Mode, Options};
+use wisp_plugin_sdk::{
+    export_model, log, Error, Level, Model, ModelInfo, Parameter, ParameterValue, Parameters,
+    Request, Response, Tensor,
+};
+
+// Tokenizing makes many small, short-lived allocations; talc serves them
+// markedly faster than wasi-libc's dlmalloc (about 1.2x the throughput here).
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
+struct TokenizerModel {
+    encoder: Encoder,
+}
+
+impl Model for TokenizerModel {
+    fn init(info: ModelInfo) -> Result<Self, Error> {
+        let params = &info.parameters;
+        let defaults = Options::default();
+        let mode = match params.get("mode") {
+            None => Mode::Single,
+            Some(ParameterValue::Text(m)) if m == "single" => Mode::Single,
+            Some(ParameterValue::Text(m)) if m == "qa" => Mode::Qa,
+            Some(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "parameter 'mode' must be \"single\" or \"qa\", got {}",
+                    show(other)
+                )))
+            }
+        };
+        let options = Options {
+            mode,
+            max_length: count(params, "max_length", defaults.max_length, 1)?,
+            doc_stride: count(params, "doc_stride", defaults.doc_stride, 0)?,
+            max_windows: count(params, "max_windows", defaults.max_windows, 1)?,
+            pad_id: match params.get("pad_id") {
+                None => None,
+                Some(_) => Some(integer(params, "pad_id")?),
+            },
+        };
+        let file = match params.get("tokenizer_file") {
+            None => "tokenizer.json",
+            Some(ParameterValue::Text(f)) => f.as_str(),
+            Some(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "parameter 'tokenizer_file' must be a file name, got {}",
+                    show(other)
+                )))
+            }
+        };
+        // The version folder is preopened as ".".
+        let tokenizer = tokenizers::Tokenizer::from_file(format!("./{file}"))
+            .map_err(|e| Error::Unavailable(format!("cannot load tokenizer '{file}': {e}")))?;
+        let encoder = Encoder::new(tokenizer, options.clone()).map_err(Error::InvalidInput)?;
+        log(
+            Level::Info,
+            &format!(
+                "{} v{}: {file} ({} tokens), mode {mode:?}, max_length {}, pad_id {}",
+                info.name,
+                info.version,
+                encoder.vocab_size(),
+                options.max_length,
+                encoder.pad_id()
+            ),
+        );
+        Ok(TokenizerModel { encoder })
+    }
+
+    // The SDK's `execute_batch` runs requests one by one, each with its own
+    // result; Wasm has no threads to do better.
+    fn execute(&mut self, request: Request) -> Result<Response, Error> {
+        let encoded = match self.encoder.mode() {
+            Mode::Single => {
+                let texts = texts(&request, "TEXT")?;
+                self.encoder
+                    .encode_single(&texts)
+                    .map(|batch| (batch, None))
+            }
+            Mode::Qa => {
+                let questions = texts(&request, "QUESTION")?;
+                let contexts = texts(&request, "CONTEXT")?;
+                if questions.len() != contexts.len() {
+                    return Err(Error::InvalidInput(format!(
+                        "QUESTION has {} elements, CONTEXT has {}; they must pair up",
+                        questions.len(),
+                        contexts.len()
+                    )));
+                }
+                self.encoder
+                    .encode_qa(&questions, &contexts)
+                    .map(|qa| (qa.batch, Some((qa.offsets, qa.window_owner))))
+            }
+        };
+        let (batch, qa) = encoded.map_err(|e| match e {
+            EncodeError::Input(m) => Error::InvalidInput(m),
+            EncodeError::Internal(m) => Error::Internal(m),
+        })?;
+
+        let Batch {
+            rows,
+            width,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+        } = batch;
+        let (rows, width) = (rows as i64, width as i64);
+        let mut outputs = vec![
+            ("input_ids", vec![rows, width], input_ids),
+            ("attention_mask", vec![rows, width], attention_mask),
+            ("token_type_ids", vec![rows, width], token_type_ids),
+        ];
+        if let Some((offsets, window_owner)) = qa {
+            outputs.push(("offsets", vec![rows, width, 2], offsets));
+            outputs.push(("window_owner", vec![rows], window_owner));
+        }
+        Ok(Response {
+            outputs: outputs
+                .into_iter()
+                .filter(|(name, ..)| request.wants_output(name))
+                .map(|(name, shape, values)| Tensor::from_slice(name, &shape, &values))
+                .collect(),
+            parameters: Vec::new(),
+        })
+    }
+}
+
+/// The UTF-8 elements of BYTES input `name`.
+fn texts<'a>(request: &'a Request, name: &str) -> Result<Vec<&'a str>, Error> {
+    let tensor = request.input(name)?;
+    let elements = tensor.bytes_elements()?;
+    if elements.len() != tensor.element_count() {
+        return Err(Error::InvalidInput(format!(
+            "{name} holds {} elements, its shape {:?} says {}",
+            elements.len(),
+            tensor.shape,
+            tensor.element_count()
+        )));
+    }
+    elements
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            std::str::from_utf8(e)
+                .map_err(|err| Error::InvalidInput(format!("{name}[{i}] is not UTF-8: {err}")))
+        })
+        .collect()
+}
+
+/// An integer parameter, given as an integer or as text (TOML or JSON clients).
+fn integer(params: &[Parameter], name: &str) -> Result<i64, Error> {
+    params.get_i64(name).ok_or_else(|| {
+        let got = Parameters::get(params, name).map_or("nothing".into(), show);
+        Error::InvalidInput(format!("parameter '{name}' must be an integer, got {got}"))
+    })
+}
+
+/// A parameter value as its config.toml or JSON spelling.
+fn show(value: &ParameterValue) -> String {
+    match value {
+        ParameterValue::Boolean(b) => b.to_string(),
+        ParameterValue::Integer(i) => i.to_string(),
+        ParameterValue::Double(d) => d.to_string(),
+        ParameterValue::Text(t) => format!("{t:?}"),
+    }
+}
+
+/// A count parameter of at least `min`, `default` when absent.
+fn count(params: &[Parameter], name: &str, default: usize, min: usize) -> Result<usize, Error> {
+    if Parameters::get(params, name).is_none() {
+        return Ok(default);
+    }
+    let value = integer(params, name)?;
+    usize::try_from(value)
+        .ok()
+        .filter(|&v| v >= min)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!("parameter '{name}' must be >= {min}, got {value}"))
+        })
+}
+
+export_model!(TokenizerModel);

@@ -15,7 +15,11 @@ fn main() {
         .num_threads(threads)
         .build()
         .expect("thread pool");
-    println!("threads: {threads}");
+    wisp::backend::encoder::linear::set_engine_threads(threads);
+    println!(
+        "threads: {threads}, engine: {} (WISP_GEMM=gemm|openblas selects)",
+        wisp::backend::encoder::linear::engine()
+    );
     println!(
         "{:>6} {:>6} {:>6} {:>10} {:>10}",
         "M", "K", "N", "ms", "GFLOP/s"

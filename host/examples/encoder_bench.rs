@@ -70,6 +70,11 @@ fn main() {
         .num_threads(threads)
         .build()
         .unwrap();
+    wisp::backend::encoder::linear::set_engine_threads(threads);
+    println!(
+        "  wisp GEMM engine: {}",
+        wisp::backend::encoder::linear::engine()
+    );
     let mut runner = Runner::new(encoder, !padded, threads);
     let cases: Map<String, Value> =
         serde_json::from_str(&std::fs::read_to_string(&cases_path).expect("read cases"))
@@ -130,7 +135,8 @@ fn main() {
     results.insert("embeddings".into(), Value::Object(embeddings));
     results.insert(
         "settings".into(),
-        json!({"threads": threads, "remove_padding": !padded}),
+        json!({"threads": threads, "remove_padding": !padded,
+               "gemm": wisp::backend::encoder::linear::engine()}),
     );
     if let Some(out) = out {
         std::fs::write(&out, serde_json::to_string_pretty(&results).unwrap()).expect("write --out");

@@ -1,13 +1,100 @@
-//! Dense layers on the `gemm` crate: y[M,N] (+)= x[M,K] · W[N,K]^T with W in the
-//! checkpoint's own [out, in] layout, so memory-mapped weights are used in place.
+//! Dense layers: y[M,N] (+)= x[M,K] · W[N,K]^T with W in the checkpoint's own [out, in]
+//! layout, so memory-mapped weights are used in place.
 //!
-//! `gemm` packs both operands into cache blocks and picks AVX2/AVX-512/NEON kernels at
-//! run time; `cargo bench --bench gemm` measures it on the encoder's shapes (see
-//! docs/MEASUREMENTS.md for the comparison with OpenBLAS).
+//! Two GEMM engines, measured on the encoder's shapes by `cargo bench --bench gemm`
+//! (docs/MEASUREMENTS.md): OpenBLAS's sgemm, loaded at run time when the system has
+//! `libopenblas.so.0` (Debian: libopenblas0-pthread), and the pure-Rust `gemm` crate
+//! otherwise. OpenBLAS is faster on the large products; nothing is needed at build time
+//! and a machine without it still runs. `WISP_GEMM=gemm|openblas` forces one.
 
 use gemm::Parallelism;
+use std::sync::OnceLock;
 
-/// How many threads of the current rayon pool a GEMM may use.
+type Sgemm = unsafe extern "C" fn(
+    order: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    b: *const f32,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+
+struct OpenBlas {
+    sgemm: Sgemm,
+    set_threads: unsafe extern "C" fn(i32),
+    /// Keeps the library mapped for the function pointers above.
+    _library: libloading::Library,
+}
+
+static OPENBLAS: OnceLock<Option<OpenBlas>> = OnceLock::new();
+
+fn openblas() -> Option<&'static OpenBlas> {
+    OPENBLAS
+        .get_or_init(|| {
+            let choice = std::env::var("WISP_GEMM").unwrap_or_default();
+            if choice == "gemm" {
+                return None;
+            }
+            let loaded = load_openblas();
+            if loaded.is_none() && choice == "openblas" {
+                tracing::warn!("WISP_GEMM=openblas but libopenblas.so.0 could not be loaded");
+            }
+            loaded
+        })
+        .as_ref()
+}
+
+fn load_openblas() -> Option<OpenBlas> {
+    for name in ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"] {
+        // SAFETY: loading OpenBLAS runs its initialisers, which only set up its thread
+        // pool; the symbols are looked up with the C signatures OpenBLAS documents.
+        unsafe {
+            let Ok(library) = libloading::Library::new(name) else {
+                continue;
+            };
+            let sgemm = library.get::<Sgemm>(b"cblas_sgemm\0").ok().map(|f| *f);
+            let set_threads = library
+                .get::<unsafe extern "C" fn(i32)>(b"openblas_set_num_threads\0")
+                .ok()
+                .map(|f| *f);
+            if let (Some(sgemm), Some(set_threads)) = (sgemm, set_threads) {
+                return Some(OpenBlas {
+                    sgemm,
+                    set_threads,
+                    _library: library,
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Which engine runs the large GEMMs, for logs and benchmark reports.
+pub fn engine() -> &'static str {
+    if openblas().is_some() {
+        "openblas"
+    } else {
+        "gemm"
+    }
+}
+
+/// Keeps OpenBLAS single-threaded: wisp splits products over its own rayon threads.
+pub fn set_engine_threads(_threads: usize) {
+    if let Some(blas) = openblas() {
+        // SAFETY: a plain setter of OpenBLAS's global thread count.
+        unsafe { (blas.set_threads)(1) }
+    }
+}
+
+/// How many parts a GEMM is split into on the current rayon pool.
 #[derive(Debug, Clone, Copy)]
 pub struct Threads(pub usize);
 
@@ -17,6 +104,11 @@ const PARALLEL_THRESHOLD: usize = 48 * 48 * 48;
 
 /// `y = x · wᵀ` (or `y += x · wᵀ` when `accumulate`), all row-major:
 /// x is [m, k], w is [n, k], y is [m, n].
+///
+/// Parallel products are split here, over the rows of x when there are many (each task
+/// packs only its rows) and over the rows of w otherwise, and every part runs
+/// single-threaded on the current rayon pool: one set of threads for the whole encoder,
+/// none left spinning in a BLAS thread pool between calls.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_transposed(
     y: &mut [f32],
@@ -32,36 +124,141 @@ pub fn matmul_transposed(
     if m == 0 || n == 0 {
         return;
     }
-    let parallelism = if threads.0 > 1 && m * k * n >= PARALLEL_THRESHOLD {
-        Parallelism::Rayon(threads.0)
+    let parts = if m * k * n >= PARALLEL_THRESHOLD {
+        threads.0.max(1)
     } else {
-        Parallelism::None
+        1
     };
-    // SAFETY: the asserts above keep every access inside the slices: dst is m×n with
-    // row stride n, lhs m×k with row stride k, rhs(kk, j) = w[j·k + kk].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+    if parts == 1 {
+        // SAFETY: the assert above bounds the whole product.
+        unsafe {
+            kernel(
+                y.as_mut_ptr(),
+                n,
+                x.as_ptr(),
+                w.as_ptr(),
+                m,
+                k,
+                n,
+                accumulate,
+            )
+        };
+        return;
     }
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let y_ptr = &y_ptr;
+    if m >= 4 * n.min(512) || m >= 512 {
+        // Split rows of x (and y): 8-row aligned blocks.
+        let block = m.div_ceil(parts).next_multiple_of(8);
+        rayon::scope(|s| {
+            for start in (0..m).step_by(block) {
+                let rows = block.min(m - start);
+                s.spawn(move |_| {
+                    // SAFETY: each task writes rows start..start+rows of y only.
+                    unsafe {
+                        kernel(
+                            y_ptr.0.add(start * n),
+                            n,
+                            x.as_ptr().add(start * k),
+                            w.as_ptr(),
+                            rows,
+                            k,
+                            n,
+                            accumulate,
+                        )
+                    }
+                });
+            }
+        });
+    } else {
+        // Split rows of w (columns of y): 16-column aligned blocks.
+        let block = n.div_ceil(parts).next_multiple_of(16);
+        rayon::scope(|s| {
+            for start in (0..n).step_by(block) {
+                let cols = block.min(n - start);
+                s.spawn(move |_| {
+                    // SAFETY: each task writes columns start..start+cols of y only.
+                    unsafe {
+                        kernel_cols(
+                            y_ptr.0.add(start),
+                            n,
+                            x.as_ptr(),
+                            w.as_ptr().add(start * k),
+                            m,
+                            k,
+                            cols,
+                            accumulate,
+                        )
+                    }
+                });
+            }
+        });
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: handed to tasks that write disjoint parts of the buffer.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// y[m, n] (row stride ldy) (+)= x[m, k] · w[n, k]ᵀ on this thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    y: *mut f32,
+    ldy: usize,
+    x: *const f32,
+    w: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    kernel_cols(y, ldy, x, w, m, k, n, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_cols(
+    y: *mut f32,
+    ldy: usize,
+    x: *const f32,
+    w: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if let Some(blas) = openblas() {
+        const ROW_MAJOR: i32 = 101;
+        const NO_TRANS: i32 = 111;
+        const TRANS: i32 = 112;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        (blas.sgemm)(
+            ROW_MAJOR, NO_TRANS, TRANS, m as i32, n as i32, k as i32, 1.0, x, k as i32, w,
+            k as i32, beta, y, ldy as i32,
+        );
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        y,
+        1,
+        ldy as isize,
+        accumulate,
+        x,
+        1,
+        k as isize,
+        w,
+        k as isize,
+        1,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
 }
 
 /// A strided single-threaded product for attention's per-head blocks:

@@ -141,6 +141,7 @@ impl EncoderBackend {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (cores / instances).max(1)
         };
+        linear::set_engine_threads(threads);
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
         for index in 0..instances {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -163,6 +164,7 @@ impl EncoderBackend {
             hidden = encoder.dims.hidden,
             instances,
             threads,
+            gemm = linear::engine(),
             "encoder loaded"
         );
         Ok(EncoderBackend {

@@ -147,8 +147,11 @@ pub fn matmul_transposed(
     }
     let y_ptr = SendPtr(y.as_mut_ptr());
     let y_ptr = &y_ptr;
-    if m >= 4 * n.min(512) || m >= 512 {
+    if m >= 512 {
         // Split rows of x (and y): 8-row aligned blocks.
+        // More parts than threads when rows are plenty, so a preempted thread's share
+        // is taken over by the other threads (rayon steals the spawned parts).
+        let parts = if m >= 256 * parts { 2 * parts } else { parts };
         let block = m.div_ceil(parts).next_multiple_of(8);
         rayon::scope(|s| {
             for start in (0..m).step_by(block) {

@@ -44,9 +44,22 @@ impl EnsembleBackend {
             step_configs.push(model.config.clone());
         }
         // Where each ensemble tensor comes from: an ensemble input or one step's output.
-        let mut producers: HashMap<&str, (String, &TensorConfig)> = HashMap::new();
+        // Shapes are compared whole: a batching model's tensors have a leading -1.
+        let full = |dims: &[i64], batching: bool| -> Vec<i64> {
+            let mut v = if batching { vec![-1] } else { Vec::new() };
+            v.extend_from_slice(dims);
+            v
+        };
+        let mut producers: HashMap<&str, (String, &TensorConfig, bool)> = HashMap::new();
         for input in &config.inputs {
-            producers.insert(&input.name, ("the ensemble's inputs".into(), input));
+            producers.insert(
+                &input.name,
+                (
+                    "the ensemble's inputs".into(),
+                    input,
+                    config.max_batch_size > 0,
+                ),
+            );
         }
         for (i, (step, composing)) in config.steps.iter().zip(&step_configs).enumerate() {
             for (step_output, tensor) in &step.output_map {
@@ -56,14 +69,18 @@ impl EnsembleBackend {
                         step.model
                     ))
                 })?;
-                if let Some((other, _)) = producers.get(tensor.as_str()) {
+                if let Some((other, _, _)) = producers.get(tensor.as_str()) {
                     return Err(Error::invalid(format!(
                         "step {i}: tensor '{tensor}' is already produced by {other}"
                     )));
                 }
                 producers.insert(
                     tensor,
-                    (format!("step {i} (model '{}')", step.model), declared),
+                    (
+                        format!("step {i} (model '{}')", step.model),
+                        declared,
+                        composing.max_batch_size > 0,
+                    ),
                 );
             }
         }
@@ -75,17 +92,19 @@ impl EnsembleBackend {
                         step.model
                     ))
                 })?;
-                let (from, produced) = producers.get(tensor.as_str()).ok_or_else(|| {
+                let (from, produced, batching) = producers.get(tensor.as_str()).ok_or_else(|| {
                     Error::invalid(format!(
                         "step {i}: tensor '{tensor}' (for input '{step_input}') is neither an ensemble input nor any step's output"
                     ))
                 })?;
+                let produced_dims = full(&produced.dims, *batching);
+                let wanted_dims = full(&wanted.dims, composing.max_batch_size > 0);
                 if produced.datatype != wanted.datatype
-                    || !dims_compatible(&produced.dims, &wanted.dims)
+                    || !dims_compatible(&produced_dims, &wanted_dims)
                 {
                     return Err(Error::invalid(format!(
                         "step {i}: tensor '{tensor}' from {from} is {} {:?}, but input '{step_input}' of model '{}' is {} {:?}",
-                        produced.datatype, produced.dims, step.model, wanted.datatype, wanted.dims
+                        produced.datatype, produced_dims, step.model, wanted.datatype, wanted_dims
                     )));
                 }
             }
@@ -99,18 +118,21 @@ impl EnsembleBackend {
             }
         }
         for output in &config.outputs {
-            let (from, produced) = producers.get(output.name.as_str()).ok_or_else(|| {
-                Error::invalid(format!(
-                    "ensemble output '{}' is produced by no step",
-                    output.name
-                ))
-            })?;
+            let (from, produced, batching) =
+                producers.get(output.name.as_str()).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "ensemble output '{}' is produced by no step",
+                        output.name
+                    ))
+                })?;
+            let produced_dims = full(&produced.dims, *batching);
+            let declared_dims = full(&output.dims, config.max_batch_size > 0);
             if produced.datatype != output.datatype
-                || !dims_compatible(&produced.dims, &output.dims)
+                || !dims_compatible(&produced_dims, &declared_dims)
             {
                 return Err(Error::invalid(format!(
                     "ensemble output '{}' is declared {} {:?} but {from} produces {} {:?}",
-                    output.name, output.datatype, output.dims, produced.datatype, produced.dims
+                    output.name, output.datatype, declared_dims, produced.datatype, produced_dims
                 )));
             }
         }

@@ -349,11 +349,13 @@ impl Checkpoint {
         }
         let raw = &self.map[*offset..*offset + *bytes];
         let data = match dtype {
-            Dtype::F32 if (self.map.as_ptr() as usize + offset) % 4 == 0 => WeightData::Mapped {
-                map: self.map.clone(),
-                offset: *offset,
-                len: bytes / 4,
-            },
+            Dtype::F32 if (self.map.as_ptr() as usize + offset).is_multiple_of(4) => {
+                WeightData::Mapped {
+                    map: self.map.clone(),
+                    offset: *offset,
+                    len: bytes / 4,
+                }
+            }
             Dtype::F32 => WeightData::Owned(
                 raw.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

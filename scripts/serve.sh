@@ -6,6 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+# OpenBLAS makes the CPU encoder's large GEMMs faster; without it wisp uses the gemm crate.
+if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.so.0'; then
+    if [ "$(id -u)" = 0 ]; then apt-get install -y -q libopenblas0-pthread >/dev/null || true
+    elif command -v sudo >/dev/null; then sudo apt-get install -y -q libopenblas0-pthread >/dev/null || true
+    fi
+fi
 ./scripts/build-plugins.sh
 cargo build --release -p wisp
 ./scripts/fetch-models.sh

@@ -4,7 +4,7 @@ pub mod encoder;
 pub mod ensemble;
 pub mod wasm;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::repository::config::ParameterValue;
 use crate::tensor::Tensor;
 use std::future::Future;
@@ -61,4 +61,42 @@ pub trait Backend: Send + Sync {
         let _ = instance;
         self.execute(requests)
     }
+}
+
+/// A batch waiting for a backend's instance thread, and where its results go.
+pub struct Job {
+    pub requests: Vec<BackendRequest>,
+    pub reply: tokio::sync::oneshot::Sender<Execution>,
+}
+
+/// Hands a batch to instance threads through a bounded queue and waits for the result.
+/// A full queue fails the batch at once with 503 (`capacity` names the bound).
+pub async fn submit_job(
+    queue: &crossbeam_channel::Sender<Job>,
+    requests: Vec<BackendRequest>,
+    label: &str,
+    capacity: usize,
+) -> Execution {
+    let count = requests.len();
+    let fail_all = |e: Error| Execution {
+        results: (0..count).map(|_| Err(e.clone())).collect(),
+        times: ExecutionTimes::default(),
+    };
+    let (reply, result) = tokio::sync::oneshot::channel();
+    match queue.try_send(Job { requests, reply }) {
+        Ok(()) => {}
+        Err(crossbeam_channel::TrySendError::Full(_)) => {
+            return fail_all(Error::unavailable(format!(
+                "model '{label}' has {capacity} batches waiting; try again later"
+            )))
+        }
+        Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+            return fail_all(Error::unavailable(format!("model '{label}' is unloading")))
+        }
+    }
+    result.await.unwrap_or_else(|_| {
+        fail_all(Error::internal(format!(
+            "model '{label}' dropped the batch"
+        )))
+    })
 }

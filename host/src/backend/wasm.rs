@@ -10,7 +10,9 @@
 //! running code (epochs) and cancels host waits such as a plugin's sleep. An
 //! instance that traps or times out is dropped and its thread starts a fresh one.
 
-use super::{Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes};
+use super::{
+    submit_job, Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes, Job,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repository::config::{ModelConfig, ParameterValue};
 use crate::tensor::{DataType, Tensor};
@@ -19,7 +21,6 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -382,12 +383,6 @@ pub struct WasmBackend {
     label: Arc<str>,
 }
 
-/// A batch waiting for an instance, and where its results go.
-struct Job {
-    requests: Vec<BackendRequest>,
-    reply: oneshot::Sender<Execution>,
-}
-
 /// Epoch ticks for a timeout; +1 because the current tick may be about to end.
 fn ticks_for(timeout: Duration) -> u64 {
     (timeout.as_millis() as u64).div_ceil(EPOCH_TICK.as_millis() as u64) + 1
@@ -716,45 +711,14 @@ async fn run_batch(
     execution
 }
 
-impl WasmBackend {
-    async fn submit(
-        &self,
-        queue: &crossbeam_channel::Sender<Job>,
-        requests: Vec<BackendRequest>,
-    ) -> Execution {
-        let count = requests.len();
-        let fail_all = |e: Error| Execution {
-            results: (0..count).map(|_| Err(e.clone())).collect(),
-            times: ExecutionTimes::default(),
-        };
-        let (reply, result) = oneshot::channel();
-        match queue.try_send(Job { requests, reply }) {
-            Ok(()) => {}
-            Err(crossbeam_channel::TrySendError::Full(_)) => {
-                return fail_all(Error::unavailable(format!(
-                    "model '{}' has {MAX_WAITING_BATCHES} batches waiting; try again later",
-                    self.label
-                )))
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return fail_all(Error::unavailable(format!(
-                    "model '{}' is unloading",
-                    self.label
-                )))
-            }
-        }
-        result.await.unwrap_or_else(|_| {
-            fail_all(Error::internal(format!(
-                "model '{}' dropped the batch",
-                self.label
-            )))
-        })
-    }
-}
-
 impl Backend for WasmBackend {
     fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
-        Box::pin(self.submit(&self.jobs, requests))
+        Box::pin(submit_job(
+            &self.jobs,
+            requests,
+            &self.label,
+            MAX_WAITING_BATCHES,
+        ))
     }
 
     fn instances(&self) -> usize {
@@ -767,6 +731,11 @@ impl Backend for WasmBackend {
         requests: Vec<BackendRequest>,
     ) -> BoxFuture<'_, Execution> {
         let queue = &self.pinned[instance % self.pinned.len()];
-        Box::pin(self.submit(queue, requests))
+        Box::pin(submit_job(
+            queue,
+            requests,
+            &self.label,
+            MAX_WAITING_BATCHES,
+        ))
     }
 }

@@ -10,7 +10,9 @@ pub mod linear;
 pub mod model;
 pub mod ops;
 
-use super::{Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes};
+use super::{
+    submit_job, Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes, Job,
+};
 use crate::error::{Error, Result};
 use crate::repository::config::{ModelConfig, ParameterValue};
 use crate::tensor::{DataType, Tensor};
@@ -22,7 +24,6 @@ use ops::Segment;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::oneshot;
 
 /// Batches waiting for an instance before `execute` answers 503.
 const MAX_WAITING_BATCHES: usize = 256;
@@ -109,11 +110,6 @@ pub fn load_encoder(settings: &EncoderSettings, version_dir: &Path) -> Result<En
     Encoder::load(dims, &checkpoint, head, pooling, normalize)
 }
 
-struct Job {
-    requests: Vec<BackendRequest>,
-    reply: oneshot::Sender<Execution>,
-}
-
 pub struct EncoderBackend {
     label: String,
     jobs: crossbeam_channel::Sender<Job>,
@@ -173,41 +169,16 @@ impl EncoderBackend {
             instances,
         })
     }
-
-    async fn submit(&self, requests: Vec<BackendRequest>) -> Execution {
-        let count = requests.len();
-        let fail_all = |e: Error| Execution {
-            results: (0..count).map(|_| Err(e.clone())).collect(),
-            times: ExecutionTimes::default(),
-        };
-        let (reply, result) = oneshot::channel();
-        match self.jobs.try_send(Job { requests, reply }) {
-            Ok(()) => {}
-            Err(crossbeam_channel::TrySendError::Full(_)) => {
-                return fail_all(Error::unavailable(format!(
-                    "model '{}' has {MAX_WAITING_BATCHES} batches waiting; try again later",
-                    self.label
-                )))
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return fail_all(Error::unavailable(format!(
-                    "model '{}' is unloading",
-                    self.label
-                )))
-            }
-        }
-        result.await.unwrap_or_else(|_| {
-            fail_all(Error::internal(format!(
-                "model '{}' dropped the batch",
-                self.label
-            )))
-        })
-    }
 }
 
 impl Backend for EncoderBackend {
     fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
-        Box::pin(self.submit(requests))
+        Box::pin(submit_job(
+            &self.jobs,
+            requests,
+            &self.label,
+            MAX_WAITING_BATCHES,
+        ))
     }
 
     fn instances(&self) -> usize {

@@ -56,23 +56,7 @@ impl Model for QaDecode {
         expect_shape(owner, &[w], "start_logits")?;
 
         let context = request.input("CONTEXT")?;
-        let elements = context.bytes_elements()?;
-        if elements.len() != context.element_count() {
-            return Err(Error::InvalidInput(format!(
-                "CONTEXT holds {} elements, its shape {:?} says {}",
-                elements.len(),
-                context.shape,
-                context.element_count()
-            )));
-        }
-        let contexts = elements
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                std::str::from_utf8(e)
-                    .map_err(|err| Error::InvalidInput(format!("CONTEXT[{i}] is not UTF-8: {err}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let contexts = context.utf8_elements()?;
 
         let (start_logits, end_logits) = (start.to_vec::<f32>()?, end.to_vec::<f32>()?);
         let (offsets, owner) = (offsets.to_vec::<i64>()?, owner.to_vec::<i64>()?);

@@ -115,6 +115,30 @@ impl Tensor {
         Ok(elements)
     }
 
+    /// The elements of a BYTES tensor as UTF-8 text; an error names the element that is
+    /// not, or says when the elements do not match the shape.
+    pub fn utf8_elements(&self) -> Result<Vec<&str>, Error> {
+        let elements = self.bytes_elements()?;
+        if elements.len() != self.element_count() {
+            return Err(Error::InvalidInput(format!(
+                "{} holds {} elements, its shape {:?} says {}",
+                self.name,
+                elements.len(),
+                self.shape,
+                self.element_count()
+            )));
+        }
+        elements
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                std::str::from_utf8(e).map_err(|err| {
+                    Error::InvalidInput(format!("{}[{i}] is not UTF-8: {err}", self.name))
+                })
+            })
+            .collect()
+    }
+
     /// A BYTES tensor from its elements.
     pub fn from_bytes_elements<I, E>(name: &str, shape: &[i64], elements: I) -> Tensor
     where

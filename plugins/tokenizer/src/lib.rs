@@ -151,24 +151,7 @@ impl Model for TokenizerModel {
 
 /// The UTF-8 elements of BYTES input `name`.
 fn texts<'a>(request: &'a Request, name: &str) -> Result<Vec<&'a str>, Error> {
-    let tensor = request.input(name)?;
-    let elements = tensor.bytes_elements()?;
-    if elements.len() != tensor.element_count() {
-        return Err(Error::InvalidInput(format!(
-            "{name} holds {} elements, its shape {:?} says {}",
-            elements.len(),
-            tensor.shape,
-            tensor.element_count()
-        )));
-    }
-    elements
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| {
-            std::str::from_utf8(e)
-                .map_err(|err| Error::InvalidInput(format!("{name}[{i}] is not UTF-8: {err}")))
-        })
-        .collect()
+    request.input(name)?.utf8_elements()
 }
 
 /// An integer parameter, given as an integer or as text (TOML or JSON clients).

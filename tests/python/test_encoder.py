@@ -376,3 +376,63 @@ def test_bert_qa_rejects_mismatched_inputs(qa_server):
             inputs.append(t)
         with pytest.raises(InferenceServerException, match="QUESTION.*CONTEXT|CONTEXT.*QUESTION"):
             client.infer("bert_qa", inputs)
+
+
+# ------------------------------------------------------------------ classification through wisp import
+
+
+@pytest.fixture(scope="module")
+def classify_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    repo = root / "repository"
+    checkpoints = {}
+    for arch, head in (("distilbert", "classification"), ("roberta", "token_classification")):
+        ckpt = root / f"{arch}-{head}"
+        ref.write_checkpoint(str(ckpt), arch, head, seed=7, max_position=MAX_POSITION)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["id2label"] = {str(k): v for k, v in enumerate(LABELS)}
+        (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+        subprocess.run(
+            [str(wisp_bin()), "import", str(ckpt), "--repository", str(repo), "--name", head,
+             "--components", str(COMPONENTS)],
+            check=True, capture_output=True,
+        )
+        checkpoints[head] = ckpt
+    with run_wisp(root, repository=repo) as server:
+        server.checkpoints = checkpoints
+        yield server
+
+
+def reference_single(ckpt, texts, max_length):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tok.enable_truncation(max_length=max_length)
+    tok.no_padding()
+    encodings = tok.encode_batch(texts)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    ids, mask = ref.pad_rows([e.ids for e in encodings], pad_id=cfg.get("pad_token_id", 0))
+    return ref.forward(str(ckpt), ids, mask)["logits"], mask
+
+
+def test_imported_classification_pipelines_match_reference(classify_server):
+    texts = ["The quick brown fox, naïve café-au-lait for €4.50!", "hello world",
+             "Where is the river? " * 12]
+    with classify_server.client() as client:
+        result = client.infer("classification", [text_input("TEXT", texts)],
+                              outputs=[httpclient.InferRequestedOutput("LOGITS", class_count=2)])
+        labels = result.as_numpy("LOGITS")
+        tokens = client.infer("token_classification", [text_input("TEXT", texts)])
+        token_logits = tokens.as_numpy("LOGITS")
+    want, _ = reference_single(classify_server.checkpoints["classification"], texts, MAX_POSITION)
+    for row, logits in zip(labels, want):
+        best = int(np.argmax(logits))
+        value, index, label = row[0].decode().split(":")
+        assert (int(index), label) == (best, LABELS[best])
+        assert abs(float(value) - logits[best]) < 1e-4
+    # RoBERTa: positions start at pad_token_id + 1, so the longest input is 2 shorter.
+    want, mask = reference_single(classify_server.checkpoints["token_classification"], texts,
+                                  MAX_POSITION)
+    assert token_logits.shape == want.shape
+    real = mask.astype(bool)
+    np.testing.assert_allclose(token_logits[real], want[real], rtol=1e-4, atol=2e-5)

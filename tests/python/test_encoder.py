@@ -200,6 +200,8 @@ def test_bad_encoder_inputs_are_rejected_by_name(encoder_server):
         long_ids, long_mask, long_types = random_rows("bert", [MAX_POSITION + 1], seed=2)
         with pytest.raises(InferenceServerException, match="too long"):
             infer_encoder(client, model, "embedding", long_ids, long_mask, long_types)
+        with pytest.raises(InferenceServerException, match="row 0 has no tokens to encode"):
+            infer_encoder(client, model, "embedding", ids, np.zeros_like(mask), types)
         bad_types = types.copy()
         bad_types[0, 0] = 7
         with pytest.raises(InferenceServerException, match="token_type_ids"):

@@ -267,7 +267,26 @@ impl Runner {
 
     fn serve(mut self, pool: rayon::ThreadPool, queue: crossbeam_channel::Receiver<Job>) {
         while let Ok(job) = queue.recv() {
-            let execution = pool.install(|| self.run(&job.requests));
+            let count = job.requests.len();
+            // A bug must fail its batch, not take the instance down with it.
+            let execution = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| self.run(&job.requests))
+            }))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(%message, "encoder batch panicked");
+                self.batch = PackedBatch::default();
+                Execution {
+                    results: (0..count)
+                        .map(|_| Err(Error::internal(format!("the encoder failed: {message}"))))
+                        .collect(),
+                    times: ExecutionTimes::default(),
+                }
+            });
             let _ = job.reply.send(execution);
         }
     }
@@ -522,6 +541,11 @@ fn pack_request(
             batch.positions.push(position);
             batch.types.push(token_type);
             columns.push(c as u32);
+        }
+        if batch.tokens() == start {
+            return Err(Error::invalid(format!(
+                "row {r} has no tokens to encode ('{INPUT_IDS}' is empty or '{ATTENTION_MASK}' is all 0)"
+            )));
         }
         batch.segments.push(Segment {
             start,

@@ -14,7 +14,7 @@ use super::{
     submit_job, Backend, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes, Job,
 };
 use crate::error::{Error, Result};
-use crate::repository::config::{ModelConfig, ParameterValue};
+use crate::repository::config::{InstanceKind, ModelConfig, ParameterValue};
 use crate::tensor::{DataType, Tensor};
 use bytes::Bytes;
 use checkpoint::{Checkpoint, Dimensions, Family, Pooling};
@@ -120,6 +120,16 @@ impl EncoderBackend {
     pub fn load(config: &ModelConfig, version: u64, version_dir: &Path) -> Result<EncoderBackend> {
         let label = format!("{} (version {version})", config.name);
         let settings = EncoderSettings::from_config(config)?;
+        if config
+            .instance_group
+            .iter()
+            .any(|g| g.kind == InstanceKind::Gpu)
+        {
+            return Err(Error::invalid(format!(
+                "model '{}': instance_group kind \"gpu\" is not available for the encoder in this build; use kind = \"cpu\"",
+                config.name
+            )));
+        }
         let encoder = Arc::new(
             load_encoder(&settings, version_dir)
                 .map_err(|e| e.context(format!("model '{}'", config.name)))?,

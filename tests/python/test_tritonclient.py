@@ -11,6 +11,13 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 
+# Every model folder of the default repository.
+DEFAULT_MODELS = {
+    "simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence",
+    "minilm_embed", "minilm_embed_tokenizer", "minilm_embed_encoder",
+}
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -336,7 +343,7 @@ def test_statistics_after_infers(client):
 
     all_stats = client.get_inference_statistics()
     names = {s["name"] for s in all_stats["model_stats"]}
-    assert names == {"simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence"}
+    assert names == DEFAULT_MODELS
 
 
 def test_statistics_count_failures(client):
@@ -430,7 +437,7 @@ def is_ready(entries):
 
 def test_repository_index_explicit(explicit_client):
     by_name = index_by_name(explicit_client)
-    assert set(by_name) == {"simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence"}
+    assert set(by_name) == DEFAULT_MODELS
     assert is_ready(by_name["simple"])
     assert [e.get("version") for e in by_name["simple"] if e.get("state") == "READY"] == ["1"]
     assert not is_ready(by_name["simple_string"])

@@ -182,7 +182,7 @@ pub fn matmul_transposed(
                 s.spawn(move |_| {
                     // SAFETY: each task writes columns start..start+cols of y only.
                     unsafe {
-                        kernel_cols(
+                        kernel(
                             y_ptr.0.add(start),
                             n,
                             x.as_ptr(),
@@ -199,28 +199,15 @@ pub fn matmul_transposed(
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: handed to tasks that write disjoint parts of the buffer.
+/// A buffer pointer handed to rayon tasks that each write a disjoint part of it.
+pub(super) struct SendPtr(pub *mut f32);
+// SAFETY: every user splits the buffer so that no two tasks write the same element.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
 /// y[m, n] (row stride ldy) (+)= x[m, k] · w[n, k]ᵀ on this thread.
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel(
-    y: *mut f32,
-    ldy: usize,
-    x: *const f32,
-    w: *const f32,
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
-    kernel_cols(y, ldy, x, w, m, k, n, accumulate)
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_cols(
     y: *mut f32,
     ldy: usize,
     x: *const f32,

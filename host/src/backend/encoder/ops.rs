@@ -1,7 +1,7 @@
 //! The encoder's element-wise and attention kernels (f32, written so LLVM vectorises
 //! them), fused where a separate pass over the activations would cost a memory trip.
 
-use super::linear::matmul_strided;
+use super::linear::{matmul_strided, SendPtr};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -268,11 +268,6 @@ pub fn attention(
         });
     });
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint column ranges of one buffer to rayon tasks.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 multiversion! {
     /// Numerically stable softmax over one row of scores; keys whose `valid` entry is

@@ -6,6 +6,7 @@ pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod error;
+pub mod gpu;
 pub mod import;
 pub mod metrics;
 pub mod model;

@@ -1,8 +1,8 @@
 //! Prometheus metrics, in Triton's names where Triton has them so dashboards carry over.
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -20,6 +20,11 @@ pub struct Metrics {
     pub queue_latency: HistogramVec,
     pub compute_latency: HistogramVec,
     pub model_ready: IntGaugeVec,
+    gpu_utilization: GaugeVec,
+    gpu_memory_used: GaugeVec,
+    gpu_memory_total: GaugeVec,
+    /// NVML, when this machine has NVIDIA GPUs; read at every scrape.
+    gpu_monitor: Option<crate::gpu::monitor::GpuMonitor>,
 }
 
 const MODEL_VERSION: &[&str] = &["model", "version"];
@@ -82,7 +87,18 @@ impl Metrics {
         registry
             .register(Box::new(model_ready.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["gpu_uuid"]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
         Metrics {
+            gpu_utilization: gauge("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)"),
+            gpu_memory_used: gauge("nv_gpu_memory_used_bytes", "GPU used memory, in bytes"),
+            gpu_memory_total: gauge("nv_gpu_memory_total_bytes", "GPU total memory, in bytes"),
+            gpu_monitor: crate::gpu::monitor::GpuMonitor::open(),
             request_success: counter(
                 "nv_inference_request_success",
                 "Number of successful inference requests",
@@ -135,6 +151,20 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        if let Some(monitor) = &self.gpu_monitor {
+            for sample in monitor.sample() {
+                let labels = [sample.uuid.as_str()];
+                self.gpu_utilization
+                    .with_label_values(&labels)
+                    .set(sample.utilization);
+                self.gpu_memory_used
+                    .with_label_values(&labels)
+                    .set(sample.memory_used_bytes as f64);
+                self.gpu_memory_total
+                    .with_label_values(&labels)
+                    .set(sample.memory_total_bytes as f64);
+            }
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

@@ -58,12 +58,9 @@ fn main() {
     let padded = args.iter().any(|a| a == "--padded");
 
     let settings = EncoderSettings {
-        checkpoint: model.into(),
-        head: None,
-        pooling: None,
-        normalize: None,
         threads,
         remove_padding: !padded,
+        ..EncoderSettings::new(model)
     };
     let encoder = Arc::new(load_encoder(&settings, std::path::Path::new(".")).expect("load"));
     let pool = rayon::ThreadPoolBuilder::new()

@@ -25,6 +25,9 @@ pub enum Command {
     /// Turn a Hugging Face checkpoint folder into model repository entries
     /// (tokenizer, encoder and pipeline), ready to serve.
     Import(crate::import::ImportArgs),
+    /// GPU encoder checks and benchmarks: kernels against their CPU twins, models
+    /// against the CPU encoder, throughput and latency.
+    Gpu(crate::gpu_cli::GpuArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod gpu;
+pub mod gpu_cli;
 pub mod import;
 pub mod metrics;
 pub mod model;

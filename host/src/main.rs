@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => runtime.block_on(wisp::server::serve(args)),
         Command::Perf(args) => runtime.block_on(wisp::perf::run(args)),
         Command::Import(args) => wisp::import::run(args),
+        Command::Gpu(args) => wisp::gpu_cli::run(args).map_err(anyhow::Error::from),
     };
     // Do not wait on blocking tasks (a model still loading) past shutdown.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));

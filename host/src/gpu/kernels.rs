@@ -111,6 +111,7 @@ impl Kernels {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         function: &CudaFunction,

@@ -45,6 +45,15 @@ impl GpuMonitor {
         // SAFETY: NVIDIA's library; only its documented entry points are called.
         unsafe {
             let library = libloading::Library::new("libnvidia-ml.so.1").ok()?;
+            let devices = Self::devices(&library)?;
+            Some(GpuMonitor { library, devices })
+        }
+    }
+
+    /// # Safety
+    /// `library` is NVML.
+    unsafe fn devices(library: &libloading::Library) -> Option<Vec<(Device, String)>> {
+        unsafe {
             let init: libloading::Symbol<unsafe extern "C" fn() -> i32> =
                 library.get(b"nvmlInit_v2\0").ok()?;
             if init() != 0 {
@@ -74,8 +83,7 @@ impl GpuMonitor {
                 };
                 devices.push((device, id));
             }
-            drop((count, by_index, uuid, init));
-            Some(GpuMonitor { library, devices })
+            Some(devices)
         }
     }
 

@@ -365,3 +365,26 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
     }
     Ok(checks)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_matches_its_cpu_twin_on_the_gpu() {
+        let gpu = match Gpu::open(0) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                eprintln!("skipped: no GPU here ({e})");
+                return;
+            }
+        };
+        let checks = run(&gpu).unwrap_or_else(|e| panic!("{e}"));
+        let failed: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.passed())
+            .map(|c| c.to_string())
+            .collect();
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
+}

@@ -6,6 +6,7 @@
 //! batch of short and long sequences costs its real tokens.
 
 pub mod checkpoint;
+pub mod gpu;
 pub mod linear;
 pub mod model;
 pub mod ops;
@@ -45,18 +46,35 @@ pub struct EncoderSettings {
     /// false runs every sequence padded to the batch's longest, as padded engines do
     /// (for comparison and tests; results are the same).
     pub remove_padding: bool,
+    /// "fp32" (CPU instances) or "fp16" (GPU instances); None: each kind's own.
+    pub precision: Option<Precision>,
+    /// GPU instances replay CUDA graphs per launch shape (false: launch kernels directly).
+    pub cuda_graphs: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Fp16,
 }
 
 impl EncoderSettings {
-    pub fn from_config(config: &ModelConfig) -> Result<EncoderSettings> {
-        let mut settings = EncoderSettings {
-            checkpoint: PathBuf::from("."),
+    /// The defaults for the checkpoint in `checkpoint`.
+    pub fn new(checkpoint: impl Into<PathBuf>) -> EncoderSettings {
+        EncoderSettings {
+            checkpoint: checkpoint.into(),
             head: None,
             pooling: None,
             normalize: None,
             threads: 0,
             remove_padding: true,
-        };
+            precision: None,
+            cuda_graphs: true,
+        }
+    }
+
+    pub fn from_config(config: &ModelConfig) -> Result<EncoderSettings> {
+        let mut settings = EncoderSettings::new(".");
         let bad = |key: &str, want: &str| {
             Error::invalid(format!(
                 "model '{}': parameter '{key}' must be {want}",
@@ -81,12 +99,23 @@ impl EncoderSettings {
                 ("normalize", ParameterValue::Bool(b)) => settings.normalize = Some(*b),
                 ("threads", ParameterValue::Int(n)) if *n >= 0 => settings.threads = *n as usize,
                 ("remove_padding", ParameterValue::Bool(b)) => settings.remove_padding = *b,
+                ("cuda_graphs", ParameterValue::Bool(b)) => settings.cuda_graphs = *b,
+                ("precision", ParameterValue::Text(p)) => {
+                    settings.precision = Some(match p.as_str() {
+                        "fp32" => Precision::Fp32,
+                        "fp16" => Precision::Fp16,
+                        _ => return Err(bad(key, "\"fp32\" (CPU) or \"fp16\" (GPU)")),
+                    })
+                }
+                ("precision", _) => return Err(bad(key, "\"fp32\" (CPU) or \"fp16\" (GPU)")),
                 ("head" | "pooling", _) => return Err(bad(key, "a string")),
-                ("normalize" | "remove_padding", _) => return Err(bad(key, "true or false")),
+                ("normalize" | "remove_padding" | "cuda_graphs", _) => {
+                    return Err(bad(key, "true or false"))
+                }
                 ("threads", _) => return Err(bad(key, "a non-negative integer")),
                 (other, _) => {
                     return Err(Error::invalid(format!(
-                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding)",
+                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding, precision, cuda_graphs)",
                         config.name
                     )))
                 }
@@ -120,46 +149,91 @@ impl EncoderBackend {
     pub fn load(config: &ModelConfig, version: u64, version_dir: &Path) -> Result<EncoderBackend> {
         let label = format!("{} (version {version})", config.name);
         let settings = EncoderSettings::from_config(config)?;
-        if config
-            .instance_group
-            .iter()
-            .any(|g| g.kind == InstanceKind::Gpu)
-        {
-            return Err(Error::invalid(format!(
-                "model '{}': instance_group kind \"gpu\" is not available for the encoder in this build; use kind = \"cpu\"",
-                config.name
-            )));
+        let count = |kind: InstanceKind| -> usize {
+            config
+                .instance_group
+                .iter()
+                .filter(|g| g.kind == kind)
+                .map(|g| g.count as usize)
+                .sum()
+        };
+        let gpu_instances = count(InstanceKind::Gpu);
+        let cpu_instances = if config.instance_group.is_empty() {
+            1
+        } else {
+            count(InstanceKind::Cpu)
+        };
+        match (settings.precision, cpu_instances > 0, gpu_instances > 0) {
+            (Some(Precision::Fp16), true, _) => {
+                return Err(Error::invalid(format!(
+                    "model '{}': precision \"fp16\" runs on GPU instances only; CPU instances compute in fp32",
+                    config.name
+                )))
+            }
+            (Some(Precision::Fp32), _, true) => {
+                return Err(Error::invalid(format!(
+                    "model '{}': GPU instances compute in precision \"fp16\", not \"fp32\"",
+                    config.name
+                )))
+            }
+            _ => {}
         }
         let encoder = Arc::new(
             load_encoder(&settings, version_dir)
                 .map_err(|e| e.context(format!("model '{}'", config.name)))?,
         );
         check_signature(config, &encoder)?;
-        let instances: usize = config
-            .instance_group
-            .iter()
-            .map(|g| g.count as usize)
-            .sum::<usize>()
-            .max(1);
+        let instances = cpu_instances + gpu_instances;
+        let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
+        let mut device = None;
+        if gpu_instances > 0 {
+            let gpu = crate::gpu::Gpu::open(0).map_err(|e| {
+                Error::unavailable(format!(
+                    "model '{}': instance_group kind \"gpu\" needs a GPU: {e}",
+                    config.name
+                ))
+            })?;
+            device = Some(format!("{} ({})", gpu.name, gpu.arch));
+            let weights = Arc::new(
+                gpu::GpuEncoder::load(gpu, encoder.clone())
+                    .map_err(|e| e.context(format!("model '{}' on the GPU", config.name)))?,
+            );
+            for index in 0..gpu_instances {
+                let mut runner = gpu::GpuRunner::new(
+                    weights.clone(),
+                    settings.remove_padding,
+                    settings.cuda_graphs,
+                )?;
+                runner.warm_up().map_err(|e| {
+                    e.context(format!("model '{}': GPU warm-up failed", config.name))
+                })?;
+                let queue = queue.clone();
+                std::thread::Builder::new()
+                    .name(format!("encoder-gpu-{index}"))
+                    .spawn(move || serve(queue, |requests| runner.run(requests)))
+                    .map_err(|e| Error::internal(format!("cannot start encoder instance: {e}")))?;
+            }
+        }
         let threads = if settings.threads > 0 {
             settings.threads
         } else {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / instances).max(1)
+            (cores / cpu_instances.max(1)).max(1)
         };
-        linear::set_engine_threads(threads);
-        let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
-        for index in 0..instances {
+        if cpu_instances > 0 {
+            linear::set_engine_threads(threads);
+        }
+        for index in 0..cpu_instances {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(move |t| format!("encoder-{index}-{t}"))
                 .build()
                 .map_err(|e| Error::internal(format!("cannot start encoder threads: {e}")))?;
             let queue = queue.clone();
-            let runner = Runner::new(encoder.clone(), settings.remove_padding, threads);
+            let mut runner = Runner::new(encoder.clone(), settings.remove_padding, threads);
             std::thread::Builder::new()
                 .name(format!("encoder-{index}"))
-                .spawn(move || runner.serve(pool, queue))
+                .spawn(move || serve(queue, |requests| pool.install(|| runner.run(requests))))
                 .map_err(|e| Error::internal(format!("cannot start encoder instance: {e}")))?;
         }
         tracing::info!(
@@ -168,7 +242,9 @@ impl EncoderBackend {
             head = encoder.head_kind.as_str(),
             layers = encoder.dims.layers,
             hidden = encoder.dims.hidden,
-            instances,
+            cpu_instances,
+            gpu_instances,
+            gpu = device.as_deref().unwrap_or("none"),
             threads,
             gemm = linear::engine(),
             "encoder loaded"
@@ -241,7 +317,7 @@ fn check_signature(config: &ModelConfig, encoder: &Encoder) -> Result<()> {
 }
 
 /// One request's rows, as unpacked from its tensors.
-struct RequestRows {
+pub(crate) struct RequestRows {
     rows: usize,
     /// Padded length of each row in the request.
     width: usize,
@@ -251,6 +327,34 @@ struct RequestRows {
     columns: Vec<u32>,
     /// First segment of this request in the packed batch.
     first_segment: usize,
+}
+
+/// An instance's loop: runs each batch from `queue` with `run` and replies. A panic
+/// (a bug) fails its batch, not the instance.
+fn serve(
+    queue: crossbeam_channel::Receiver<Job>,
+    mut run: impl FnMut(&[BackendRequest]) -> Execution,
+) {
+    while let Ok(job) = queue.recv() {
+        let count = job.requests.len();
+        let execution =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&job.requests)))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(%message, "encoder batch panicked");
+                    Execution {
+                        results: (0..count)
+                            .map(|_| Err(Error::internal(format!("the encoder failed: {message}"))))
+                            .collect(),
+                        times: ExecutionTimes::default(),
+                    }
+                });
+        let _ = job.reply.send(execution);
+    }
 }
 
 /// One instance: the encoder and its buffers. `run` uses the rayon pool it is called in.
@@ -272,32 +376,6 @@ impl Runner {
             batch: PackedBatch::default(),
             workspace: Workspace::default(),
             head_out: Vec::new(),
-        }
-    }
-
-    fn serve(mut self, pool: rayon::ThreadPool, queue: crossbeam_channel::Receiver<Job>) {
-        while let Ok(job) = queue.recv() {
-            let count = job.requests.len();
-            // A bug must fail its batch, not take the instance down with it.
-            let execution = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                pool.install(|| self.run(&job.requests))
-            }))
-            .unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(%message, "encoder batch panicked");
-                self.batch = PackedBatch::default();
-                Execution {
-                    results: (0..count)
-                        .map(|_| Err(Error::internal(format!("the encoder failed: {message}"))))
-                        .collect(),
-                    times: ExecutionTimes::default(),
-                }
-            });
-            let _ = job.reply.send(execution);
         }
     }
 
@@ -346,7 +424,13 @@ impl Runner {
         }
         let inferred_at = Instant::now();
         for (i, rows) in packed {
-            results[i] = Some(Ok(self.unpack(&rows, &requests[i].requested_outputs)));
+            results[i] = Some(Ok(unpack(
+                &self.encoder,
+                &self.batch,
+                &self.head_out,
+                &rows,
+                &requests[i].requested_outputs,
+            )));
         }
         let done = Instant::now();
         Execution {
@@ -361,65 +445,71 @@ impl Runner {
             },
         }
     }
+}
 
-    fn unpack(&self, rows: &RequestRows, requested: &[String]) -> BackendResponse {
-        let width = self.encoder.head_width();
-        let segments = &self.batch.segments[rows.first_segment..rows.first_segment + rows.rows];
-        let lead: Vec<i64> = if rows.batched {
-            vec![rows.rows as i64]
-        } else {
-            Vec::new()
-        };
-        let mut outputs = Vec::new();
-        let mut push = |name: &str, extra: &[i64], values: Vec<f32>| {
-            if requested.is_empty() || requested.iter().any(|r| r == name) {
-                let mut shape = lead.clone();
-                shape.extend_from_slice(extra);
-                outputs.push(f32_tensor(name, shape, &values));
-            }
-        };
-        match self.encoder.head_kind {
-            HeadKind::Embedding | HeadKind::Classification => {
-                let first = rows.first_segment * width;
-                let values = self.head_out[first..first + rows.rows * width].to_vec();
-                let name = if self.encoder.head_kind == HeadKind::Embedding {
-                    "embedding"
-                } else {
-                    "logits"
-                };
-                push(name, &[width as i64], values);
-            }
-            HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
-                // Scatter packed tokens back to their columns; padding stays 0.
-                let mut values = vec![0f32; rows.rows * rows.width * width];
-                let mut columns = rows.columns.iter();
-                for (r, seg) in segments.iter().enumerate() {
-                    for t in seg.start..seg.start + seg.len {
-                        if let Some(valid) = &self.batch.key_valid {
-                            if !valid[t] {
-                                continue;
-                            }
+/// One request's outputs from the head's packed output (`head_out`).
+fn unpack(
+    encoder: &Encoder,
+    batch: &PackedBatch,
+    head_out: &[f32],
+    rows: &RequestRows,
+    requested: &[String],
+) -> BackendResponse {
+    let width = encoder.head_width();
+    let segments = &batch.segments[rows.first_segment..rows.first_segment + rows.rows];
+    let lead: Vec<i64> = if rows.batched {
+        vec![rows.rows as i64]
+    } else {
+        Vec::new()
+    };
+    let mut outputs = Vec::new();
+    let mut push = |name: &str, extra: &[i64], values: Vec<f32>| {
+        if requested.is_empty() || requested.iter().any(|r| r == name) {
+            let mut shape = lead.clone();
+            shape.extend_from_slice(extra);
+            outputs.push(f32_tensor(name, shape, &values));
+        }
+    };
+    match encoder.head_kind {
+        HeadKind::Embedding | HeadKind::Classification => {
+            let first = rows.first_segment * width;
+            let values = head_out[first..first + rows.rows * width].to_vec();
+            let name = if encoder.head_kind == HeadKind::Embedding {
+                "embedding"
+            } else {
+                "logits"
+            };
+            push(name, &[width as i64], values);
+        }
+        HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+            // Scatter packed tokens back to their columns; padding stays 0.
+            let mut values = vec![0f32; rows.rows * rows.width * width];
+            let mut columns = rows.columns.iter();
+            for (r, seg) in segments.iter().enumerate() {
+                for t in seg.start..seg.start + seg.len {
+                    if let Some(valid) = &batch.key_valid {
+                        if !valid[t] {
+                            continue;
                         }
-                        let Some(&c) = columns.next() else { break };
-                        let dst = (r * rows.width + c as usize) * width;
-                        values[dst..dst + width]
-                            .copy_from_slice(&self.head_out[t * width..(t + 1) * width]);
                     }
-                }
-                if self.encoder.head_kind == HeadKind::QuestionAnswering {
-                    let (start, end): (Vec<f32>, Vec<f32>) =
-                        values.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
-                    push("start_logits", &[rows.width as i64], start);
-                    push("end_logits", &[rows.width as i64], end);
-                } else {
-                    push("logits", &[rows.width as i64, width as i64], values);
+                    let Some(&c) = columns.next() else { break };
+                    let dst = (r * rows.width + c as usize) * width;
+                    values[dst..dst + width].copy_from_slice(&head_out[t * width..(t + 1) * width]);
                 }
             }
+            if encoder.head_kind == HeadKind::QuestionAnswering {
+                let (start, end): (Vec<f32>, Vec<f32>) =
+                    values.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+                push("start_logits", &[rows.width as i64], start);
+                push("end_logits", &[rows.width as i64], end);
+            } else {
+                push("logits", &[rows.width as i64, width as i64], values);
+            }
         }
-        BackendResponse {
-            outputs,
-            parameters: Vec::new(),
-        }
+    }
+    BackendResponse {
+        outputs,
+        parameters: Vec::new(),
     }
 }
 
@@ -573,7 +663,7 @@ fn pack_request(
 
 /// Padded mode: every segment grows to the batch's longest with padding tokens that
 /// no query attends to (what an engine with a [batch, max_len] layout computes).
-fn pad_batch(encoder: &Encoder, batch: &mut PackedBatch) {
+pub fn pad_batch(encoder: &Encoder, batch: &mut PackedBatch) {
     let longest = batch.segments.iter().map(|s| s.len).max().unwrap_or(0);
     let old = std::mem::take(batch);
     let mut valid = Vec::with_capacity(old.segments.len() * longest);

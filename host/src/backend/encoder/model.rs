@@ -83,29 +83,29 @@ pub enum Head {
     },
 }
 
-struct Embeddings {
-    word: Weight,
-    position: Weight,
-    token_type: Option<Weight>,
-    norm: (Weight, Weight),
+pub(super) struct Embeddings {
+    pub(super) word: Weight,
+    pub(super) position: Weight,
+    pub(super) token_type: Option<Weight>,
+    pub(super) norm: (Weight, Weight),
 }
 
-struct Layer {
+pub(super) struct Layer {
     /// Q, K and V projections stacked into one [3·hidden, hidden] matrix (a copy made
     /// at load, so one GEMM computes all three).
-    qkv_weight: Vec<f32>,
-    qkv_bias: Vec<f32>,
-    out: (Weight, Weight),
-    attention_norm: (Weight, Weight),
-    up: (Weight, Weight),
-    down: (Weight, Weight),
-    output_norm: (Weight, Weight),
+    pub(super) qkv_weight: Vec<f32>,
+    pub(super) qkv_bias: Vec<f32>,
+    pub(super) out: (Weight, Weight),
+    pub(super) attention_norm: (Weight, Weight),
+    pub(super) up: (Weight, Weight),
+    pub(super) down: (Weight, Weight),
+    pub(super) output_norm: (Weight, Weight),
 }
 
 pub struct Encoder {
     pub dims: Dimensions,
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+    pub(super) embeddings: Embeddings,
+    pub(super) layers: Vec<Layer>,
     pub head: Head,
     pub head_kind: HeadKind,
 }

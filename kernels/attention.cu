@@ -30,8 +30,8 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
                                           const int* __restrict__ seq_start,
                                           const unsigned char* __restrict__ key_valid,
                                           int hidden, int key_capacity, float scale) {
-    extern __shared__ float4 shared_raw[];
-    float* shared = reinterpret_cast<float*>(shared_raw);
+    // WMMA needs 32-byte aligned tiles.
+    extern __shared__ __align__(128) float shared[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int sequence = blockIdx.z, head = blockIdx.y;
     const int start = seq_start[sequence];

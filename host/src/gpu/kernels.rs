@@ -16,8 +16,8 @@ const ATTENTION_THREADS: u32 = 128;
 pub const MAX_SEQUENCE: usize = 512;
 /// Head sizes with an attention kernel.
 pub const HEAD_SIZES: [usize; 3] = [32, 64, 128];
-/// Rows of slack after every activation matrix: the attention kernel reads up to 15
-/// key rows and 63 query rows past a sequence's end.
+/// Rows of slack after every activation matrix: the attention kernel's 16-row tiles
+/// read up to 15 rows past a sequence's end (query and key rows alike).
 pub const SLACK_ROWS: usize = 64;
 
 pub const POOL_MEAN: i32 = 0;

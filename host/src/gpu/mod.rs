@@ -79,6 +79,13 @@ impl Gpu {
     }
 }
 
+/// Waits for all work of the context (setup paths only, never per batch).
+fn synchronize(gpu: &Gpu) -> Result<()> {
+    gpu.context
+        .synchronize()
+        .map_err(|e| driver_error("the GPU failed", e))
+}
+
 /// Device memory owned by wisp: a raw allocation (no cudarc event tracking), freed on drop.
 pub struct DeviceBuffer {
     context: Arc<CudaContext>,
@@ -112,6 +119,9 @@ impl DeviceBuffer {
         unsafe { sys::cuMemsetD8_v2(ptr, 0, bytes) }
             .result()
             .map_err(|e| driver_error("cannot clear device memory", e))?;
+        // The memset runs on the legacy stream, which wisp's non-blocking streams do not
+        // wait for: finish it before anyone uses the buffer.
+        synchronize(gpu)?;
         Ok(buffer)
     }
 
@@ -121,6 +131,8 @@ impl DeviceBuffer {
         // SAFETY: the buffer is at least as large as `values`.
         unsafe { driver::memcpy_htod_sync(buffer.ptr, values) }
             .map_err(|e| driver_error("cannot copy to the GPU", e))?;
+        // A pageable copy may return before its last transfer lands.
+        synchronize(gpu)?;
         Ok(buffer)
     }
 

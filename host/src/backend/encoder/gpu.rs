@@ -20,12 +20,15 @@ use crate::gpu::{DeviceBuffer, Gpu, PinnedBuffer};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaStream};
 use half::f16;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Graphs kept per instance; beyond this the cache starts over (bounded memory).
 const MAX_GRAPHS: usize = 96;
+/// Sequences per batch: the attention grid's z dimension (at most 65535) holds the
+/// bucket, a power of two.
+const MAX_SEQUENCES: usize = 32768;
 
 fn upload(gpu: &Gpu, values: &[f32]) -> Result<DeviceBuffer> {
     let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
@@ -231,6 +234,9 @@ pub struct GpuRunner {
     blas: Blas,
     activations: Option<Activations>,
     graphs: HashMap<Bucket, CudaGraph>,
+    /// Buckets run once directly: the second batch of a bucket is the one captured, so
+    /// first-time work (module loading, cuBLASLt heuristics) never happens in a capture.
+    seen: HashSet<Bucket>,
     use_graphs: bool,
     remove_padding: bool,
     batch: PackedBatch,
@@ -259,6 +265,7 @@ impl GpuRunner {
             blas,
             activations: None,
             graphs: HashMap::new(),
+            seen: HashSet::new(),
             use_graphs,
             remove_padding,
             batch: PackedBatch::default(),
@@ -275,6 +282,7 @@ impl GpuRunner {
         }
         let old = self.activations.take();
         self.graphs.clear();
+        self.seen.clear();
         let tokens = bucket.tokens.max(old.as_ref().map_or(0, |a| a.tokens));
         let sequences = bucket
             .sequences
@@ -455,12 +463,13 @@ impl GpuRunner {
 
     /// Runs the bucket's graph, capturing it the first time.
     fn launch(&mut self, bucket: &Bucket) -> Result<()> {
-        if !self.use_graphs {
+        if !self.use_graphs || self.seen.insert(*bucket) {
             return self.enqueue(bucket);
         }
         if !self.graphs.contains_key(bucket) {
             if self.graphs.len() >= MAX_GRAPHS {
                 self.graphs.clear();
+                self.seen.clear();
             }
             self.stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -487,6 +496,11 @@ impl GpuRunner {
         if max_len > MAX_SEQUENCE {
             return Err(Error::invalid(format!(
                 "a sequence of {max_len} tokens is longer than the GPU encoder's {MAX_SEQUENCE}"
+            )));
+        }
+        if sequences > MAX_SEQUENCES {
+            return Err(Error::invalid(format!(
+                "a batch of {sequences} sequences exceeds the GPU encoder's {MAX_SEQUENCES}"
             )));
         }
         let bucket = Bucket::of(tokens, sequences, max_len, self.batch.key_valid.is_some());
@@ -521,7 +535,19 @@ impl GpuRunner {
         // stream orders the copy before the kernels.
         unsafe { cudarc::driver::result::memcpy_htod_async(a.inputs.ptr, &input[..], stream) }
             .map_err(|e| cuda("cannot copy the batch to the GPU", e))?;
-        self.launch(&bucket)?;
+        let launched = self.launch(&bucket).and_then(|()| self.copy_out(&bucket));
+        if launched.is_err() {
+            // Nothing still queued may read the pinned inputs the next batch rewrites.
+            let _ = self.stream.synchronize();
+        }
+        launched
+    }
+
+    /// Copies the head's output back and waits for the stream.
+    fn copy_out(&mut self, bucket: &Bucket) -> Result<()> {
+        let (tokens, sequences) = (self.batch.tokens(), self.batch.segments.len());
+        debug_assert!(tokens <= bucket.tokens && sequences <= bucket.sequences);
+        let stream = self.stream.cu_stream();
         let width = self.weights.encoder.head_width();
         let count = match self.weights.head {
             GpuHead::PerToken { .. } => tokens * width,
@@ -603,8 +629,9 @@ impl GpuRunner {
         Ok(&self.head_out)
     }
 
-    /// Runs one short sequence, so kernels, cuBLASLt plans and a first graph are ready
-    /// (and a broken setup fails the load, not the first request).
+    /// Runs one short sequence twice (directly, then captured), so kernels, cuBLASLt
+    /// plans and a first graph are ready, and a broken setup fails the load rather than
+    /// the first request.
     pub fn warm_up(&mut self) -> Result<()> {
         let d = &self.weights.encoder.dims;
         let len = 8.min(d.max_positions);
@@ -622,7 +649,17 @@ impl GpuRunner {
             segments: vec![super::ops::Segment { start: 0, len }],
             key_valid: None,
         };
-        self.run_packed(batch).map(|_| ())
+        for _ in 0..2 {
+            self.batch = PackedBatch {
+                ids: batch.ids.clone(),
+                positions: batch.positions.clone(),
+                types: batch.types.clone(),
+                segments: batch.segments.clone(),
+                key_valid: None,
+            };
+            self.forward()?;
+        }
+        Ok(())
     }
 
     pub fn head_kind(&self) -> HeadKind {

@@ -12,6 +12,7 @@ use crate::backend::encoder::model::{HeadKind, PackedBatch, Workspace};
 use crate::backend::encoder::ops::Segment;
 use crate::backend::encoder::{load_encoder, pad_batch, EncoderSettings};
 use crate::error::{Error, Result};
+use crate::gpu::device::{CudaDevice, Device};
 use crate::gpu::{selftest, Gpu};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -136,9 +137,11 @@ fn check(gpu: Gpu, checkpoints: &[PathBuf], min_cosine: f64) -> Result<()> {
         println!("{check}");
         failed += usize::from(!check.passed());
     }
+    drop(gpu);
+    let device: Arc<dyn Device> = Arc::new(CudaDevice::open(0)?);
     for folder in checkpoints {
         let encoder = Arc::new(load_encoder(&settings(folder), std::path::Path::new("."))?);
-        let weights = Arc::new(GpuEncoder::load(Gpu::open(0)?, encoder.clone())?);
+        let weights = Arc::new(GpuEncoder::load(device.clone(), encoder.clone())?);
         let mut runner = GpuRunner::new(weights, true, true)?;
         for (case, lengths) in [
             ("one sequence", vec![128usize]),
@@ -241,7 +244,9 @@ fn bench(
     graphs: bool,
 ) -> Result<()> {
     let encoder = Arc::new(load_encoder(&settings(folder), std::path::Path::new("."))?);
-    let weights = Arc::new(GpuEncoder::load(gpu, encoder.clone())?);
+    drop(gpu);
+    let device: Arc<dyn Device> = Arc::new(CudaDevice::open(0)?);
+    let weights = Arc::new(GpuEncoder::load(device, encoder.clone())?);
     let mut runner = GpuRunner::new(weights, true, graphs)?;
     let layers = encoder.dims.layers;
     for &b in batches {

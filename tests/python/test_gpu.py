@@ -1,16 +1,22 @@
 """The GPU encoder (`[[instance_group]] kind = "gpu"`, fp16), end to end through the real
-server and tritonclient.
+server and tritonclient, as one suite over two runtimes:
 
-Without a GPU (CI, most laptops) the GPU tests skip and say why (`wisp gpu info`), and
-what must hold anyway is checked: a GPU instance group fails its load with the reason,
-and fp16 on CPU instances is refused by name. With a GPU, random-weight checkpoints of
-every family and head (head sizes 32 and 64) served on the GPU match the float64 NumPy
-reference within fp16 tolerance, packed and padded, and the MiniLM pipeline on the GPU
-matches sentence-transformers' embeddings.
+* "twin" (`gpu_runtime = "twin"`, every machine): the GPU runner's own code (packing,
+  launch-shape buckets, the device input layout, buffers, heads, unpacking) with each
+  kernel replaced by its CPU twin, so the GPU path and its fp16 numerics are tested in CI;
+* "cuda" (only with a GPU; otherwise skipped with the reason from `wisp gpu info`): the
+  real kernels, cuBLASLt and CUDA graphs.
+
+Each runtime serves random-weight checkpoints of every family and head (head sizes 32 and
+64), packed and padded, and must match the float64 NumPy reference within fp16
+tolerance; and all-MiniLM-L6-v2 through the minilm_embed pipeline must match
+sentence-transformers' embeddings (cosine ≥ 0.999). Load-time checks (a GPU group without
+a GPU, fp16 on CPU instances) hold everywhere.
 """
 
 import json
 import re
+import shutil
 import subprocess
 
 import numpy as np
@@ -18,8 +24,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 import encoder_reference as ref
-from conftest import run_wisp, wisp_bin
-from test_encoder import HEAD_OUTPUTS, LABELS, infer_encoder, random_rows
+from conftest import MODEL_REPOSITORY, _link_large, run_wisp, wisp_bin
+from test_encoder import FIXTURE, HEAD_OUTPUTS, LABELS, infer_encoder, random_rows, text_input
 
 MAX_POSITION = 64
 
@@ -30,15 +36,17 @@ def gpu_info():
     return json.loads(out.stdout)
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    info = gpu_info()
-    if not info["available"]:
-        pytest.skip(f"no GPU here: {info['reason']}")
-    return info
+RUNTIMES = ["twin", "cuda"]
 
 
-def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gpu"):
+def require_runtime(runtime):
+    if runtime == "cuda":
+        info = gpu_info()
+        if not info["available"]:
+            pytest.skip(f"no GPU here: {info['reason']}")
+
+
+def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gpu", runtime="cuda"):
     lines = [
         'backend = "encoder"',
         "max_batch_size = 16",
@@ -54,6 +62,7 @@ def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gp
     lines.append(
         f"[parameters]\ncheckpoint = {json.dumps(str(checkpoint))}\n"
         f'precision = "{precision}"\n'
+        f'gpu_runtime = "{runtime}"\n'
         f"remove_padding = {'true' if remove_padding else 'false'}\n"
     )
     return "\n".join(lines)
@@ -96,9 +105,11 @@ def test_gpu_instances_and_precision_are_checked_at_load(tmp_path):
 GPU_SHAPES = {"d32": dict(hidden=64, heads=2, intermediate=128), "d64": dict(hidden=128, heads=2, intermediate=256)}
 
 
-@pytest.fixture(scope="module")
-def gpu_server(gpu, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-encoders")
+@pytest.fixture(scope="module", params=RUNTIMES)
+def gpu_server(request, tmp_path_factory):
+    runtime = request.param
+    require_runtime(runtime)
+    root = tmp_path_factory.mktemp(f"gpu-encoders-{runtime}")
     repo = root / "repository"
     checkpoints = {}
     for i, arch in enumerate(ref.ARCHS):
@@ -113,7 +124,7 @@ def gpu_server(gpu, tmp_path_factory):
             checkpoints[(arch, head)] = ckpt
             for packed in (True, False):
                 name = f"{arch}_{head}_{'packed' if packed else 'padded'}"
-                write_model(repo, name, gpu_config(ckpt, head, remove_padding=packed))
+                write_model(repo, name, gpu_config(ckpt, head, remove_padding=packed, runtime=runtime))
     with run_wisp(root, repository=repo) as server:
         server.checkpoints = checkpoints
         yield server
@@ -136,3 +147,58 @@ def test_gpu_encoder_matches_float64_reference(gpu_server, arch, head, packed):
             value, expected = value[real], expected[real]
         # fp16 activations: about three significant digits.
         np.testing.assert_allclose(value, expected, rtol=3e-2, atol=3e-2, err_msg=output)
+
+
+def test_concurrent_mixed_lengths_share_gpu_batches(gpu_server):
+    """Requests of different lengths arriving together are merged by the dynamic batcher
+    into packed GPU batches (several launch-shape buckets), each result its own."""
+    import threading
+
+    arch, head = "bert", "embedding"
+    ckpt = str(gpu_server.checkpoints[(arch, head)])
+    lengths = [3, 60, 17, 1, 33, 48, 9, 25]
+    results, errors = {}, []
+
+    def one(i):
+        ids, mask, types = random_rows(arch, [lengths[i]], seed=100 + i)
+        try:
+            with gpu_server.client() as client:
+                got = infer_encoder(client, f"{arch}_{head}_packed", head, ids, mask, types)
+            results[i] = (got, ref.forward(ckpt, ids, mask, types))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(lengths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for got, want in results.values():
+        np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_minilm_embed_on_the_gpu_matches_sentence_transformers(runtime, tmp_path):
+    require_runtime(runtime)
+    encoder = MODEL_REPOSITORY / "minilm_embed_encoder" / "1" / "model.safetensors"
+    if not encoder.exists():
+        pytest.fail("all-MiniLM-L6-v2 is not installed; run scripts/fetch-models.sh", pytrace=False)
+    repo = tmp_path / "repository"
+    for model in ("minilm_embed", "minilm_embed_tokenizer", "minilm_embed_encoder"):
+        # Weights are linked (read-only use); the rest is copied (the Wasm sandbox does not
+        # follow links out of its folder).
+        shutil.copytree(MODEL_REPOSITORY / model, repo / model, copy_function=_link_large)
+    config = repo / "minilm_embed_encoder" / "config.toml"
+    config.write_text(
+        config.read_text().replace('kind = "cpu"', 'kind = "gpu"')
+        + f'precision = "fp16"\ngpu_runtime = "{runtime}"\n'
+    )
+    fixture = json.loads(FIXTURE.read_text())
+    with run_wisp(tmp_path, repository=repo) as server:
+        with server.client() as client:
+            got = client.infer("minilm_embed", [text_input("TEXT", fixture["sentences"])]).as_numpy("EMBEDDING")
+    want = np.asarray(fixture["embeddings"])
+    assert got.shape == want.shape == (8, 384)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.999, cosine

@@ -3,6 +3,7 @@
 //! builds and serves on machines without CUDA; `Gpu::open` says why when it cannot.
 
 pub mod blas;
+pub mod device;
 pub mod kernels;
 pub mod monitor;
 pub mod nvrtc;
@@ -167,8 +168,10 @@ pub struct PinnedBuffer<T: Copy + Default> {
 unsafe impl<T: Copy + Default> Send for PinnedBuffer<T> {}
 
 impl<T: Copy + Default> PinnedBuffer<T> {
-    pub fn new(gpu: &Gpu, len: usize) -> Result<PinnedBuffer<T>> {
-        gpu.bind()?;
+    pub fn new(context: &Arc<CudaContext>, len: usize) -> Result<PinnedBuffer<T>> {
+        context
+            .bind_to_thread()
+            .map_err(|e| driver_error("cannot make the CUDA context current", e))?;
         let len = len.max(1);
         // SAFETY: the context is current; the memory is initialised below.
         let raw = unsafe { driver::malloc_host(len * std::mem::size_of::<T>(), 0) }
@@ -177,7 +180,7 @@ impl<T: Copy + Default> PinnedBuffer<T> {
         // SAFETY: `len` Ts were just allocated.
         unsafe { std::slice::from_raw_parts_mut(ptr, len).fill(T::default()) };
         Ok(PinnedBuffer {
-            context: gpu.context.clone(),
+            context: context.clone(),
             ptr,
             len,
         })

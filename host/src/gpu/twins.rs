@@ -217,6 +217,7 @@ pub fn sequence_head(
 }
 
 /// cuBLASLt with a bias (and GELU, tanh form, or ReLU) epilogue: y = act(x·wᵀ + b), fp16.
+/// The product is the CPU encoder's GEMM on the fp16 values.
 pub fn linear(
     x: &[f16],
     weight: &[f16],
@@ -225,11 +226,16 @@ pub fn linear(
     epilogue: super::blas::Epilogue,
 ) -> Vec<f16> {
     use super::blas::Epilogue;
-    let n = bias.len();
-    x.chunks_exact(k)
+    use crate::backend::encoder::linear::{matmul_transposed, Threads};
+    let (n, m) = (bias.len(), x.len() / k);
+    let xs: Vec<f32> = x.iter().map(|v| f(*v)).collect();
+    let ws: Vec<f32> = weight.iter().map(|v| f(*v)).collect();
+    let mut y = vec![0f32; m * n];
+    matmul_transposed(&mut y, &xs, &ws, m, k, n, false, Threads(1));
+    y.chunks_exact(n)
         .flat_map(|row| {
-            let xr: Vec<f32> = row.iter().map(|v| f(*v)).collect();
-            dense(&xr, weight, bias, n, 0).into_iter().map(|v| {
+            row.iter().zip(bias).map(|(v, b)| {
+                let v = v + f(*b);
                 f16::from_f32(match epilogue {
                     Epilogue::Bias => v,
                     Epilogue::ReluBias => v.max(0.0),

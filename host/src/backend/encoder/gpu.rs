@@ -14,11 +14,9 @@ use super::ops::Activation;
 use super::{pack_request, pad_batch, truncate, unpack, RequestRows};
 use crate::backend::{BackendRequest, Execution, ExecutionTimes};
 use crate::error::{Error, Result};
-use crate::gpu::blas::{Blas, Epilogue};
-use crate::gpu::kernels::{self, Kernels, MAX_SEQUENCE, SLACK_ROWS};
-use crate::gpu::{DeviceBuffer, Gpu, PinnedBuffer};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
+use crate::gpu::blas::Epilogue;
+use crate::gpu::device::{Buffer, Device, Queue, Replay};
+use crate::gpu::kernels::{self, MAX_SEQUENCE, SLACK_ROWS};
 use half::f16;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,18 +28,21 @@ const MAX_GRAPHS: usize = 96;
 /// bucket, a power of two.
 const MAX_SEQUENCES: usize = 32768;
 
-fn upload(gpu: &Gpu, values: &[f32]) -> Result<DeviceBuffer> {
-    let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
-    DeviceBuffer::from_slice(gpu, &halves)
+fn upload(device: &dyn Device, values: &[f32]) -> Result<Buffer> {
+    let bytes: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+        .collect();
+    device.upload(&bytes)
 }
 
 struct GpuLayer {
-    qkv: (DeviceBuffer, DeviceBuffer),
-    out: (DeviceBuffer, DeviceBuffer),
-    attention_norm: (DeviceBuffer, DeviceBuffer),
-    up: (DeviceBuffer, DeviceBuffer),
-    down: (DeviceBuffer, DeviceBuffer),
-    output_norm: (DeviceBuffer, DeviceBuffer),
+    qkv: (Buffer, Buffer),
+    out: (Buffer, Buffer),
+    attention_norm: (Buffer, Buffer),
+    up: (Buffer, Buffer),
+    down: (Buffer, Buffer),
+    output_norm: (Buffer, Buffer),
 }
 
 enum GpuHead {
@@ -50,35 +51,34 @@ enum GpuHead {
         normalize: bool,
     },
     PerToken {
-        weight: DeviceBuffer,
-        bias: DeviceBuffer,
+        weight: Buffer,
+        bias: Buffer,
         labels: usize,
     },
     Sequence {
-        pre: Option<(DeviceBuffer, DeviceBuffer, i32)>,
-        weight: DeviceBuffer,
-        bias: DeviceBuffer,
+        pre: Option<(Buffer, Buffer, i32)>,
+        weight: Buffer,
+        bias: Buffer,
         labels: usize,
     },
 }
 
 /// The encoder's weights in fp16 on one GPU, shared by every instance on it.
 pub struct GpuEncoder {
-    pub gpu: Gpu,
-    kernels: Kernels,
+    pub device: Arc<dyn Device>,
     encoder: Arc<Encoder>,
-    word: DeviceBuffer,
-    position: DeviceBuffer,
-    token_type: Option<DeviceBuffer>,
-    embedding_norm: (DeviceBuffer, DeviceBuffer),
+    word: Buffer,
+    position: Buffer,
+    token_type: Option<Buffer>,
+    embedding_norm: (Buffer, Buffer),
     layers: Vec<GpuLayer>,
     head: GpuHead,
     up_epilogue: Epilogue,
 }
 
 impl GpuEncoder {
-    /// Uploads `encoder`'s weights to `gpu` as fp16 and loads the kernels.
-    pub fn load(gpu: Gpu, encoder: Arc<Encoder>) -> Result<GpuEncoder> {
+    /// Uploads `encoder`'s weights to `device` as fp16.
+    pub fn load(device: Arc<dyn Device>, encoder: Arc<Encoder>) -> Result<GpuEncoder> {
         let d = &encoder.dims;
         let head_size = d.hidden / d.heads;
         if !kernels::HEAD_SIZES.contains(&head_size) || !d.hidden.is_multiple_of(16) {
@@ -96,17 +96,17 @@ impl GpuEncoder {
                 ))
             }
         };
-        let kernels = Kernels::load(&gpu)?;
+        let gpu = &*device;
         let pair = |(w, b): &(super::checkpoint::Weight, super::checkpoint::Weight)| {
-            Ok::<_, Error>((upload(&gpu, w.data())?, upload(&gpu, b.data())?))
+            Ok::<_, Error>((upload(gpu, w.data())?, upload(gpu, b.data())?))
         };
         let e = &encoder.embeddings;
         let mut layers = Vec::with_capacity(encoder.layers.len());
         for layer in &encoder.layers {
             layers.push(GpuLayer {
                 qkv: (
-                    upload(&gpu, &layer.qkv_weight)?,
-                    upload(&gpu, &layer.qkv_bias)?,
+                    upload(gpu, &layer.qkv_weight)?,
+                    upload(gpu, &layer.qkv_bias)?,
                 ),
                 out: pair(&layer.out)?,
                 attention_norm: pair(&layer.attention_norm)?,
@@ -126,15 +126,15 @@ impl GpuEncoder {
             },
             Head::QuestionAnswering { weight, bias }
             | Head::TokenClassification { weight, bias } => GpuHead::PerToken {
-                weight: upload(&gpu, weight.data())?,
-                bias: upload(&gpu, bias.data())?,
+                weight: upload(gpu, weight.data())?,
+                bias: upload(gpu, bias.data())?,
                 labels: bias.shape[0],
             },
             Head::Classification { pre, weight, bias } => GpuHead::Sequence {
                 pre: match pre {
                     Some((w, b, activation)) => Some((
-                        upload(&gpu, w.data())?,
-                        upload(&gpu, b.data())?,
+                        upload(gpu, w.data())?,
+                        upload(gpu, b.data())?,
                         match activation {
                             Activation::Tanh => kernels::ACTIVATION_TANH,
                             Activation::Relu => kernels::ACTIVATION_RELU,
@@ -147,32 +147,26 @@ impl GpuEncoder {
                     )),
                     None => None,
                 },
-                weight: upload(&gpu, weight.data())?,
-                bias: upload(&gpu, bias.data())?,
+                weight: upload(gpu, weight.data())?,
+                bias: upload(gpu, bias.data())?,
                 labels: bias.shape[0],
             },
         };
         Ok(GpuEncoder {
-            word: upload(&gpu, e.word.data())?,
-            position: upload(&gpu, e.position.data())?,
+            word: upload(gpu, e.word.data())?,
+            position: upload(gpu, e.position.data())?,
             token_type: e
                 .token_type
                 .as_ref()
-                .map(|t| upload(&gpu, t.data()))
+                .map(|t| upload(gpu, t.data()))
                 .transpose()?,
             embedding_norm: pair(&e.norm)?,
             layers,
             head,
             up_epilogue,
-            kernels,
             encoder,
-            gpu,
+            device,
         })
-    }
-
-    /// Kernel files compiled at load (0 when all came from the disk cache).
-    pub fn kernels_compiled(&self) -> usize {
-        self.kernels.compiled
     }
 }
 
@@ -216,39 +210,30 @@ fn round_tokens(tokens: usize) -> usize {
 struct Activations {
     tokens: usize,
     sequences: usize,
-    inputs: DeviceBuffer,
-    hidden: DeviceBuffer,
-    qkv: DeviceBuffer,
-    context: DeviceBuffer,
-    projected: DeviceBuffer,
-    intermediate: DeviceBuffer,
-    output: DeviceBuffer,
-    pinned_inputs: PinnedBuffer<u32>,
-    pinned_output: PinnedBuffer<f32>,
+    inputs: Buffer,
+    hidden: Buffer,
+    qkv: Buffer,
+    context: Buffer,
+    projected: Buffer,
+    intermediate: Buffer,
+    output: Buffer,
 }
 
 /// One GPU instance: its stream, cuBLASLt plans, buffers and captured graphs.
 pub struct GpuRunner {
     weights: Arc<GpuEncoder>,
-    stream: Arc<CudaStream>,
-    blas: Blas,
+    queue: Box<dyn Queue>,
     activations: Option<Activations>,
-    graphs: HashMap<Bucket, CudaGraph>,
+    graphs: HashMap<Bucket, Box<dyn Replay>>,
     /// Buckets run once directly: the second batch of a bucket is the one captured, so
     /// first-time work (module loading, cuBLASLt heuristics) never happens in a capture.
     seen: HashSet<Bucket>,
     use_graphs: bool,
     remove_padding: bool,
     batch: PackedBatch,
+    /// The packed inputs as copied to the device (reused).
+    input_words: Vec<u32>,
     head_out: Vec<f32>,
-}
-
-// SAFETY: a runner is moved to its instance thread once and used only there; the CUDA
-// objects it holds are bound to the context before every use.
-unsafe impl Send for GpuRunner {}
-
-fn cuda(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::internal(format!("{what}: {e:?}"))
 }
 
 impl GpuRunner {
@@ -257,18 +242,17 @@ impl GpuRunner {
         remove_padding: bool,
         use_graphs: bool,
     ) -> Result<GpuRunner> {
-        let stream = weights.gpu.new_stream()?;
-        let blas = Blas::new(&weights.gpu)?;
+        let queue = weights.device.new_queue()?;
         Ok(GpuRunner {
             weights,
-            stream,
-            blas,
+            queue,
             activations: None,
             graphs: HashMap::new(),
             seen: HashSet::new(),
             use_graphs,
             remove_padding,
             batch: PackedBatch::default(),
+            input_words: Vec::new(),
             head_out: Vec::new(),
         })
     }
@@ -288,7 +272,7 @@ impl GpuRunner {
             .sequences
             .max(old.as_ref().map_or(0, |a| a.sequences));
         drop(old);
-        let gpu = &self.weights.gpu;
+        let gpu = &*self.weights.device;
         let d = &self.weights.encoder.dims;
         let rows = tokens + SLACK_ROWS;
         let width = self.weights.encoder.head_width();
@@ -303,15 +287,13 @@ impl GpuRunner {
         self.activations = Some(Activations {
             tokens,
             sequences,
-            inputs: DeviceBuffer::zeroed(gpu, words * 4)?,
-            hidden: DeviceBuffer::zeroed(gpu, rows * d.hidden * 2)?,
-            qkv: DeviceBuffer::zeroed(gpu, rows * 3 * d.hidden * 2)?,
-            context: DeviceBuffer::zeroed(gpu, rows * d.hidden * 2)?,
-            projected: DeviceBuffer::zeroed(gpu, rows * d.hidden * 2)?,
-            intermediate: DeviceBuffer::zeroed(gpu, rows * d.intermediate * 2)?,
-            output: DeviceBuffer::zeroed(gpu, output * 4)?,
-            pinned_inputs: PinnedBuffer::new(gpu, words)?,
-            pinned_output: PinnedBuffer::new(gpu, output)?,
+            inputs: gpu.alloc(words * 4)?,
+            hidden: gpu.alloc(rows * d.hidden * 2)?,
+            qkv: gpu.alloc(rows * 3 * d.hidden * 2)?,
+            context: gpu.alloc(rows * d.hidden * 2)?,
+            projected: gpu.alloc(rows * d.hidden * 2)?,
+            intermediate: gpu.alloc(rows * d.intermediate * 2)?,
+            output: gpu.alloc(output * 4)?,
         });
         Ok(())
     }
@@ -320,10 +302,9 @@ impl GpuRunner {
     /// into a graph, or run directly).
     fn enqueue(&mut self, bucket: &Bucket) -> Result<()> {
         let w = &self.weights;
-        let k = &w.kernels;
+        let q = &mut self.queue;
         let d = &w.encoder.dims;
         let a = self.activations.as_ref().expect("reserved");
-        let s = self.stream.cu_stream();
         let (t, h) = (bucket.tokens, d.hidden);
         let ids = a.inputs.ptr;
         let positions = ids + 4 * t as u64;
@@ -334,8 +315,7 @@ impl GpuRunner {
         } else {
             0
         };
-        k.embed_layernorm(
-            s,
+        q.embed_layernorm(
             a.hidden.ptr,
             (ids, positions, types),
             (
@@ -349,8 +329,7 @@ impl GpuRunner {
             d.layer_norm_eps,
         )?;
         for layer in &w.layers {
-            self.blas.linear(
-                s,
+            q.linear(
                 a.qkv.ptr,
                 a.hidden.ptr,
                 layer.qkv.0.ptr,
@@ -358,8 +337,7 @@ impl GpuRunner {
                 (t, 3 * h, h),
                 Epilogue::Bias,
             )?;
-            k.attention(
-                s,
+            q.attention(
                 a.context.ptr,
                 a.qkv.ptr,
                 seq_start,
@@ -369,8 +347,7 @@ impl GpuRunner {
                 h,
                 d.heads,
             )?;
-            self.blas.linear(
-                s,
+            q.linear(
                 a.projected.ptr,
                 a.context.ptr,
                 layer.out.0.ptr,
@@ -378,8 +355,7 @@ impl GpuRunner {
                 (t, h, h),
                 Epilogue::Bias,
             )?;
-            k.residual_layernorm(
-                s,
+            q.residual_layernorm(
                 a.hidden.ptr,
                 a.projected.ptr,
                 a.hidden.ptr,
@@ -388,8 +364,7 @@ impl GpuRunner {
                 h,
                 d.layer_norm_eps,
             )?;
-            self.blas.linear(
-                s,
+            q.linear(
                 a.intermediate.ptr,
                 a.hidden.ptr,
                 layer.up.0.ptr,
@@ -397,8 +372,7 @@ impl GpuRunner {
                 (t, d.intermediate, h),
                 w.up_epilogue,
             )?;
-            self.blas.linear(
-                s,
+            q.linear(
                 a.projected.ptr,
                 a.intermediate.ptr,
                 layer.down.0.ptr,
@@ -406,8 +380,7 @@ impl GpuRunner {
                 (t, h, d.intermediate),
                 Epilogue::Bias,
             )?;
-            k.residual_layernorm(
-                s,
+            q.residual_layernorm(
                 a.hidden.ptr,
                 a.projected.ptr,
                 a.hidden.ptr,
@@ -418,8 +391,7 @@ impl GpuRunner {
             )?;
         }
         match &w.head {
-            GpuHead::Embedding { mode, normalize } => k.pool_embedding(
-                s,
+            GpuHead::Embedding { mode, normalize } => q.pool_embedding(
                 a.output.ptr,
                 a.hidden.ptr,
                 seq_start,
@@ -433,8 +405,7 @@ impl GpuRunner {
                 weight,
                 bias,
                 labels,
-            } => k.token_head(
-                s,
+            } => q.token_head(
                 a.output.ptr,
                 a.hidden.ptr,
                 (weight.ptr, bias.ptr),
@@ -447,8 +418,7 @@ impl GpuRunner {
                 weight,
                 bias,
                 labels,
-            } => k.sequence_head(
-                s,
+            } => q.sequence_head(
                 a.output.ptr,
                 a.hidden.ptr,
                 seq_start,
@@ -461,7 +431,8 @@ impl GpuRunner {
         }
     }
 
-    /// Runs the bucket's graph, capturing it the first time.
+    /// Runs the bucket's graph, capturing it the second time the bucket is seen (the
+    /// first runs directly). Queues that cannot capture always run directly.
     fn launch(&mut self, bucket: &Bucket) -> Result<()> {
         if !self.use_graphs || self.seen.insert(*bucket) {
             return self.enqueue(bucket);
@@ -471,22 +442,16 @@ impl GpuRunner {
                 self.graphs.clear();
                 self.seen.clear();
             }
-            self.stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(|e| cuda("cannot start a CUDA graph capture", e))?;
+            if !self.queue.begin_capture()? {
+                self.use_graphs = false;
+                return self.enqueue(bucket);
+            }
             let enqueued = self.enqueue(bucket);
-            let graph = self
-                .stream
-                .end_capture(CUgraphInstantiate_flags(0))
-                .map_err(|e| cuda("cannot capture the forward pass as a CUDA graph", e));
+            let graph = self.queue.end_capture();
             enqueued?;
-            let graph =
-                graph?.ok_or_else(|| Error::internal("the captured CUDA graph is empty"))?;
-            self.graphs.insert(*bucket, graph);
+            self.graphs.insert(*bucket, graph?);
         }
-        self.graphs[bucket]
-            .launch()
-            .map_err(|e| cuda("cannot launch the CUDA graph", e))
+        self.graphs[bucket].replay()
     }
 
     /// Runs `self.batch` (already packed) and leaves the head's output in `head_out`.
@@ -504,15 +469,13 @@ impl GpuRunner {
             )));
         }
         let bucket = Bucket::of(tokens, sequences, max_len, self.batch.key_valid.is_some());
-        self.weights.gpu.bind()?;
         self.reserve(&bucket)?;
         let batch = &self.batch;
-        let a = self.activations.as_mut().expect("reserved");
         // Inputs, laid out as `enqueue` reads them, in one copy.
-        let words = bucket.input_words();
-        let input = &mut a.pinned_inputs.as_mut_slice()[..words];
-        input.fill(0);
         let t = bucket.tokens;
+        let input = &mut self.input_words;
+        input.clear();
+        input.resize(bucket.input_words(), 0);
         input[..tokens].copy_from_slice(&batch.ids);
         input[t..t + tokens].copy_from_slice(&batch.positions);
         input[2 * t..2 * t + tokens].copy_from_slice(&batch.types);
@@ -530,41 +493,31 @@ impl GpuRunner {
                 bytes[i / 4] |= u32::from(v) << (8 * (i % 4));
             }
         }
-        let stream = self.stream.cu_stream();
-        // SAFETY: pinned source and device destination both hold `words` u32s; the
-        // stream orders the copy before the kernels.
-        unsafe { cudarc::driver::result::memcpy_htod_async(a.inputs.ptr, &input[..], stream) }
-            .map_err(|e| cuda("cannot copy the batch to the GPU", e))?;
-        let launched = self.launch(&bucket).and_then(|()| self.copy_out(&bucket));
+        let inputs_ptr = self.activations.as_ref().expect("reserved").inputs.ptr;
+        let launched = self
+            .queue
+            .copy_in(inputs_ptr, &self.input_words)
+            .and_then(|()| self.launch(&bucket))
+            .and_then(|()| self.copy_out());
         if launched.is_err() {
-            // Nothing still queued may read the pinned inputs the next batch rewrites.
-            let _ = self.stream.synchronize();
+            // Nothing still queued may read the staged inputs the next batch rewrites.
+            self.queue.drain();
         }
         launched
     }
 
-    /// Copies the head's output back and waits for the stream.
-    fn copy_out(&mut self, bucket: &Bucket) -> Result<()> {
+    /// Copies the head's output back (waiting for the queue).
+    fn copy_out(&mut self) -> Result<()> {
         let (tokens, sequences) = (self.batch.tokens(), self.batch.segments.len());
-        debug_assert!(tokens <= bucket.tokens && sequences <= bucket.sequences);
-        let stream = self.stream.cu_stream();
         let width = self.weights.encoder.head_width();
         let count = match self.weights.head {
             GpuHead::PerToken { .. } => tokens * width,
             _ => sequences * width,
         };
-        let a = self.activations.as_mut().expect("reserved");
-        let out = &mut a.pinned_output.as_mut_slice()[..count];
-        // SAFETY: the device output holds at least `count` floats.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, a.output.ptr, stream) }
-            .map_err(|e| cuda("cannot copy results from the GPU", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda("the GPU forward pass failed", e))?;
         self.head_out.clear();
-        self.head_out
-            .extend_from_slice(&a.pinned_output.as_slice()[..count]);
-        Ok(())
+        self.head_out.resize(count, 0.0);
+        let output = self.activations.as_ref().expect("reserved").output.ptr;
+        self.queue.copy_out(&mut self.head_out, output)
     }
 
     /// Packs, runs and unpacks one batch, as the CPU runner does.

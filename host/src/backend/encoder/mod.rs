@@ -50,6 +50,16 @@ pub struct EncoderSettings {
     pub precision: Option<Precision>,
     /// GPU instances replay CUDA graphs per launch shape (false: launch kernels directly).
     pub cuda_graphs: bool,
+    /// What GPU instances run on: CUDA, or the kernels' CPU twins (tests without a GPU).
+    pub gpu_runtime: GpuRuntime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuRuntime {
+    Cuda,
+    /// The GPU runner's exact sequence of operations on the CPU twins of its kernels:
+    /// slow, for testing the GPU path on machines without a GPU.
+    Twin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +80,7 @@ impl EncoderSettings {
             remove_padding: true,
             precision: None,
             cuda_graphs: true,
+            gpu_runtime: GpuRuntime::Cuda,
         }
     }
 
@@ -100,6 +111,13 @@ impl EncoderSettings {
                 ("threads", ParameterValue::Int(n)) if *n >= 0 => settings.threads = *n as usize,
                 ("remove_padding", ParameterValue::Bool(b)) => settings.remove_padding = *b,
                 ("cuda_graphs", ParameterValue::Bool(b)) => settings.cuda_graphs = *b,
+                ("gpu_runtime", ParameterValue::Text(r)) if r == "cuda" => {
+                    settings.gpu_runtime = GpuRuntime::Cuda
+                }
+                ("gpu_runtime", ParameterValue::Text(r)) if r == "twin" => {
+                    settings.gpu_runtime = GpuRuntime::Twin
+                }
+                ("gpu_runtime", _) => return Err(bad(key, "\"cuda\" or \"twin\"")),
                 ("precision", ParameterValue::Text(p)) => {
                     settings.precision = Some(match p.as_str() {
                         "fp32" => Precision::Fp32,
@@ -115,7 +133,7 @@ impl EncoderSettings {
                 ("threads", _) => return Err(bad(key, "a non-negative integer")),
                 (other, _) => {
                     return Err(Error::invalid(format!(
-                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding, precision, cuda_graphs)",
+                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding, precision, cuda_graphs, gpu_runtime)",
                         config.name
                     )))
                 }
@@ -187,13 +205,18 @@ impl EncoderBackend {
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
         let mut device = None;
         if gpu_instances > 0 {
-            let gpu = crate::gpu::Gpu::open(0).map_err(|e| {
-                Error::unavailable(format!(
-                    "model '{}': instance_group kind \"gpu\" needs a GPU: {e}",
-                    config.name
-                ))
-            })?;
-            device = Some(format!("{} ({})", gpu.name, gpu.arch));
+            let gpu: Arc<dyn crate::gpu::device::Device> = match settings.gpu_runtime {
+                GpuRuntime::Cuda => {
+                    Arc::new(crate::gpu::device::CudaDevice::open(0).map_err(|e| {
+                        Error::unavailable(format!(
+                            "model '{}': instance_group kind \"gpu\" needs a GPU: {e}",
+                            config.name
+                        ))
+                    })?)
+                }
+                GpuRuntime::Twin => Arc::new(crate::gpu::device::TwinDevice::new()),
+            };
+            device = Some(gpu.describe());
             let weights = Arc::new(
                 gpu::GpuEncoder::load(gpu, encoder.clone())
                     .map_err(|e| e.context(format!("model '{}' on the GPU", config.name)))?,

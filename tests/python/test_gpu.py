@@ -46,7 +46,7 @@ def require_runtime(runtime):
             pytest.skip(f"no GPU here: {info['reason']}")
 
 
-def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gpu", runtime="cuda"):
+def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gpu", runtime="cuda", gpus=None):
     lines = [
         'backend = "encoder"',
         "max_batch_size = 16",
@@ -57,7 +57,8 @@ def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gp
     for name, dims in HEAD_OUTPUTS[head]:
         labels = f"labels = {json.dumps(LABELS)}\n" if name == "logits" else ""
         lines.append(f'[[output]]\nname = "{name}"\ndatatype = "FP32"\ndims = {dims}\n{labels}')
-    lines.append(f'[[instance_group]]\nkind = "{kind}"\ncount = 1\n')
+    gpu_list = f"gpus = {gpus}\n" if gpus is not None else ""
+    lines.append(f'[[instance_group]]\nkind = "{kind}"\ncount = 1\n{gpu_list}')
     lines.append("[dynamic_batching]\nmax_queue_delay_us = 5000\n")
     lines.append(
         f"[parameters]\ncheckpoint = {json.dumps(str(checkpoint))}\n"
@@ -83,6 +84,8 @@ def test_gpu_instances_and_precision_are_checked_at_load(tmp_path):
     write_model(repo, "fp16_on_cpu", gpu_config(ckpt, "embedding", kind="cpu"))
     write_model(repo, "fp32_on_gpu", gpu_config(ckpt, "embedding", precision="fp32"))
     write_model(repo, "bad_precision", gpu_config(ckpt, "embedding", precision="int3"))
+    write_model(repo, "gpus_on_cpu", gpu_config(ckpt, "embedding", kind="cpu", precision="fp32", gpus=[0]))
+    write_model(repo, "two_twins", gpu_config(ckpt, "embedding", runtime="twin", gpus=[0, 1]))
     info = gpu_info()
     with run_wisp(tmp_path, mode="explicit", load_models=[], repository=repo) as server:
         with server.client() as client:
@@ -92,6 +95,12 @@ def test_gpu_instances_and_precision_are_checked_at_load(tmp_path):
                 client.load_model("fp32_on_gpu")
             with pytest.raises(InferenceServerException, match="parameter 'precision' must be"):
                 client.load_model("bad_precision")
+            with pytest.raises(InferenceServerException, match=r"instance_group\[0\]\.gpus' is for kind"):
+                client.load_model("gpus_on_cpu")
+            # One instance on each listed GPU (Triton's meaning of count with gpus).
+            client.load_model("two_twins")
+            group = client.get_model_config("two_twins")["instance_group"][0]
+            assert group["kind"] == "KIND_GPU" and group["gpus"] == [0, 1], group
             if info["available"]:
                 client.load_model("on_gpu")
                 assert client.is_model_ready("on_gpu")

@@ -98,10 +98,32 @@ pub enum InstanceKind {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceGroup {
+    /// Instances; for a GPU group, instances on each of its GPUs (as in Triton).
     #[serde(default = "one")]
     pub count: u32,
     #[serde(default)]
     pub kind: InstanceKind,
+    /// GPU ordinals of a GPU group (default: GPU 0).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+}
+
+impl InstanceGroup {
+    /// The GPUs of a GPU group (GPU 0 when none are named).
+    pub fn gpu_ordinals(&self) -> Vec<u32> {
+        if self.gpus.is_empty() {
+            vec![0]
+        } else {
+            self.gpus.clone()
+        }
+    }
+
+    pub fn instances(&self) -> usize {
+        match self.kind {
+            InstanceKind::Cpu => self.count as usize,
+            InstanceKind::Gpu => self.count as usize * self.gpu_ordinals().len(),
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -416,6 +438,7 @@ impl ModelConfig {
             config.instance_group.push(InstanceGroup {
                 count: 1,
                 kind: InstanceKind::Cpu,
+                gpus: Vec::new(),
             });
         }
         config.validate()?;
@@ -461,6 +484,11 @@ impl ModelConfig {
             if group.count == 0 {
                 return Err(Error::invalid(format!(
                     "key 'instance_group[{i}].count' must be at least 1"
+                )));
+            }
+            if group.kind == InstanceKind::Cpu && !group.gpus.is_empty() {
+                return Err(Error::invalid(format!(
+                    "key 'instance_group[{i}].gpus' is for kind = \"gpu\" groups"
                 )));
             }
             if group.kind == InstanceKind::Gpu && self.backend == BackendKind::Wasm {
@@ -553,7 +581,10 @@ impl ModelConfig {
     }
 
     pub fn instance_count(&self) -> usize {
-        self.instance_group.iter().map(|g| g.count as usize).sum()
+        self.instance_group
+            .iter()
+            .map(InstanceGroup::instances)
+            .sum()
     }
 
     pub fn input(&self, name: &str) -> Option<&TensorConfig> {
@@ -596,7 +627,7 @@ impl ModelConfig {
                     "name": format!("{}_{i}", self.name),
                     "kind": match g.kind { InstanceKind::Cpu => "KIND_CPU", InstanceKind::Gpu => "KIND_GPU" },
                     "count": g.count,
-                    "gpus": [],
+                    "gpus": if g.kind == InstanceKind::Gpu { g.gpu_ordinals() } else { Vec::new() },
                     "secondary_devices": [],
                     "profile": [],
                     "passive": false,

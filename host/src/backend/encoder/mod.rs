@@ -172,15 +172,11 @@ impl EncoderBackend {
                 .instance_group
                 .iter()
                 .filter(|g| g.kind == kind)
-                .map(|g| g.count as usize)
+                .map(|g| g.instances())
                 .sum()
         };
         let gpu_instances = count(InstanceKind::Gpu);
-        let cpu_instances = if config.instance_group.is_empty() {
-            1
-        } else {
-            count(InstanceKind::Cpu)
-        };
+        let cpu_instances = count(InstanceKind::Cpu);
         match (settings.precision, cpu_instances > 0, gpu_instances > 0) {
             (Some(Precision::Fp16), true, _) => {
                 return Err(Error::invalid(format!(
@@ -203,38 +199,48 @@ impl EncoderBackend {
         check_signature(config, &encoder)?;
         let instances = cpu_instances + gpu_instances;
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(MAX_WAITING_BATCHES);
-        let mut device = None;
+        let mut devices: Vec<String> = Vec::new();
         if gpu_instances > 0 {
-            let gpu: Arc<dyn crate::gpu::device::Device> = match settings.gpu_runtime {
-                GpuRuntime::Cuda => {
-                    Arc::new(crate::gpu::device::CudaDevice::open(0).map_err(|e| {
-                        Error::unavailable(format!(
-                            "model '{}': instance_group kind \"gpu\" needs a GPU: {e}",
-                            config.name
-                        ))
-                    })?)
+            // One copy of the weights per GPU, shared by that GPU's instances.
+            let mut on_gpu: Vec<(u32, Arc<gpu::GpuEncoder>)> = Vec::new();
+            let mut index = 0;
+            for group in config
+                .instance_group
+                .iter()
+                .filter(|g| g.kind == InstanceKind::Gpu)
+            {
+                for ordinal in group.gpu_ordinals() {
+                    let weights = match on_gpu.iter().find(|(o, _)| *o == ordinal) {
+                        Some((_, weights)) => weights.clone(),
+                        None => {
+                            let weights = Arc::new(
+                                load_on_gpu(&settings, ordinal, encoder.clone())
+                                    .map_err(|e| e.context(format!("model '{}'", config.name)))?,
+                            );
+                            devices.push(weights.device.describe());
+                            on_gpu.push((ordinal, weights.clone()));
+                            weights
+                        }
+                    };
+                    for _ in 0..group.count {
+                        let mut runner = gpu::GpuRunner::new(
+                            weights.clone(),
+                            settings.remove_padding,
+                            settings.cuda_graphs,
+                        )?;
+                        runner.warm_up().map_err(|e| {
+                            e.context(format!("model '{}': GPU warm-up failed", config.name))
+                        })?;
+                        let queue = queue.clone();
+                        std::thread::Builder::new()
+                            .name(format!("encoder-gpu{ordinal}-{index}"))
+                            .spawn(move || serve(queue, |requests| runner.run(requests)))
+                            .map_err(|e| {
+                                Error::internal(format!("cannot start encoder instance: {e}"))
+                            })?;
+                        index += 1;
+                    }
                 }
-                GpuRuntime::Twin => Arc::new(crate::gpu::device::TwinDevice::new()),
-            };
-            device = Some(gpu.describe());
-            let weights = Arc::new(
-                gpu::GpuEncoder::load(gpu, encoder.clone())
-                    .map_err(|e| e.context(format!("model '{}' on the GPU", config.name)))?,
-            );
-            for index in 0..gpu_instances {
-                let mut runner = gpu::GpuRunner::new(
-                    weights.clone(),
-                    settings.remove_padding,
-                    settings.cuda_graphs,
-                )?;
-                runner.warm_up().map_err(|e| {
-                    e.context(format!("model '{}': GPU warm-up failed", config.name))
-                })?;
-                let queue = queue.clone();
-                std::thread::Builder::new()
-                    .name(format!("encoder-gpu-{index}"))
-                    .spawn(move || serve(queue, |requests| runner.run(requests)))
-                    .map_err(|e| Error::internal(format!("cannot start encoder instance: {e}")))?;
             }
         }
         let threads = if settings.threads > 0 {
@@ -267,7 +273,7 @@ impl EncoderBackend {
             hidden = encoder.dims.hidden,
             cpu_instances,
             gpu_instances,
-            gpu = device.as_deref().unwrap_or("none"),
+            gpus = %devices.join(", "),
             threads,
             gemm = linear::engine(),
             "encoder loaded"
@@ -337,6 +343,23 @@ fn check_signature(config: &ModelConfig, encoder: &Encoder) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model's fp16 weights on GPU `ordinal` (or on the CPU twins).
+fn load_on_gpu(
+    settings: &EncoderSettings,
+    ordinal: u32,
+    encoder: Arc<Encoder>,
+) -> Result<gpu::GpuEncoder> {
+    let device: Arc<dyn crate::gpu::device::Device> = match settings.gpu_runtime {
+        GpuRuntime::Cuda => Arc::new(
+            crate::gpu::device::CudaDevice::open(ordinal as usize).map_err(|e| {
+                Error::unavailable(format!("instance_group kind \"gpu\" needs a GPU: {e}"))
+            })?,
+        ),
+        GpuRuntime::Twin => Arc::new(crate::gpu::device::TwinDevice::new()),
+    };
+    gpu::GpuEncoder::load(device, encoder).map_err(|e| e.context(format!("on GPU {ordinal}")))
 }
 
 /// One request's rows, as unpacked from its tensors.

@@ -7,17 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${PORT:-18000}
 mkdir -p bench-results
-python3 - > bench-results/minilm_sentences.json <<'PY'
-import json, random
-subjects = ["The old man", "A young teacher", "My neighbour", "The small dog", "Our manager"]
-verbs = ["carefully repaired", "quickly painted", "proudly showed us", "slowly read", "finally sold"]
-objects = ["the wooden fence", "an old bicycle", "the kitchen window", "a long letter", "the blue car"]
-tails = ["before breakfast.", "after the storm.", "on Sunday morning.", "during the holidays.", "in the rain."]
-rng = random.Random(7)
-data = [{"TEXT": {"content": [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)}"],
-                  "shape": [1]}} for _ in range(200)]
-print(json.dumps({"data": data}))
-PY
+python3 bench/sentences.py > bench-results/minilm_sentences.json
 target/release/wisp serve --model-repository model_repository --http-address 127.0.0.1 \
     --http-port "$port" --metrics-port $((port + 2)) > bench-results/minilm_http_server.log 2>&1 &
 server=$!

@@ -61,17 +61,7 @@ for _ in $(seq 150); do
     curl -sf 127.0.0.1:18000/v2/health/ready > /dev/null && break
     sleep 0.2
 done
-python3 - > "$work/sentences.json" <<'PY'
-import json, random
-subjects = ["The old man", "A young teacher", "My neighbour", "The small dog", "Our manager"]
-verbs = ["carefully repaired", "quickly painted", "proudly showed us", "slowly read", "finally sold"]
-objects = ["the wooden fence", "an old bicycle", "the kitchen window", "a long letter", "the blue car"]
-tails = ["before breakfast.", "after the storm.", "on Sunday morning.", "during the holidays.", "in the rain."]
-rng = random.Random(7)
-data = [{"TEXT": {"content": [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)}"],
-                  "shape": [1]}} for _ in range(200)]
-print(json.dumps({"data": data}))
-PY
+python3 bench/sentences.py > "$work/sentences.json"
 timeout 150 "$wisp" perf -m minilm_embed -u 127.0.0.1:18000 --input-data "$work/sentences.json" \
     --concurrency-range 1:64:8 -p 1500 -f "$OUT/http.csv" 2>&1 | tee "$OUT/http.txt"
 curl -s 127.0.0.1:18002/metrics | grep -E "^nv_gpu|^nv_inference_(count|exec_count)" >> "$OUT/http.txt"

@@ -19,7 +19,9 @@ gzip -9 .device/wisp
 cp model_repository/minilm_embed_tokenizer/1/model.wasm model_repository/minilm_embed_tokenizer/1/tokenizer.json .device/tokenizer/
 src=model_repository/minilm_embed_encoder/1
 cp -r "$src/config.json" "$src/modules.json" "$src/1_Pooling" .device/minilm/
-python3 - "$src/model.safetensors" .device/minilm/model.safetensors <<'PY'
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check numpy==2.4.6 safetensors==0.8.0
+.venv/bin/python - "$src/model.safetensors" .device/minilm/model.safetensors <<'PY'
 import sys
 import numpy as np
 from safetensors.numpy import load_file, save_file

@@ -36,7 +36,10 @@ HEAD_OUTPUTS = {
 }
 
 
-def encoder_config(checkpoint: Path, head: str, remove_padding: bool) -> str:
+def encoder_config(checkpoint: Path, head: str, remove_padding: bool, instance_group: str = "",
+                   parameters: str = "", max_queue_delay_us: int = 30000) -> str:
+    """A config.toml for an encoder over `checkpoint`; `instance_group` and `parameters` are
+    extra TOML lines for those tables."""
     lines = [
         'backend = "encoder"',
         "max_batch_size = 16",
@@ -48,10 +51,12 @@ def encoder_config(checkpoint: Path, head: str, remove_padding: bool) -> str:
     for name, dims in HEAD_OUTPUTS[head]:
         labels = f"labels = {json.dumps(LABELS)}\n" if name == "logits" else ""
         lines.append(f'[[output]]\nname = "{name}"\ndatatype = "FP32"\ndims = {dims}\n{labels}')
-    lines.append("[dynamic_batching]\nmax_queue_delay_us = 30000\n")
+    if instance_group:
+        lines.append(f"[[instance_group]]\n{instance_group}")
+    lines.append(f"[dynamic_batching]\nmax_queue_delay_us = {max_queue_delay_us}\n")
     lines.append(
         f"[parameters]\ncheckpoint = {json.dumps(str(checkpoint))}\n"
-        f"remove_padding = {'true' if remove_padding else 'false'}\n"
+        f"remove_padding = {'true' if remove_padding else 'false'}\n{parameters}"
     )
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 import encoder_reference as ref
 from conftest import MODEL_REPOSITORY, _link_large, run_wisp, wisp_bin
-from test_encoder import FIXTURE, HEAD_OUTPUTS, LABELS, infer_encoder, random_rows, text_input
+from test_encoder import FIXTURE, LABELS, encoder_config, infer_encoder, random_rows, text_input
 
 MAX_POSITION = 64
 
@@ -47,26 +47,10 @@ def require_runtime(runtime):
 
 
 def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gpu", runtime="cuda", gpus=None):
-    lines = [
-        'backend = "encoder"',
-        "max_batch_size = 16",
-        '[[input]]\nname = "input_ids"\ndatatype = "INT64"\ndims = [-1]\n',
-        '[[input]]\nname = "attention_mask"\ndatatype = "INT64"\ndims = [-1]\noptional = true\n',
-        '[[input]]\nname = "token_type_ids"\ndatatype = "INT64"\ndims = [-1]\noptional = true\n',
-    ]
-    for name, dims in HEAD_OUTPUTS[head]:
-        labels = f"labels = {json.dumps(LABELS)}\n" if name == "logits" else ""
-        lines.append(f'[[output]]\nname = "{name}"\ndatatype = "FP32"\ndims = {dims}\n{labels}')
-    gpu_list = f"gpus = {gpus}\n" if gpus is not None else ""
-    lines.append(f'[[instance_group]]\nkind = "{kind}"\ncount = 1\n{gpu_list}')
-    lines.append("[dynamic_batching]\nmax_queue_delay_us = 5000\n")
-    lines.append(
-        f"[parameters]\ncheckpoint = {json.dumps(str(checkpoint))}\n"
-        f'precision = "{precision}"\n'
-        f'gpu_runtime = "{runtime}"\n'
-        f"remove_padding = {'true' if remove_padding else 'false'}\n"
-    )
-    return "\n".join(lines)
+    group = f'kind = "{kind}"\ncount = 1\n' + (f"gpus = {gpus}\n" if gpus is not None else "")
+    parameters = f'precision = "{precision}"\ngpu_runtime = "{runtime}"\n'
+    return encoder_config(checkpoint, head, remove_padding, instance_group=group,
+                          parameters=parameters, max_queue_delay_us=5000)
 
 
 def write_model(repo, name, config):

@@ -4,8 +4,9 @@
 //! logic (packing, launch-shape buckets, the input layout, buffer offsets, heads, unpacking)
 //! is tested end to end on machines without a GPU, against the same references.
 
-use super::blas::{Blas, Epilogue};
+use super::blas::Blas;
 use super::kernels::Kernels;
+use super::ops::Op;
 use super::{twins, DeviceBuffer, Gpu, PinnedBuffer};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -49,84 +50,8 @@ pub trait Queue: Send {
     fn begin_capture(&mut self) -> Result<bool>;
     fn end_capture(&mut self) -> Result<Box<dyn Replay>>;
 
-    #[allow(clippy::too_many_arguments)]
-    fn embed_layernorm(
-        &mut self,
-        out: u64,
-        inputs: (u64, u64, u64),
-        tables: (u64, u64, u64),
-        norm: (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
-    fn residual_layernorm(
-        &mut self,
-        out: u64,
-        x: u64,
-        residual: u64,
-        norm: (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &mut self,
-        out: u64,
-        qkv: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        max_len: usize,
-        hidden: usize,
-        heads: usize,
-    ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
-    fn pool_embedding(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        width: usize,
-        mode: i32,
-        normalize: bool,
-    ) -> Result<()>;
-    fn token_head(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        head: (u64, u64),
-        tokens: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
-    fn sequence_head(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        pre: Option<(u64, u64, i32)>,
-        head: (u64, u64),
-        sequences: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()>;
-    /// y[m, n] = act(x[m, k] · w[n, k]ᵀ + bias[n]), fp16.
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &mut self,
-        y: u64,
-        x: u64,
-        w: u64,
-        bias: u64,
-        shape: (usize, usize, usize),
-        epilogue: Epilogue,
-    ) -> Result<()>;
+    /// Queues one operation of the forward pass.
+    fn run(&mut self, op: &Op) -> Result<()>;
 }
 
 // ------------------------------------------------------------------------------ CUDA
@@ -285,112 +210,21 @@ impl Queue for CudaQueue {
         Ok(Box::new(CudaReplay(graph)))
     }
 
-    fn embed_layernorm(
-        &mut self,
-        out: u64,
-        inputs: (u64, u64, u64),
-        tables: (u64, u64, u64),
-        norm: (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.kernels
-            .embed_layernorm(s, out, inputs, tables, norm, tokens, width, eps)
-    }
-
-    fn residual_layernorm(
-        &mut self,
-        out: u64,
-        x: u64,
-        residual: u64,
-        norm: (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.kernels
-            .residual_layernorm(s, out, x, residual, norm, tokens, width, eps)
-    }
-
-    fn attention(
-        &mut self,
-        out: u64,
-        qkv: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        max_len: usize,
-        hidden: usize,
-        heads: usize,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.kernels.attention(
-            s, out, qkv, seq_start, key_valid, sequences, max_len, hidden, heads,
-        )
-    }
-
-    fn pool_embedding(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        width: usize,
-        mode: i32,
-        normalize: bool,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.kernels.pool_embedding(
-            s, out, hidden, seq_start, key_valid, sequences, width, mode, normalize,
-        )
-    }
-
-    fn token_head(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        head: (u64, u64),
-        tokens: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.kernels
-            .token_head(s, out, hidden, head, tokens, width, labels)
-    }
-
-    fn sequence_head(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        pre: Option<(u64, u64, i32)>,
-        head: (u64, u64),
-        sequences: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.kernels.sequence_head(
-            s, out, hidden, seq_start, pre, head, sequences, width, labels,
-        )
-    }
-
-    fn linear(
-        &mut self,
-        y: u64,
-        x: u64,
-        w: u64,
-        bias: u64,
-        shape: (usize, usize, usize),
-        epilogue: Epilogue,
-    ) -> Result<()> {
-        let s = self.stream.cu_stream();
-        self.blas.linear(s, y, x, w, bias, shape, epilogue)
+    fn run(&mut self, op: &Op) -> Result<()> {
+        let stream = self.stream.cu_stream();
+        match *op {
+            Op::Linear {
+                y,
+                x,
+                w,
+                bias,
+                m,
+                n,
+                k,
+                epilogue,
+            } => self.blas.linear(stream, y, x, w, bias, (m, n, k), epilogue),
+            _ => self.kernels.launch(stream, op),
+        }
     }
 }
 
@@ -553,179 +387,180 @@ impl Queue for TwinDevice {
         Err(Error::internal("the twin device does not capture graphs"))
     }
 
-    fn embed_layernorm(
-        &mut self,
-        out: u64,
-        (ids, positions, types): (u64, u64, u64),
-        (word, position, token_type): (u64, u64, u64),
-        (gamma, beta): (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let result = twins::embed_layernorm(
-            &self.read::<u32>(ids, Some(tokens))?,
-            &self.read::<u32>(positions, Some(tokens))?,
-            &self.read::<u32>(types, Some(tokens))?,
-            &self.halves(word, None)?,
-            &self.halves(position, None)?,
-            self.optional_halves(token_type)?.as_deref(),
-            (
-                &self.halves(gamma, Some(width))?,
-                &self.halves(beta, Some(width))?,
-            ),
-            width,
-            eps,
-        );
-        self.write(out, &result)
-    }
-
-    fn residual_layernorm(
-        &mut self,
-        out: u64,
-        x: u64,
-        residual: u64,
-        (gamma, beta): (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let result = twins::residual_layernorm(
-            &self.halves(x, Some(tokens * width))?,
-            &self.halves(residual, Some(tokens * width))?,
-            (
-                &self.halves(gamma, Some(width))?,
-                &self.halves(beta, Some(width))?,
-            ),
-            width,
-            eps,
-        );
-        self.write(out, &result)
-    }
-
-    fn attention(
-        &mut self,
-        out: u64,
-        qkv: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        max_len: usize,
-        hidden: usize,
-        heads: usize,
-    ) -> Result<()> {
-        let starts = self.starts(seq_start, sequences)?;
-        let tokens = *starts.last().unwrap_or(&0) as usize;
-        let longest = starts.windows(2).map(|p| p[1] - p[0]).max().unwrap_or(0) as usize;
-        if longest > max_len {
-            return Err(Error::internal(format!(
-                "attention launched for sequences up to {max_len} tokens, got {longest}"
-            )));
+    fn run(&mut self, op: &Op) -> Result<()> {
+        match *op {
+            Op::EmbedLayerNorm {
+                out,
+                ids,
+                positions,
+                types,
+                word,
+                position,
+                token_type,
+                gamma,
+                beta,
+                tokens,
+                width,
+                eps,
+            } => {
+                let result = twins::embed_layernorm(
+                    &self.read::<u32>(ids, Some(tokens))?,
+                    &self.read::<u32>(positions, Some(tokens))?,
+                    &self.read::<u32>(types, Some(tokens))?,
+                    &self.halves(word, None)?,
+                    &self.halves(position, None)?,
+                    self.optional_halves(token_type)?.as_deref(),
+                    (
+                        &self.halves(gamma, Some(width))?,
+                        &self.halves(beta, Some(width))?,
+                    ),
+                    width,
+                    eps,
+                );
+                self.write(out, &result)
+            }
+            Op::ResidualLayerNorm {
+                out,
+                x,
+                residual,
+                gamma,
+                beta,
+                tokens,
+                width,
+                eps,
+            } => {
+                let result = twins::residual_layernorm(
+                    &self.halves(x, Some(tokens * width))?,
+                    &self.halves(residual, Some(tokens * width))?,
+                    (
+                        &self.halves(gamma, Some(width))?,
+                        &self.halves(beta, Some(width))?,
+                    ),
+                    width,
+                    eps,
+                );
+                self.write(out, &result)
+            }
+            Op::Attention {
+                out,
+                qkv,
+                seq_start,
+                key_valid,
+                sequences,
+                max_len,
+                hidden,
+                heads,
+            } => {
+                let starts = self.starts(seq_start, sequences)?;
+                let tokens = *starts.last().unwrap_or(&0) as usize;
+                let longest = starts.windows(2).map(|p| p[1] - p[0]).max().unwrap_or(0) as usize;
+                if longest > max_len {
+                    return Err(Error::internal(format!(
+                        "attention launched for sequences up to {max_len} tokens, got {longest}"
+                    )));
+                }
+                let mut context = self.halves(out, Some(tokens * hidden))?;
+                twins::attention(
+                    &mut context,
+                    &self.halves(qkv, Some(tokens * 3 * hidden))?,
+                    &starts,
+                    self.valid(key_valid, tokens)?.as_deref(),
+                    hidden,
+                    heads,
+                );
+                self.write(out, &context)
+            }
+            Op::PoolEmbedding {
+                out,
+                hidden,
+                seq_start,
+                key_valid,
+                sequences,
+                width,
+                mode,
+                normalize,
+            } => {
+                let starts = self.starts(seq_start, sequences)?;
+                let tokens = *starts.last().unwrap_or(&0) as usize;
+                let result = twins::pool_embedding(
+                    &self.halves(hidden, Some(tokens * width))?,
+                    &starts,
+                    self.valid(key_valid, tokens)?.as_deref(),
+                    width,
+                    mode,
+                    normalize,
+                );
+                self.write(out, &result)
+            }
+            Op::TokenHead {
+                out,
+                hidden,
+                weight,
+                bias,
+                tokens,
+                width,
+                labels,
+            } => {
+                let result = twins::token_head(
+                    &self.halves(hidden, Some(tokens * width))?,
+                    &self.halves(weight, Some(labels * width))?,
+                    &self.halves(bias, Some(labels))?,
+                    width,
+                );
+                self.write(out, &result)
+            }
+            Op::SequenceHead {
+                out,
+                hidden,
+                seq_start,
+                pre,
+                weight,
+                bias,
+                sequences,
+                width,
+                labels,
+            } => {
+                let starts = self.starts(seq_start, sequences)?;
+                let tokens = *starts.last().unwrap_or(&0) as usize;
+                let pre = match pre {
+                    Some((w, b, activation)) => Some((
+                        self.halves(w, Some(width * width))?,
+                        self.halves(b, Some(width))?,
+                        activation,
+                    )),
+                    None => None,
+                };
+                let result = twins::sequence_head(
+                    &self.halves(hidden, Some(tokens.max(1) * width))?,
+                    &starts,
+                    pre.as_ref().map(|(w, b, a)| (&w[..], &b[..], *a)),
+                    (
+                        &self.halves(weight, Some(labels * width))?,
+                        &self.halves(bias, Some(labels))?,
+                    ),
+                    width,
+                );
+                self.write(out, &result)
+            }
+            Op::Linear {
+                y,
+                x,
+                w,
+                bias,
+                m,
+                n,
+                k,
+                epilogue,
+            } => {
+                let result = twins::linear(
+                    &self.halves(x, Some(m * k))?,
+                    &self.halves(w, Some(n * k))?,
+                    &self.halves(bias, Some(n))?,
+                    k,
+                    epilogue,
+                );
+                self.write(y, &result)
+            }
         }
-        let mut context = self.halves(out, Some(tokens * hidden))?;
-        twins::attention(
-            &mut context,
-            &self.halves(qkv, Some(tokens * 3 * hidden))?,
-            &starts,
-            self.valid(key_valid, tokens)?.as_deref(),
-            hidden,
-            heads,
-        );
-        self.write(out, &context)
-    }
-
-    fn pool_embedding(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        width: usize,
-        mode: i32,
-        normalize: bool,
-    ) -> Result<()> {
-        let starts = self.starts(seq_start, sequences)?;
-        let tokens = *starts.last().unwrap_or(&0) as usize;
-        let result = twins::pool_embedding(
-            &self.halves(hidden, Some(tokens * width))?,
-            &starts,
-            self.valid(key_valid, tokens)?.as_deref(),
-            width,
-            mode,
-            normalize,
-        );
-        self.write(out, &result)
-    }
-
-    fn token_head(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        (weight, bias): (u64, u64),
-        tokens: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()> {
-        let result = twins::token_head(
-            &self.halves(hidden, Some(tokens * width))?,
-            &self.halves(weight, Some(labels * width))?,
-            &self.halves(bias, Some(labels))?,
-            width,
-        );
-        self.write(out, &result)
-    }
-
-    fn sequence_head(
-        &mut self,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        pre: Option<(u64, u64, i32)>,
-        (weight, bias): (u64, u64),
-        sequences: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()> {
-        let starts = self.starts(seq_start, sequences)?;
-        let tokens = *starts.last().unwrap_or(&0) as usize;
-        let pre = match pre {
-            Some((w, b, activation)) => Some((
-                self.halves(w, Some(width * width))?,
-                self.halves(b, Some(width))?,
-                activation,
-            )),
-            None => None,
-        };
-        let result = twins::sequence_head(
-            &self.halves(hidden, Some(tokens.max(1) * width))?,
-            &starts,
-            pre.as_ref().map(|(w, b, a)| (&w[..], &b[..], *a)),
-            (
-                &self.halves(weight, Some(labels * width))?,
-                &self.halves(bias, Some(labels))?,
-            ),
-            width,
-        );
-        self.write(out, &result)
-    }
-
-    fn linear(
-        &mut self,
-        y: u64,
-        x: u64,
-        w: u64,
-        bias: u64,
-        (m, n, k): (usize, usize, usize),
-        epilogue: Epilogue,
-    ) -> Result<()> {
-        let result = twins::linear(
-            &self.halves(x, Some(m * k))?,
-            &self.halves(w, Some(n * k))?,
-            &self.halves(bias, Some(n))?,
-            k,
-            epilogue,
-        );
-        self.write(y, &result)
     }
 }

@@ -2,6 +2,7 @@
 //! addresses (u64), so launches need no cudarc bookkeeping and can be graph-captured.
 
 use super::nvrtc::{self, KernelFile};
+use super::ops::Op;
 use super::Gpu;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{self, CUstream};
@@ -112,7 +113,7 @@ impl Kernels {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn launch(
+    fn launch_raw(
         &self,
         function: &CudaFunction,
         name: &str,
@@ -153,232 +154,205 @@ impl Kernels {
         .map_err(|e| launch_error(name, e))
     }
 
-    /// out[t] = LayerNorm(word[ids[t]] + position[positions[t]] + token_type[types[t]]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn embed_layernorm(
-        &self,
-        stream: CUstream,
-        out: u64,
-        (ids, positions, types): (u64, u64, u64),
-        (word, position, token_type): (u64, u64, u64),
-        (gamma, beta): (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
+    /// Launches `op` on `stream` (every operation but `Linear`, which is cuBLASLt's).
+    pub fn launch(&self, stream: CUstream, op: &Op) -> Result<()> {
         use Arg::*;
-        self.launch(
-            &self.embed_layernorm,
-            "embed_layernorm",
-            (tokens as u32, 1, 1),
-            row_threads(width),
-            width * 4,
-            stream,
-            &[
-                Ptr(out),
-                Ptr(ids),
-                Ptr(positions),
-                Ptr(types),
-                Ptr(word),
-                Ptr(position),
-                Ptr(token_type),
-                Ptr(gamma),
-                Ptr(beta),
-                I32(width as i32),
-                F32(eps),
-            ],
-        )
-    }
-
-    /// out[t] = LayerNorm(x[t] + residual[t]); `out` may equal `residual`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn residual_layernorm(
-        &self,
-        stream: CUstream,
-        out: u64,
-        x: u64,
-        residual: u64,
-        (gamma, beta): (u64, u64),
-        tokens: usize,
-        width: usize,
-        eps: f32,
-    ) -> Result<()> {
-        use Arg::*;
-        self.launch(
-            &self.residual_layernorm,
-            "residual_layernorm",
-            (tokens as u32, 1, 1),
-            row_threads(width),
-            width * 4,
-            stream,
-            &[
-                Ptr(out),
-                Ptr(x),
-                Ptr(residual),
-                Ptr(gamma),
-                Ptr(beta),
-                I32(width as i32),
-                F32(eps),
-            ],
-        )
-    }
-
-    /// Multi-head attention over packed sequences (see kernels/attention.cu).
-    /// `max_len` bounds every sequence's length (it sizes the grid and shared memory).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention(
-        &self,
-        stream: CUstream,
-        out: u64,
-        qkv: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        max_len: usize,
-        hidden: usize,
-        heads: usize,
-    ) -> Result<()> {
-        let head_size = hidden / heads;
-        let index = HEAD_SIZES
-            .iter()
-            .position(|&d| d == head_size)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "head size {head_size} has no GPU attention kernel (sizes: {HEAD_SIZES:?})"
-                ))
-            })?;
-        if max_len > MAX_SEQUENCE {
-            return Err(Error::invalid(format!(
-                "sequences of {max_len} tokens exceed the GPU attention kernel's {MAX_SEQUENCE}"
-            )));
-        }
-        let capacity = key_capacity(max_len, head_size);
-        use Arg::*;
-        self.launch(
-            &self.attention[index],
-            "attention",
-            (
-                max_len.div_ceil(ATTENTION_QUERY_TILE) as u32,
-                heads as u32,
-                sequences as u32,
+        match *op {
+            Op::EmbedLayerNorm {
+                out,
+                ids,
+                positions,
+                types,
+                word,
+                position,
+                token_type,
+                gamma,
+                beta,
+                tokens,
+                width,
+                eps,
+            } => self.launch_raw(
+                &self.embed_layernorm,
+                "embed_layernorm",
+                (tokens as u32, 1, 1),
+                row_threads(width),
+                width * 4,
+                stream,
+                &[
+                    Ptr(out),
+                    Ptr(ids),
+                    Ptr(positions),
+                    Ptr(types),
+                    Ptr(word),
+                    Ptr(position),
+                    Ptr(token_type),
+                    Ptr(gamma),
+                    Ptr(beta),
+                    I32(width as i32),
+                    F32(eps),
+                ],
             ),
-            ATTENTION_THREADS,
-            attention_shared_bytes(capacity),
-            stream,
-            &[
-                Ptr(out),
-                Ptr(qkv),
-                Ptr(seq_start),
-                Ptr(key_valid),
-                I32(hidden as i32),
-                I32(capacity as i32),
-                F32(1.0 / (head_size as f32).sqrt()),
-            ],
-        )
-    }
-
-    /// Sentence embeddings [sequences, width] in fp32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn pool_embedding(
-        &self,
-        stream: CUstream,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        key_valid: u64,
-        sequences: usize,
-        width: usize,
-        mode: i32,
-        normalize: bool,
-    ) -> Result<()> {
-        use Arg::*;
-        self.launch(
-            &self.pool_embedding,
-            "pool_embedding",
-            (sequences as u32, 1, 1),
-            256,
-            width * 4,
-            stream,
-            &[
-                Ptr(out),
-                Ptr(hidden),
-                Ptr(seq_start),
-                Ptr(key_valid),
-                I32(width as i32),
-                I32(mode),
-                I32(normalize as i32),
-            ],
-        )
-    }
-
-    /// Per-token logits [tokens, labels] in fp32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn token_head(
-        &self,
-        stream: CUstream,
-        out: u64,
-        hidden: u64,
-        (weight, bias): (u64, u64),
-        tokens: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()> {
-        use Arg::*;
-        self.launch(
-            &self.token_head,
-            "token_head",
-            (tokens.div_ceil(8) as u32, 1, 1),
-            256,
-            0,
-            stream,
-            &[
-                Ptr(out),
-                Ptr(hidden),
-                Ptr(weight),
-                Ptr(bias),
-                I32(tokens as i32),
-                I32(width as i32),
-                I32(labels as i32),
-            ],
-        )
-    }
-
-    /// Sequence logits [sequences, labels] in fp32 from each sequence's first token.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sequence_head(
-        &self,
-        stream: CUstream,
-        out: u64,
-        hidden: u64,
-        seq_start: u64,
-        pre: Option<(u64, u64, i32)>,
-        (weight, bias): (u64, u64),
-        sequences: usize,
-        width: usize,
-        labels: usize,
-    ) -> Result<()> {
-        let (pre_weight, pre_bias, activation) = pre.unwrap_or((0, 0, ACTIVATION_NONE));
-        use Arg::*;
-        self.launch(
-            &self.sequence_head,
-            "sequence_head",
-            (sequences as u32, 1, 1),
-            256,
-            2 * width * 4,
-            stream,
-            &[
-                Ptr(out),
-                Ptr(hidden),
-                Ptr(seq_start),
-                Ptr(pre_weight),
-                Ptr(pre_bias),
-                I32(activation),
-                Ptr(weight),
-                Ptr(bias),
-                I32(width as i32),
-                I32(labels as i32),
-            ],
-        )
+            Op::ResidualLayerNorm {
+                out,
+                x,
+                residual,
+                gamma,
+                beta,
+                tokens,
+                width,
+                eps,
+            } => self.launch_raw(
+                &self.residual_layernorm,
+                "residual_layernorm",
+                (tokens as u32, 1, 1),
+                row_threads(width),
+                width * 4,
+                stream,
+                &[
+                    Ptr(out),
+                    Ptr(x),
+                    Ptr(residual),
+                    Ptr(gamma),
+                    Ptr(beta),
+                    I32(width as i32),
+                    F32(eps),
+                ],
+            ),
+            Op::Attention {
+                out,
+                qkv,
+                seq_start,
+                key_valid,
+                sequences,
+                max_len,
+                hidden,
+                heads,
+            } => {
+                let head_size = hidden / heads;
+                let index = HEAD_SIZES
+                    .iter()
+                    .position(|&d| d == head_size)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "head size {head_size} has no GPU attention kernel (sizes: {HEAD_SIZES:?})"
+                        ))
+                    })?;
+                if max_len > MAX_SEQUENCE {
+                    return Err(Error::invalid(format!(
+                        "sequences of {max_len} tokens exceed the GPU attention kernel's {MAX_SEQUENCE}"
+                    )));
+                }
+                let capacity = key_capacity(max_len, head_size);
+                self.launch_raw(
+                    &self.attention[index],
+                    "attention",
+                    (
+                        max_len.div_ceil(ATTENTION_QUERY_TILE) as u32,
+                        heads as u32,
+                        sequences as u32,
+                    ),
+                    ATTENTION_THREADS,
+                    attention_shared_bytes(capacity),
+                    stream,
+                    &[
+                        Ptr(out),
+                        Ptr(qkv),
+                        Ptr(seq_start),
+                        Ptr(key_valid),
+                        I32(hidden as i32),
+                        I32(capacity as i32),
+                        F32(1.0 / (head_size as f32).sqrt()),
+                    ],
+                )
+            }
+            Op::PoolEmbedding {
+                out,
+                hidden,
+                seq_start,
+                key_valid,
+                sequences,
+                width,
+                mode,
+                normalize,
+            } => self.launch_raw(
+                &self.pool_embedding,
+                "pool_embedding",
+                (sequences as u32, 1, 1),
+                256,
+                width * 4,
+                stream,
+                &[
+                    Ptr(out),
+                    Ptr(hidden),
+                    Ptr(seq_start),
+                    Ptr(key_valid),
+                    I32(width as i32),
+                    I32(mode),
+                    I32(normalize as i32),
+                ],
+            ),
+            Op::TokenHead {
+                out,
+                hidden,
+                weight,
+                bias,
+                tokens,
+                width,
+                labels,
+            } => self.launch_raw(
+                &self.token_head,
+                "token_head",
+                (tokens.div_ceil(8) as u32, 1, 1),
+                256,
+                0,
+                stream,
+                &[
+                    Ptr(out),
+                    Ptr(hidden),
+                    Ptr(weight),
+                    Ptr(bias),
+                    I32(tokens as i32),
+                    I32(width as i32),
+                    I32(labels as i32),
+                ],
+            ),
+            Op::SequenceHead {
+                out,
+                hidden,
+                seq_start,
+                pre,
+                weight,
+                bias,
+                sequences,
+                width,
+                labels,
+            } => {
+                let (pre_weight, pre_bias, activation) = pre.unwrap_or((0, 0, ACTIVATION_NONE));
+                self.launch_raw(
+                    &self.sequence_head,
+                    "sequence_head",
+                    (sequences as u32, 1, 1),
+                    256,
+                    2 * width * 4,
+                    stream,
+                    &[
+                        Ptr(out),
+                        Ptr(hidden),
+                        Ptr(seq_start),
+                        Ptr(pre_weight),
+                        Ptr(pre_bias),
+                        I32(activation),
+                        Ptr(weight),
+                        Ptr(bias),
+                        I32(width as i32),
+                        I32(labels as i32),
+                    ],
+                )
+            }
+            Op::Linear { .. } => Err(Error::internal(
+                "a Linear operation is cuBLASLt's, not a kernel launch",
+            )),
+        }
     }
 }
 

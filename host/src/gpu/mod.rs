@@ -7,6 +7,7 @@ pub mod device;
 pub mod kernels;
 pub mod monitor;
 pub mod nvrtc;
+pub mod ops;
 pub mod selftest;
 pub mod twins;
 

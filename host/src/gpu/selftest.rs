@@ -4,6 +4,7 @@
 
 use super::blas::{Blas, Epilogue};
 use super::kernels::{Kernels, SLACK_ROWS};
+use super::ops::Op;
 use super::{twins, DeviceBuffer, Gpu};
 use crate::error::Result;
 use half::f16;
@@ -139,15 +140,22 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
             DeviceBuffer::from_slice(gpu, &pos)?,
             DeviceBuffer::from_slice(gpu, &types)?,
         );
-        kernels.embed_layernorm(
+        kernels.launch(
             s,
-            out.ptr,
-            (di.ptr, dpos.ptr, dty.ptr),
-            (dw.ptr, dp.ptr, if with_types { dt.ptr } else { 0 }),
-            (dg.ptr, db.ptr),
-            tokens,
-            width,
-            1e-12,
+            &Op::EmbedLayerNorm {
+                out: out.ptr,
+                ids: di.ptr,
+                positions: dpos.ptr,
+                types: dty.ptr,
+                word: dw.ptr,
+                position: dp.ptr,
+                token_type: if with_types { dt.ptr } else { 0 },
+                gamma: dg.ptr,
+                beta: db.ptr,
+                tokens,
+                width,
+                eps: 1e-12,
+            },
         )?;
         sync()?;
         let twin = twins::embed_layernorm(
@@ -181,15 +189,18 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
         );
         let out = nan_halves(gpu, tokens * width)?;
         let target = if in_place { dr.ptr } else { out.ptr };
-        kernels.residual_layernorm(
+        kernels.launch(
             s,
-            target,
-            dx.ptr,
-            dr.ptr,
-            (dg.ptr, db.ptr),
-            tokens,
-            width,
-            1e-5,
+            &Op::ResidualLayerNorm {
+                out: target,
+                x: dx.ptr,
+                residual: dr.ptr,
+                gamma: dg.ptr,
+                beta: db.ptr,
+                tokens,
+                width,
+                eps: 1e-5,
+            },
         )?;
         sync()?;
         let result = if in_place { &dr } else { &out };
@@ -227,16 +238,18 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
         };
         let out = nan_halves(gpu, (tokens + SLACK_ROWS) * hidden)?;
         let max_len = *lengths.iter().max().unwrap();
-        kernels.attention(
+        kernels.launch(
             s,
-            out.ptr,
-            dq.ptr,
-            ds.ptr,
-            dv.as_ref().map_or(0, |b| b.ptr),
-            lengths.len(),
-            max_len,
-            hidden,
-            heads,
+            &Op::Attention {
+                out: out.ptr,
+                qkv: dq.ptr,
+                seq_start: ds.ptr,
+                key_valid: dv.as_ref().map_or(0, |b| b.ptr),
+                sequences: lengths.len(),
+                max_len,
+                hidden,
+                heads,
+            },
         )?;
         sync()?;
         let mut twin = vec![f16::ZERO; tokens * hidden];
@@ -267,16 +280,18 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
             for with_valid in [false, true] {
                 let out = nan_floats(gpu, lengths.len() * width)?;
                 let valid_ptr = if with_valid { dv.ptr } else { 0 };
-                kernels.pool_embedding(
+                kernels.launch(
                     s,
-                    out.ptr,
-                    dh.ptr,
-                    ds.ptr,
-                    valid_ptr,
-                    lengths.len(),
-                    width,
-                    mode,
-                    normalize,
+                    &Op::PoolEmbedding {
+                        out: out.ptr,
+                        hidden: dh.ptr,
+                        seq_start: ds.ptr,
+                        key_valid: valid_ptr,
+                        sequences: lengths.len(),
+                        width,
+                        mode,
+                        normalize,
+                    },
                 )?;
                 sync()?;
                 let twin = twins::pool_embedding(
@@ -302,7 +317,18 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
             DeviceBuffer::from_slice(gpu, &bias)?,
         );
         let out = nan_floats(gpu, tokens * labels)?;
-        kernels.token_head(s, out.ptr, dh.ptr, (dw.ptr, db.ptr), tokens, width, labels)?;
+        kernels.launch(
+            s,
+            &Op::TokenHead {
+                out: out.ptr,
+                hidden: dh.ptr,
+                weight: dw.ptr,
+                bias: db.ptr,
+                tokens,
+                width,
+                labels,
+            },
+        )?;
         sync()?;
         checks.push(compare(
             format!("token_head labels {labels}"),
@@ -318,16 +344,19 @@ pub fn run(gpu: &Gpu) -> Result<Vec<Check>> {
         let [dpw, dpb, dw, db] = buffers;
         let (dpw, dpb, dw, db) = (dpw?, dpb?, dw?, db?);
         let out = nan_floats(gpu, lengths.len() * labels)?;
-        kernels.sequence_head(
+        kernels.launch(
             s,
-            out.ptr,
-            dh.ptr,
-            ds.ptr,
-            activation.map(|a| (dpw.ptr, dpb.ptr, a)),
-            (dw.ptr, db.ptr),
-            lengths.len(),
-            width,
-            labels,
+            &Op::SequenceHead {
+                out: out.ptr,
+                hidden: dh.ptr,
+                seq_start: ds.ptr,
+                pre: activation.map(|a| (dpw.ptr, dpb.ptr, a)),
+                weight: dw.ptr,
+                bias: db.ptr,
+                sequences: lengths.len(),
+                width,
+                labels,
+            },
         )?;
         sync()?;
         let twin = twins::sequence_head(

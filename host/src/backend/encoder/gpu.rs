@@ -11,16 +11,16 @@
 use super::checkpoint::Pooling;
 use super::model::{Encoder, Head, HeadKind, PackedBatch};
 use super::ops::Activation;
-use super::{pack_request, pad_batch, truncate, unpack, RequestRows};
-use crate::backend::{BackendRequest, Execution, ExecutionTimes};
+use super::run_batch;
+use crate::backend::{BackendRequest, Execution};
 use crate::error::{Error, Result};
 use crate::gpu::blas::Epilogue;
 use crate::gpu::device::{Buffer, Device, Queue, Replay};
 use crate::gpu::kernels::{self, MAX_SEQUENCE, SLACK_ROWS};
+use crate::gpu::ops::Op;
 use half::f16;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Graphs kept per instance; beyond this the cache starts over (bounded memory).
 const MAX_GRAPHS: usize = 96;
@@ -315,120 +315,132 @@ impl GpuRunner {
         } else {
             0
         };
-        q.embed_layernorm(
-            a.hidden.ptr,
-            (ids, positions, types),
-            (
-                w.word.ptr,
-                w.position.ptr,
-                w.token_type.as_ref().map_or(0, |b| b.ptr),
-            ),
-            (w.embedding_norm.0.ptr, w.embedding_norm.1.ptr),
-            t,
-            h,
-            d.layer_norm_eps,
-        )?;
+        let eps = d.layer_norm_eps;
+        q.run(&Op::EmbedLayerNorm {
+            out: a.hidden.ptr,
+            ids,
+            positions,
+            types,
+            word: w.word.ptr,
+            position: w.position.ptr,
+            token_type: w.token_type.as_ref().map_or(0, |b| b.ptr),
+            gamma: w.embedding_norm.0.ptr,
+            beta: w.embedding_norm.1.ptr,
+            tokens: t,
+            width: h,
+            eps,
+        })?;
+        let linear = |y: &Buffer, x: &Buffer, (weight, bias): &(Buffer, Buffer), n, k, epilogue| {
+            Op::Linear {
+                y: y.ptr,
+                x: x.ptr,
+                w: weight.ptr,
+                bias: bias.ptr,
+                m: t,
+                n,
+                k,
+                epilogue,
+            }
+        };
+        let residual_norm = |(gamma, beta): &(Buffer, Buffer)| Op::ResidualLayerNorm {
+            out: a.hidden.ptr,
+            x: a.projected.ptr,
+            residual: a.hidden.ptr,
+            gamma: gamma.ptr,
+            beta: beta.ptr,
+            tokens: t,
+            width: h,
+            eps,
+        };
         for layer in &w.layers {
-            q.linear(
-                a.qkv.ptr,
-                a.hidden.ptr,
-                layer.qkv.0.ptr,
-                layer.qkv.1.ptr,
-                (t, 3 * h, h),
+            q.run(&linear(
+                &a.qkv,
+                &a.hidden,
+                &layer.qkv,
+                3 * h,
+                h,
                 Epilogue::Bias,
-            )?;
-            q.attention(
-                a.context.ptr,
-                a.qkv.ptr,
+            ))?;
+            q.run(&Op::Attention {
+                out: a.context.ptr,
+                qkv: a.qkv.ptr,
                 seq_start,
                 key_valid,
-                bucket.sequences,
-                bucket.max_len,
+                sequences: bucket.sequences,
+                max_len: bucket.max_len,
+                hidden: h,
+                heads: d.heads,
+            })?;
+            q.run(&linear(
+                &a.projected,
+                &a.context,
+                &layer.out,
                 h,
-                d.heads,
-            )?;
-            q.linear(
-                a.projected.ptr,
-                a.context.ptr,
-                layer.out.0.ptr,
-                layer.out.1.ptr,
-                (t, h, h),
+                h,
                 Epilogue::Bias,
-            )?;
-            q.residual_layernorm(
-                a.hidden.ptr,
-                a.projected.ptr,
-                a.hidden.ptr,
-                (layer.attention_norm.0.ptr, layer.attention_norm.1.ptr),
-                t,
+            ))?;
+            q.run(&residual_norm(&layer.attention_norm))?;
+            let up = &layer.up;
+            q.run(&linear(
+                &a.intermediate,
+                &a.hidden,
+                up,
+                d.intermediate,
                 h,
-                d.layer_norm_eps,
-            )?;
-            q.linear(
-                a.intermediate.ptr,
-                a.hidden.ptr,
-                layer.up.0.ptr,
-                layer.up.1.ptr,
-                (t, d.intermediate, h),
                 w.up_epilogue,
-            )?;
-            q.linear(
-                a.projected.ptr,
-                a.intermediate.ptr,
-                layer.down.0.ptr,
-                layer.down.1.ptr,
-                (t, h, d.intermediate),
-                Epilogue::Bias,
-            )?;
-            q.residual_layernorm(
-                a.hidden.ptr,
-                a.projected.ptr,
-                a.hidden.ptr,
-                (layer.output_norm.0.ptr, layer.output_norm.1.ptr),
-                t,
+            ))?;
+            let down = &layer.down;
+            q.run(&linear(
+                &a.projected,
+                &a.intermediate,
+                down,
                 h,
-                d.layer_norm_eps,
-            )?;
+                d.intermediate,
+                Epilogue::Bias,
+            ))?;
+            q.run(&residual_norm(&layer.output_norm))?;
         }
-        match &w.head {
-            GpuHead::Embedding { mode, normalize } => q.pool_embedding(
-                a.output.ptr,
-                a.hidden.ptr,
+        q.run(&match &w.head {
+            GpuHead::Embedding { mode, normalize } => Op::PoolEmbedding {
+                out: a.output.ptr,
+                hidden: a.hidden.ptr,
                 seq_start,
                 key_valid,
-                bucket.sequences,
-                h,
-                *mode,
-                *normalize,
-            ),
+                sequences: bucket.sequences,
+                width: h,
+                mode: *mode,
+                normalize: *normalize,
+            },
             GpuHead::PerToken {
                 weight,
                 bias,
                 labels,
-            } => q.token_head(
-                a.output.ptr,
-                a.hidden.ptr,
-                (weight.ptr, bias.ptr),
-                t,
-                h,
-                *labels,
-            ),
+            } => Op::TokenHead {
+                out: a.output.ptr,
+                hidden: a.hidden.ptr,
+                weight: weight.ptr,
+                bias: bias.ptr,
+                tokens: t,
+                width: h,
+                labels: *labels,
+            },
             GpuHead::Sequence {
                 pre,
                 weight,
                 bias,
                 labels,
-            } => q.sequence_head(
-                a.output.ptr,
-                a.hidden.ptr,
+            } => Op::SequenceHead {
+                out: a.output.ptr,
+                hidden: a.hidden.ptr,
                 seq_start,
-                pre.as_ref().map(|(w, b, act)| (w.ptr, b.ptr, *act)),
-                (weight.ptr, bias.ptr),
-                bucket.sequences,
-                h,
-                *labels,
-            ),
-        }
+                pre: pre.as_ref().map(|(w, b, act)| (w.ptr, b.ptr, *act)),
+                weight: weight.ptr,
+                bias: bias.ptr,
+                sequences: bucket.sequences,
+                width: h,
+                labels: *labels,
+            },
+        })
     }
 
     /// Runs the bucket's graph, capturing it the second time the bucket is seen (the
@@ -454,10 +466,10 @@ impl GpuRunner {
         self.graphs[bucket].replay()
     }
 
-    /// Runs `self.batch` (already packed) and leaves the head's output in `head_out`.
-    fn forward(&mut self) -> Result<()> {
-        let (tokens, sequences) = (self.batch.tokens(), self.batch.segments.len());
-        let max_len = self.batch.segments.iter().map(|s| s.len).max().unwrap_or(0);
+    /// Runs a packed batch and leaves the head's output in `out`.
+    fn forward(&mut self, batch: &PackedBatch, out: &mut Vec<f32>) -> Result<()> {
+        let (tokens, sequences) = (batch.tokens(), batch.segments.len());
+        let max_len = batch.segments.iter().map(|s| s.len).max().unwrap_or(0);
         if max_len > MAX_SEQUENCE {
             return Err(Error::invalid(format!(
                 "a sequence of {max_len} tokens is longer than the GPU encoder's {MAX_SEQUENCE}"
@@ -468,9 +480,8 @@ impl GpuRunner {
                 "a batch of {sequences} sequences exceeds the GPU encoder's {MAX_SEQUENCES}"
             )));
         }
-        let bucket = Bucket::of(tokens, sequences, max_len, self.batch.key_valid.is_some());
+        let bucket = Bucket::of(tokens, sequences, max_len, batch.key_valid.is_some());
         self.reserve(&bucket)?;
-        let batch = &self.batch;
         // Inputs, laid out as `enqueue` reads them, in one copy.
         let t = bucket.tokens;
         let input = &mut self.input_words;
@@ -498,7 +509,7 @@ impl GpuRunner {
             .queue
             .copy_in(inputs_ptr, &self.input_words)
             .and_then(|()| self.launch(&bucket))
-            .and_then(|()| self.copy_out());
+            .and_then(|()| self.copy_out(batch, out));
         if launched.is_err() {
             // Nothing still queued may read the staged inputs the next batch rewrites.
             self.queue.drain();
@@ -506,80 +517,45 @@ impl GpuRunner {
         launched
     }
 
-    /// Copies the head's output back (waiting for the queue).
-    fn copy_out(&mut self) -> Result<()> {
-        let (tokens, sequences) = (self.batch.tokens(), self.batch.segments.len());
+    /// Copies the head's output back into `out` (waiting for the queue).
+    fn copy_out(&mut self, batch: &PackedBatch, out: &mut Vec<f32>) -> Result<()> {
         let width = self.weights.encoder.head_width();
         let count = match self.weights.head {
-            GpuHead::PerToken { .. } => tokens * width,
-            _ => sequences * width,
+            GpuHead::PerToken { .. } => batch.tokens() * width,
+            _ => batch.segments.len() * width,
         };
-        self.head_out.clear();
-        self.head_out.resize(count, 0.0);
+        out.clear();
+        out.resize(count, 0.0);
         let output = self.activations.as_ref().expect("reserved").output.ptr;
-        self.queue.copy_out(&mut self.head_out, output)
+        self.queue.copy_out(out, output)
     }
 
     /// Packs, runs and unpacks one batch, as the CPU runner does.
     pub fn run(&mut self, requests: &[BackendRequest]) -> Execution {
-        let started = Instant::now();
-        self.batch.clear();
         let encoder = self.weights.encoder.clone();
-        let mut results: Vec<Option<Result<crate::backend::BackendResponse>>> =
-            requests.iter().map(|_| None).collect();
-        let mut packed: Vec<(usize, RequestRows)> = Vec::with_capacity(requests.len());
-        for (i, request) in requests.iter().enumerate() {
-            let mark = (self.batch.tokens(), self.batch.segments.len());
-            match pack_request(&encoder, request, &mut self.batch) {
-                Ok(rows) => packed.push((i, rows)),
-                Err(e) => {
-                    truncate(&mut self.batch, mark);
-                    results[i] = Some(Err(e));
-                }
-            }
-        }
-        if !self.remove_padding {
-            pad_batch(&encoder, &mut self.batch);
-        }
-        let packed_at = Instant::now();
-        let outcome = if self.batch.tokens() > 0 {
-            self.forward()
-        } else {
-            Ok(())
-        };
-        let inferred_at = Instant::now();
-        for (i, rows) in packed {
-            results[i] = Some(match &outcome {
-                Ok(()) => Ok(unpack(
-                    &encoder,
-                    &self.batch,
-                    &self.head_out,
-                    &rows,
-                    &requests[i].requested_outputs,
-                )),
-                Err(e) => Err(e.clone()),
-            });
-        }
-        let done = Instant::now();
-        Execution {
-            results: results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(Error::internal("request was not run"))))
-                .collect(),
-            times: ExecutionTimes {
-                compute_input_ns: (packed_at - started).as_nanos() as u64,
-                compute_infer_ns: (inferred_at - packed_at).as_nanos() as u64,
-                compute_output_ns: (done - inferred_at).as_nanos() as u64,
-            },
-        }
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut head_out = std::mem::take(&mut self.head_out);
+        let execution = run_batch(
+            &encoder,
+            requests,
+            self.remove_padding,
+            &mut batch,
+            &mut head_out,
+            |batch, out| self.forward(batch, out),
+        );
+        self.batch = batch;
+        self.head_out = head_out;
+        execution
     }
 
     /// For benchmarks and checks: runs an already packed batch and returns the head's
     /// output ([sequences, width] or [tokens, width]).
     pub fn run_packed(&mut self, batch: PackedBatch) -> Result<&[f32]> {
+        let mut out = std::mem::take(&mut self.head_out);
+        let result = self.forward(&batch, &mut out);
+        self.head_out = out;
         self.batch = batch;
-        self.forward()?;
-        Ok(&self.head_out)
+        result.map(|()| &self.head_out[..])
     }
 
     /// Runs one short sequence twice (directly, then captured), so kernels, cuBLASLt
@@ -602,15 +578,9 @@ impl GpuRunner {
             segments: vec![super::ops::Segment { start: 0, len }],
             key_valid: None,
         };
+        let mut out = Vec::new();
         for _ in 0..2 {
-            self.batch = PackedBatch {
-                ids: batch.ids.clone(),
-                positions: batch.positions.clone(),
-                types: batch.types.clone(),
-                segments: batch.segments.clone(),
-                key_valid: None,
-            };
-            self.forward()?;
+            self.forward(&batch, &mut out)?;
         }
         Ok(())
     }

@@ -427,69 +427,93 @@ impl Runner {
 
     /// Packs, runs and unpacks one batch. A request that fails validation fails alone.
     pub fn run(&mut self, requests: &[BackendRequest]) -> Execution {
-        let started = Instant::now();
-        self.batch.clear();
-        let mut results: Vec<Option<Result<BackendResponse>>> =
-            requests.iter().map(|_| None).collect();
-        let mut packed: Vec<(usize, RequestRows)> = Vec::with_capacity(requests.len());
-        for (i, request) in requests.iter().enumerate() {
-            let mark = (self.batch.tokens(), self.batch.segments.len());
-            match pack_request(&self.encoder, request, &mut self.batch) {
-                Ok(rows) => packed.push((i, rows)),
-                Err(e) => {
-                    truncate(&mut self.batch, mark);
-                    results[i] = Some(Err(e));
+        let Runner {
+            encoder,
+            remove_padding,
+            threads,
+            batch,
+            workspace,
+            head_out,
+        } = self;
+        run_batch(
+            encoder,
+            requests,
+            *remove_padding,
+            batch,
+            head_out,
+            |batch, out| {
+                encoder.forward(batch, workspace, *threads);
+                match encoder.head_kind {
+                    HeadKind::Embedding => encoder.pool(batch, workspace, out),
+                    HeadKind::Classification => encoder.classify(batch, workspace, out),
+                    HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+                        encoder.per_token(batch, workspace, out, *threads)
+                    }
                 }
+                Ok(())
+            },
+        )
+    }
+}
+
+/// One batch on any runner: packs the requests (a request that fails validation fails
+/// alone), pads them when asked, runs `infer` (which leaves the head's output in its
+/// second argument) and unpacks each request's outputs.
+fn run_batch(
+    encoder: &Encoder,
+    requests: &[BackendRequest],
+    remove_padding: bool,
+    batch: &mut PackedBatch,
+    head_out: &mut Vec<f32>,
+    infer: impl FnOnce(&PackedBatch, &mut Vec<f32>) -> Result<()>,
+) -> Execution {
+    let started = Instant::now();
+    batch.clear();
+    let mut results: Vec<Option<Result<BackendResponse>>> = requests.iter().map(|_| None).collect();
+    let mut packed: Vec<(usize, RequestRows)> = Vec::with_capacity(requests.len());
+    for (i, request) in requests.iter().enumerate() {
+        let mark = (batch.tokens(), batch.segments.len());
+        match pack_request(encoder, request, batch) {
+            Ok(rows) => packed.push((i, rows)),
+            Err(e) => {
+                truncate(batch, mark);
+                results[i] = Some(Err(e));
             }
         }
-        if !self.remove_padding {
-            pad_batch(&self.encoder, &mut self.batch);
-        }
-        let packed_at = Instant::now();
-        if self.batch.tokens() > 0 {
-            self.encoder
-                .forward(&self.batch, &mut self.workspace, self.threads);
-            match self.encoder.head_kind {
-                HeadKind::Embedding => {
-                    self.encoder
-                        .pool(&self.batch, &self.workspace, &mut self.head_out)
-                }
-                HeadKind::Classification => {
-                    self.encoder
-                        .classify(&self.batch, &self.workspace, &mut self.head_out)
-                }
-                HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
-                    self.encoder.per_token(
-                        &self.batch,
-                        &self.workspace,
-                        &mut self.head_out,
-                        self.threads,
-                    )
-                }
-            }
-        }
-        let inferred_at = Instant::now();
-        for (i, rows) in packed {
-            results[i] = Some(Ok(unpack(
-                &self.encoder,
-                &self.batch,
-                &self.head_out,
+    }
+    if !remove_padding {
+        pad_batch(encoder, batch);
+    }
+    let packed_at = Instant::now();
+    let outcome = if batch.tokens() > 0 {
+        infer(batch, head_out)
+    } else {
+        Ok(())
+    };
+    let inferred_at = Instant::now();
+    for (i, rows) in packed {
+        results[i] = Some(match &outcome {
+            Ok(()) => Ok(unpack(
+                encoder,
+                batch,
+                head_out,
                 &rows,
                 &requests[i].requested_outputs,
-            )));
-        }
-        let done = Instant::now();
-        Execution {
-            results: results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(Error::internal("request was not run"))))
-                .collect(),
-            times: ExecutionTimes {
-                compute_input_ns: (packed_at - started).as_nanos() as u64,
-                compute_infer_ns: (inferred_at - packed_at).as_nanos() as u64,
-                compute_output_ns: (done - inferred_at).as_nanos() as u64,
-            },
-        }
+            )),
+            Err(e) => Err(e.clone()),
+        });
+    }
+    let done = Instant::now();
+    Execution {
+        results: results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("request was not run"))))
+            .collect(),
+        times: ExecutionTimes {
+            compute_input_ns: (packed_at - started).as_nanos() as u64,
+            compute_infer_ns: (inferred_at - packed_at).as_nanos() as u64,
+            compute_output_ns: (done - inferred_at).as_nanos() as u64,
+        },
     }
 }
 

@@ -113,14 +113,14 @@ def infer_encoder(client, model, head, ids, mask, types):
     return {n: result.as_numpy(n) for n, _ in HEAD_OUTPUTS[head]}
 
 
-def assert_matches_reference(got, want, head, mask):
+def assert_matches_reference(got, want, head, mask, rtol=1e-4, atol=2e-5):
     for name, value in got.items():
         expected = want[name]
         assert value.shape == expected.shape, name
         if head in ("qa", "token_classification"):
             real = mask.astype(bool)
             value, expected = value[real], expected[real]
-        np.testing.assert_allclose(value, expected, rtol=1e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(value, expected, rtol=rtol, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("remove_padding", [True, False], ids=["packed", "padded"])

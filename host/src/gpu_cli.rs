@@ -157,33 +157,37 @@ fn check(gpu: Gpu, checkpoints: &[PathBuf], min_cosine: f64) -> Result<()> {
                 HeadKind::Classification => encoder.classify(&batch, &ws, &mut cpu),
                 _ => encoder.per_token(&batch, &ws, &mut cpu, Threads(1)),
             }
-            let gpu_out = runner.run_packed(batch)?.to_vec();
             let width = encoder.head_width();
-            let max_error = cpu
-                .iter()
-                .zip(&gpu_out)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            let cosine = cpu
-                .chunks_exact(width)
-                .zip(gpu_out.chunks_exact(width))
-                .map(|(a, b)| {
-                    let dot: f64 = a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum();
-                    let na: f64 = a.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
-                    let nb: f64 = b.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
-                    dot / (na * nb).max(1e-30)
-                })
-                .fold(1f64, f64::min);
-            let ok = cosine >= min_cosine && gpu_out.len() == cpu.len();
-            failed += usize::from(!ok);
-            println!(
-                "{}",
-                json!({
-                    "check": "model", "checkpoint": folder, "case": case, "lengths": lengths,
-                    "head": encoder.head_kind.as_str(), "max_abs_error": max_error,
-                    "min_cosine": cosine, "passed": ok,
-                })
-            );
+            // A bucket's first batch runs directly, the second replays its CUDA graph:
+            // both must agree with the CPU.
+            for launch in ["direct", "graph"] {
+                let gpu_out = runner.run_packed(clone_batch(&batch))?.to_vec();
+                let max_error = cpu
+                    .iter()
+                    .zip(&gpu_out)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let cosine = cpu
+                    .chunks_exact(width)
+                    .zip(gpu_out.chunks_exact(width))
+                    .map(|(a, b)| {
+                        let dot: f64 = a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum();
+                        let na: f64 = a.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+                        let nb: f64 = b.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+                        dot / (na * nb).max(1e-30)
+                    })
+                    .fold(1f64, f64::min);
+                let ok = cosine >= min_cosine && gpu_out.len() == cpu.len();
+                failed += usize::from(!ok);
+                println!(
+                    "{}",
+                    json!({
+                        "check": "model", "checkpoint": folder, "case": case, "launch": launch,
+                        "lengths": lengths, "head": encoder.head_kind.as_str(),
+                        "max_abs_error": max_error, "min_cosine": cosine, "passed": ok,
+                    })
+                );
+            }
         }
     }
     if failed > 0 {

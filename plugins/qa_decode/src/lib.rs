@@ -136,7 +136,7 @@ fn settings(params: &[Parameter], base: Settings) -> Result<Settings, Error> {
             .ok_or_else(|| {
                 Error::InvalidInput(format!(
                     "parameter '{name}' must be an integer from {min} to {max}, got {}",
-                    show(value)
+                    value
                 ))
             })
     };
@@ -149,7 +149,7 @@ fn settings(params: &[Parameter], base: Settings) -> Result<Settings, Error> {
         Some(other) => {
             return Err(Error::InvalidInput(format!(
                 "parameter 'handle_impossible_answer' must be a boolean, got {}",
-                show(other)
+                other
             )))
         }
     };
@@ -163,16 +163,6 @@ fn settings(params: &[Parameter], base: Settings) -> Result<Settings, Error> {
         )?,
         handle_impossible_answer,
     })
-}
-
-/// A parameter value as its config.toml or JSON spelling.
-fn show(value: &ParameterValue) -> String {
-    match value {
-        ParameterValue::Boolean(b) => b.to_string(),
-        ParameterValue::Integer(i) => i.to_string(),
-        ParameterValue::Double(d) => d.to_string(),
-        ParameterValue::Text(t) => format!("{t:?}"),
-    }
 }
 
 export_model!(QaDecode);

@@ -195,6 +195,18 @@ impl Default for Response {
     }
 }
 
+/// A parameter value as its config.toml or JSON spelling (for error messages).
+impl std::fmt::Display for ParameterValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParameterValue::Boolean(b) => write!(f, "{b}"),
+            ParameterValue::Integer(i) => write!(f, "{i}"),
+            ParameterValue::Double(d) => write!(f, "{d}"),
+            ParameterValue::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
 /// Lookups in a parameter list.
 pub trait Parameters {
     fn get(&self, name: &str) -> Option<&ParameterValue>;

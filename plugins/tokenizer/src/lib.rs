@@ -49,7 +49,7 @@ impl Model for TokenizerModel {
             Some(other) => {
                 return Err(Error::InvalidInput(format!(
                     "parameter 'mode' must be \"single\" or \"qa\", got {}",
-                    show(other)
+                    other
                 )))
             }
         };
@@ -69,7 +69,7 @@ impl Model for TokenizerModel {
             Some(other) => {
                 return Err(Error::InvalidInput(format!(
                     "parameter 'tokenizer_file' must be a file name, got {}",
-                    show(other)
+                    other
                 )))
             }
         };
@@ -157,19 +157,9 @@ fn texts<'a>(request: &'a Request, name: &str) -> Result<Vec<&'a str>, Error> {
 /// An integer parameter, given as an integer or as text (TOML or JSON clients).
 fn integer(params: &[Parameter], name: &str) -> Result<i64, Error> {
     params.get_i64(name).ok_or_else(|| {
-        let got = Parameters::get(params, name).map_or("nothing".into(), show);
+        let got = Parameters::get(params, name).map_or("nothing".into(), ToString::to_string);
         Error::InvalidInput(format!("parameter '{name}' must be an integer, got {got}"))
     })
-}
-
-/// A parameter value as its config.toml or JSON spelling.
-fn show(value: &ParameterValue) -> String {
-    match value {
-        ParameterValue::Boolean(b) => b.to_string(),
-        ParameterValue::Integer(i) => i.to_string(),
-        ParameterValue::Double(d) => d.to_string(),
-        ParameterValue::Text(t) => format!("{t:?}"),
-    }
 }
 
 /// A count parameter of at least `min`, `default` when absent.

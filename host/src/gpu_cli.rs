@@ -61,10 +61,6 @@ pub enum GpuAction {
     },
 }
 
-fn settings(checkpoint: &std::path::Path) -> EncoderSettings {
-    EncoderSettings::new(checkpoint)
-}
-
 /// A packed batch of random ids with the given lengths (RoBERTa positions included).
 fn random_batch(
     dims: &crate::backend::encoder::checkpoint::Dimensions,
@@ -107,7 +103,8 @@ pub fn run(args: GpuArgs) -> Result<()> {
         println!("{line}");
         return Ok(());
     }
-    let gpu = Gpu::open(0)?;
+    let device = Arc::new(CudaDevice::open(0)?);
+    let gpu = &device.gpu;
     eprintln!(
         "GPU 0: {} ({}), {} MiB",
         gpu.name,
@@ -119,7 +116,7 @@ pub fn run(args: GpuArgs) -> Result<()> {
         GpuAction::Check {
             checkpoint,
             min_cosine,
-        } => check(gpu, &checkpoint, min_cosine),
+        } => check(device, &checkpoint, min_cosine),
         GpuAction::Bench {
             checkpoint,
             batch,
@@ -127,20 +124,22 @@ pub fn run(args: GpuArgs) -> Result<()> {
             mixed,
             seconds,
             no_graphs,
-        } => bench(gpu, &checkpoint, &batch, seq, mixed, seconds, !no_graphs),
+        } => bench(device, &checkpoint, &batch, seq, mixed, seconds, !no_graphs),
     }
 }
 
-fn check(gpu: Gpu, checkpoints: &[PathBuf], min_cosine: f64) -> Result<()> {
+fn check(device: Arc<CudaDevice>, checkpoints: &[PathBuf], min_cosine: f64) -> Result<()> {
     let mut failed = 0;
-    for check in selftest::run(&gpu)? {
+    for check in selftest::run(&device.gpu)? {
         println!("{check}");
         failed += usize::from(!check.passed());
     }
-    drop(gpu);
-    let device: Arc<dyn Device> = Arc::new(CudaDevice::open(0)?);
+    let device: Arc<dyn Device> = device;
     for folder in checkpoints {
-        let encoder = Arc::new(load_encoder(&settings(folder), std::path::Path::new("."))?);
+        let encoder = Arc::new(load_encoder(
+            &EncoderSettings::new(folder),
+            std::path::Path::new("."),
+        )?);
         let weights = Arc::new(GpuEncoder::load(device.clone(), encoder.clone())?);
         let mut runner = GpuRunner::new(weights, true, true)?;
         for (case, lengths) in [
@@ -239,7 +238,7 @@ fn report(case: &str, sequences: usize, times: &[f64], extra: serde_json::Value)
 
 #[allow(clippy::too_many_arguments)]
 fn bench(
-    gpu: Gpu,
+    device: Arc<CudaDevice>,
     folder: &std::path::Path,
     batches: &[usize],
     seq: usize,
@@ -247,9 +246,10 @@ fn bench(
     seconds: f64,
     graphs: bool,
 ) -> Result<()> {
-    let encoder = Arc::new(load_encoder(&settings(folder), std::path::Path::new("."))?);
-    drop(gpu);
-    let device: Arc<dyn Device> = Arc::new(CudaDevice::open(0)?);
+    let encoder = Arc::new(load_encoder(
+        &EncoderSettings::new(folder),
+        std::path::Path::new("."),
+    )?);
     let weights = Arc::new(GpuEncoder::load(device, encoder.clone())?);
     let mut runner = GpuRunner::new(weights, true, graphs)?;
     let layers = encoder.dims.layers;

@@ -113,6 +113,27 @@ def infer_encoder(client, model, head, ids, mask, types):
     return {n: result.as_numpy(n) for n, _ in HEAD_OUTPUTS[head]}
 
 
+def infer_concurrently(server, model, head, cases, timeout=60):
+    """Sends every (ids, mask, types) case at once, one thread each; their outputs in order."""
+    results = [None] * len(cases)
+    errors = []
+
+    def run(i):
+        try:
+            with server.client() as client:
+                results[i] = infer_encoder(client, model, head, *cases[i])
+        except Exception as e:  # reported below with the case that failed
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    return results
+
+
 def assert_matches_reference(got, want, head, mask, rtol=1e-4, atol=2e-5):
     for name, value in got.items():
         expected = want[name]
@@ -140,24 +161,9 @@ def test_concurrent_requests_of_mixed_lengths_are_batched_without_padding(encode
     arch, head = "bert", "qa"
     model = model_name(arch, head, True)
     cases = [random_rows(arch, [n], seed=n) for n in (3, 60, 9, 33, 21, 47)]
-    results = [None] * len(cases)
-    errors = []
-
-    def run(i):
-        try:
-            with encoder_server.client() as client:
-                results[i] = infer_encoder(client, model, head, *cases[i])
-        except Exception as e:  # reported below with the case that failed
-            errors.append((i, e))
-
     with encoder_server.client() as client:
         before = client.get_inference_statistics(model)["model_stats"][0]
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = infer_concurrently(encoder_server, model, head, cases)
     ckpt = str(encoder_server.checkpoints[(arch, head)])
     for (ids, mask, types), got in zip(cases, results):
         assert_matches_reference(got, ref.forward(ckpt, ids, mask, types), head, mask)

@@ -25,8 +25,8 @@ from tritonclient.utils import InferenceServerException
 
 import encoder_reference as ref
 from conftest import MODEL_REPOSITORY, _link_large, run_wisp, wisp_bin
-from test_encoder import (FIXTURE, LABELS, assert_matches_reference, encoder_config, infer_encoder,
-                          random_rows, text_input)
+from test_encoder import (FIXTURE, LABELS, assert_matches_reference, encoder_config, infer_concurrently,
+                          infer_encoder, random_rows, text_input)
 
 MAX_POSITION = 64
 
@@ -140,30 +140,12 @@ def test_gpu_encoder_matches_float64_reference(gpu_server, arch, head, packed):
 def test_concurrent_mixed_lengths_share_gpu_batches(gpu_server):
     """Requests of different lengths arriving together are merged by the dynamic batcher
     into packed GPU batches (several launch-shape buckets), each result its own."""
-    import threading
-
     arch, head = "bert", "embedding"
     ckpt = str(gpu_server.checkpoints[(arch, head)])
-    lengths = [3, 60, 17, 1, 33, 48, 9, 25]
-    results, errors = {}, []
-
-    def one(i):
-        ids, mask, types = random_rows(arch, [lengths[i]], seed=100 + i)
-        try:
-            with gpu_server.client() as client:
-                got = infer_encoder(client, f"{arch}_{head}_packed", head, ids, mask, types)
-            results[i] = (got, ref.forward(ckpt, ids, mask, types))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(lengths))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    for got, want in results.values():
-        np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=3e-2, atol=3e-2)
+    cases = [random_rows(arch, [n], seed=100 + n) for n in (3, 60, 17, 1, 33, 48, 9, 25)]
+    results = infer_concurrently(gpu_server, f"{arch}_{head}_packed", head, cases, timeout=120)
+    for (ids, mask, types), got in zip(cases, results):
+        assert_matches_reference(got, ref.forward(ckpt, ids, mask, types), head, mask, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

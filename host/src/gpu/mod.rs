@@ -63,11 +63,6 @@ impl Gpu {
         })
     }
 
-    /// Whether a GPU can be used here; the reason when not (for skips and errors).
-    pub fn available() -> std::result::Result<(), String> {
-        Gpu::open(0).map(|_| ()).map_err(|e| e.to_string())
-    }
-
     pub fn bind(&self) -> Result<()> {
         self.context
             .bind_to_thread()

@@ -12,6 +12,8 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
+        .parent()
+        .unwrap()
         .to_path_buf()
 }
 
@@ -94,6 +96,13 @@ pub struct Server {
 impl Server {
     /// Starts `wisp serve` on free ports and waits until it is ready.
     pub fn start(repo: &Path, extra: &[&str]) -> Server {
+        let server = Self::start_listening(repo, extra);
+        server.wait_loaded(Duration::from_secs(60));
+        server
+    }
+
+    /// Starts `wisp serve` and returns once it listens, models still loading.
+    pub fn start_listening(repo: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wisp"))
             .args(["serve", "--model-repository"])
             .arg(repo)
@@ -138,7 +147,6 @@ impl Server {
             child,
             log,
         };
-        server.wait_loaded(Duration::from_secs(60));
         server
     }
 

@@ -234,3 +234,110 @@ fn output_floods_are_refused_within_the_budget() {
         .infer("simple", &simple_request(&ramp(), &ramp()))
         .ok();
 }
+
+/// The attack: emitting empty tensors in a loop grew the host by hundreds of MiB
+/// under a 1 MiB output budget, because empty tensors cost nothing.
+#[test]
+fn empty_tensors_are_charged_against_the_output_budget() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let config = hostile_config("empty_flood", "").replace(
+        "execution_timeout_ms = 500",
+        "execution_timeout_ms = 60000\nmax_output_mib = 1",
+    );
+    repo.add("empty_flood", &config, "wisp_test_hostile", &[1]);
+    let server = Server::start(repo.path(), &[]);
+    let rss_before = rss_kib(server.pid());
+    let e = server.infer("empty_flood", &request(true)).error(500);
+    assert!(e.contains("output limit of 1 MiB exceeded"), "{e}");
+    let grown_mib = (rss_kib(server.pid()) - rss_before) / 1024;
+    assert!(grown_mib < 64, "the host grew by {grown_mib} MiB");
+    server.infer("empty_flood", &request(false)).ok();
+}
+
+fn rss_kib(pid: i32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The attack: a plugin's log message with a newline forged a server log line.
+#[test]
+fn plugin_log_lines_cannot_forge_server_lines() {
+    let (status, _, server, _repo) = attack("log_forgery", "");
+    assert_eq!(status, 200);
+    let log = server.log();
+    assert!(
+        log.contains(r"innocent\nERROR wisp: forged line\u{1b}[2J"),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("ERROR wisp: forged")),
+        "{log}"
+    );
+}
+
+/// The attack: a trap's 500 body carried the wasm backtrace and the plugin's output.
+#[test]
+fn trap_bodies_say_what_failed_without_the_backtrace() {
+    let (status, message, server, _repo) = attack("panic", "");
+    assert_eq!(status, 500, "{message}");
+    assert!(
+        message.contains("the hostile plugin panics on purpose"),
+        "{message}"
+    );
+    assert!(!message.contains("backtrace"), "{message}");
+    assert!(!message.contains("plugin output"), "{message}");
+    assert!(
+        server.log().contains("backtrace"),
+        "the details go to the log"
+    );
+}
+
+/// The attack: `sandbox.component` naming a file outside the version folder.
+#[test]
+fn component_paths_stay_inside_the_version_folder() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let config = format!(
+        "{}\n[sandbox]\ncomponent = \"../../simple/1/model.wasm\"\n",
+        simple_config()
+    );
+    repo.add("escape", &config, "wisp_plugin_simple", &[1]);
+    let server = Server::start(repo.path(), &["--strict-readiness", "false"]);
+    let reason = server.index_reason("escape");
+    assert!(reason.contains("'sandbox.component'"), "{reason}");
+    server
+        .infer("simple", &simple_request(&ramp(), &ramp()))
+        .ok();
+}
+
+/// The attack: a plugin whose `init` sleeps held back every model after it, so
+/// the server never loaded them. Models now load in parallel.
+#[test]
+fn a_slow_init_does_not_hold_back_other_models() {
+    let repo = TestRepo::new();
+    let config = hostile_config("init_sleep", "")
+        .replace("[sandbox]\n", "[sandbox]\ninit_timeout_ms = 600000\n");
+    // "a_…" sorts before "simple": it used to load first and block.
+    repo.add("a_sleeper", &config, "wisp_test_hostile", &[1]);
+    repo.simple();
+    let server = Server::start_listening(repo.path(), &["--strict-readiness", "false"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while server
+        .infer("simple", &simple_request(&ramp(), &ramp()))
+        .status
+        != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "simple never loaded: {}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(server.infer("a_sleeper", &request(false)).status, 503);
+}

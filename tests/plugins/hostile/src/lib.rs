@@ -80,6 +80,29 @@ impl Hostile {
                 }
                 leak("flooded".into())
             }
+            "empty_flood" => {
+                // Empty tensors cost the host a record each: ten million of them,
+                // ignoring every refusal, must still run into the output budget.
+                let empty = Tensor {
+                    name: "OUTPUT0".into(),
+                    datatype: wisp_plugin_sdk::Datatype::Uint8,
+                    shape: vec![0],
+                    data: Vec::new(),
+                };
+                let mut refused = false;
+                for _ in 0..10_000_000 {
+                    refused |=
+                        wisp_plugin_sdk::bindings::wisp::plugin::output::emit(0, &empty).is_err();
+                }
+                leak(format!("flooded, refused: {refused}"))
+            }
+            "log_forgery" => {
+                wisp_plugin_sdk::log(
+                    wisp_plugin_sdk::Level::Warn,
+                    "innocent\nERROR wisp: forged line\u{1b}[2J",
+                );
+                leak("logged".into())
+            }
             "panic" => panic!("the hostile plugin panics on purpose"),
             "read_passwd" => match std::fs::read_to_string("/etc/passwd") {
                 Ok(text) => leak(text),

@@ -1,0 +1,60 @@
+//! GEMM throughput on the encoder's shapes, through the same wrapper the encoder uses
+//! (`wisp_backend_encoder::linear`): y[M,N] = x[M,K] · W[N,K]^T, W in the checkpoint's
+//! own [out, in] layout. Run: `cargo bench --bench gemm`. Compare with OpenBLAS through
+//! NumPy on the same shapes: `python3 bench/gemm_numpy.py`.
+
+use std::time::{Duration, Instant};
+use wisp_backend_encoder::linear::{matmul_transposed, Threads};
+
+fn main() {
+    let threads = std::env::var("WISP_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool");
+    wisp_backend_encoder::linear::set_engine_threads(threads);
+    println!(
+        "threads: {threads}, engine: {} (WISP_GEMM=gemm|openblas selects)",
+        wisp_backend_encoder::linear::engine()
+    );
+    println!(
+        "{:>6} {:>6} {:>6} {:>10} {:>10}",
+        "M", "K", "N", "ms", "GFLOP/s"
+    );
+    for (k, n) in [
+        (384, 384),
+        (384, 1536),
+        (1536, 384),
+        (768, 768),
+        (768, 3072),
+        (3072, 768),
+    ] {
+        for m in [12, 32, 128, 1024, 4096] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+                .collect();
+            let mut y = vec![0f32; m * n];
+            let mut run = || {
+                pool.install(|| matmul_transposed(&mut y, &x, &w, m, k, n, false, Threads(threads)))
+            };
+            run();
+            let mut times = Vec::new();
+            let start = Instant::now();
+            while times.len() < 10 || start.elapsed() < Duration::from_millis(500) {
+                let t = Instant::now();
+                run();
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let gflops = 2.0 * (m * k * n) as f64 / median / 1e9;
+            println!("{m:>6} {k:>6} {n:>6} {:>10.3} {gflops:>10.1}", median * 1e3);
+        }
+    }
+}

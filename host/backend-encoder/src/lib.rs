@@ -1,0 +1,775 @@
+//! `backend = "encoder"`: transformer encoders (BERT, DistilBERT, RoBERTa) from
+//! Hugging Face checkpoint folders, run natively on the CPU.
+//!
+//! Each instance is a thread with its own rayon pool and activation buffers. A batch
+//! of requests is packed into one token matrix without padding (see `model.rs`), so a
+//! batch of short and long sequences costs its real tokens.
+
+pub mod checkpoint;
+pub mod gpu;
+pub mod linear;
+pub mod model;
+pub mod ops;
+
+use bytes::Bytes;
+use checkpoint::{Checkpoint, Dimensions, Family, Pooling};
+use linear::Threads;
+use model::{Encoder, HeadKind, PackedBatch, Workspace};
+use ops::Segment;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use wisp_core::backend::{
+    Backend, BackendFactory, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes,
+    LoadContext,
+};
+use wisp_core::config::{InstanceKind, ModelConfig, ParameterValue};
+use wisp_core::error::{Error, Result};
+use wisp_core::tensor::{DataType, Tensor};
+use wisp_core::worker::{Recycle, Worker, WorkerPool};
+
+pub const INPUT_IDS: &str = "input_ids";
+pub const ATTENTION_MASK: &str = "attention_mask";
+pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+
+/// The encoder's settings from the `[parameters]` table of config.toml.
+#[derive(Debug, Clone)]
+pub struct EncoderSettings {
+    /// The checkpoint folder, relative to the version folder ("." by default).
+    pub checkpoint: PathBuf,
+    pub head: Option<HeadKind>,
+    pub pooling: Option<Pooling>,
+    pub normalize: Option<bool>,
+    /// Threads per instance; 0 = the machine's cores shared among instances.
+    pub threads: usize,
+    /// false runs every sequence padded to the batch's longest, as padded engines do
+    /// (for comparison and tests; results are the same).
+    pub remove_padding: bool,
+    /// "fp32" (CPU instances) or "fp16" (GPU instances); None: each kind's own.
+    pub precision: Option<Precision>,
+    /// GPU instances replay CUDA graphs per launch shape (false: launch kernels directly).
+    pub cuda_graphs: bool,
+    /// What GPU instances run on: CUDA, or the kernels' CPU twins (tests without a GPU).
+    pub gpu_runtime: GpuRuntime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuRuntime {
+    Cuda,
+    /// The GPU runner's exact sequence of operations on the CPU twins of its kernels:
+    /// slow, for testing the GPU path on machines without a GPU.
+    Twin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Fp16,
+}
+
+impl EncoderSettings {
+    /// The defaults for the checkpoint in `checkpoint`.
+    pub fn new(checkpoint: impl Into<PathBuf>) -> EncoderSettings {
+        EncoderSettings {
+            checkpoint: checkpoint.into(),
+            head: None,
+            pooling: None,
+            normalize: None,
+            threads: 0,
+            remove_padding: true,
+            precision: None,
+            cuda_graphs: true,
+            gpu_runtime: GpuRuntime::Cuda,
+        }
+    }
+
+    pub fn from_config(config: &ModelConfig) -> Result<EncoderSettings> {
+        let mut settings = EncoderSettings::new(".");
+        let bad = |key: &str, want: &str| {
+            Error::invalid(format!(
+                "model '{}': parameter '{key}' must be {want}",
+                config.name
+            ))
+        };
+        for (key, value) in &config.parameters {
+            match (key.as_str(), value) {
+                ("checkpoint", ParameterValue::Text(path)) => {
+                    settings.checkpoint = PathBuf::from(path)
+                }
+                ("checkpoint", _) => return Err(bad(key, "a folder path")),
+                ("head", ParameterValue::Text(name)) => {
+                    settings.head = Some(HeadKind::parse(name).ok_or_else(|| {
+                        bad(key, "one of embedding, qa, classification, token_classification")
+                    })?)
+                }
+                ("pooling", ParameterValue::Text(name)) => {
+                    settings.pooling =
+                        Some(Pooling::parse(name).ok_or_else(|| bad(key, "mean, cls or max"))?)
+                }
+                ("normalize", ParameterValue::Bool(b)) => settings.normalize = Some(*b),
+                ("threads", ParameterValue::Int(n)) if *n >= 0 => settings.threads = *n as usize,
+                ("remove_padding", ParameterValue::Bool(b)) => settings.remove_padding = *b,
+                ("cuda_graphs", ParameterValue::Bool(b)) => settings.cuda_graphs = *b,
+                ("gpu_runtime", ParameterValue::Text(r)) if r == "cuda" => {
+                    settings.gpu_runtime = GpuRuntime::Cuda
+                }
+                ("gpu_runtime", ParameterValue::Text(r)) if r == "twin" => {
+                    settings.gpu_runtime = GpuRuntime::Twin
+                }
+                ("gpu_runtime", _) => return Err(bad(key, "\"cuda\" or \"twin\"")),
+                ("precision", ParameterValue::Text(p)) => {
+                    settings.precision = Some(match p.as_str() {
+                        "fp32" => Precision::Fp32,
+                        "fp16" => Precision::Fp16,
+                        _ => return Err(bad(key, "\"fp32\" (CPU) or \"fp16\" (GPU)")),
+                    })
+                }
+                ("precision", _) => return Err(bad(key, "\"fp32\" (CPU) or \"fp16\" (GPU)")),
+                ("head" | "pooling", _) => return Err(bad(key, "a string")),
+                ("normalize" | "remove_padding" | "cuda_graphs", _) => {
+                    return Err(bad(key, "true or false"))
+                }
+                ("threads", _) => return Err(bad(key, "a non-negative integer")),
+                (other, _) => {
+                    return Err(Error::invalid(format!(
+                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding, precision, cuda_graphs, gpu_runtime)",
+                        config.name
+                    )))
+                }
+            }
+        }
+        Ok(settings)
+    }
+}
+
+/// Loads the encoder described by `settings` from `version_dir`.
+pub fn load_encoder(settings: &EncoderSettings, version_dir: &Path) -> Result<Encoder> {
+    let folder = wisp_core::paths::confined(
+        version_dir,
+        &settings.checkpoint.to_string_lossy(),
+        "parameters.checkpoint",
+    )?;
+    let dims = Dimensions::read(&folder)?;
+    let checkpoint = Checkpoint::open(&folder)?;
+    let head = settings
+        .head
+        .unwrap_or_else(|| HeadKind::from_architecture(&dims.architecture));
+    let (st_pooling, st_normalize) = checkpoint::sentence_transformers_pooling(&folder)?;
+    let pooling = settings.pooling.or(st_pooling).unwrap_or(Pooling::Mean);
+    let normalize = settings.normalize.unwrap_or(st_normalize);
+    Encoder::load(dims, &checkpoint, head, pooling, normalize)
+}
+
+pub struct EncoderBackend {
+    pool: WorkerPool,
+}
+
+/// Loads `backend = "encoder"` models.
+pub struct EncoderFactory;
+
+impl BackendFactory for EncoderFactory {
+    fn load(&self, context: &LoadContext<'_>) -> Result<Box<dyn Backend>> {
+        EncoderBackend::load(context.config, context.version, context.version_dir)
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+    }
+}
+
+/// Where one instance runs.
+enum Placement {
+    Cpu,
+    /// On a GPU, with that GPU's copy of the weights.
+    Gpu(u32, Arc<gpu::runner::GpuEncoder>),
+}
+
+/// A CPU instance: the runner and the rayon pool its GEMMs split over.
+struct CpuWorker {
+    threads: rayon::ThreadPool,
+    runner: Runner,
+}
+
+impl Worker for CpuWorker {
+    fn run(&mut self, requests: Vec<BackendRequest>) -> Execution {
+        let runner = &mut self.runner;
+        self.threads.install(|| runner.run(&requests))
+    }
+}
+
+struct GpuWorker(gpu::runner::GpuRunner);
+
+impl Worker for GpuWorker {
+    fn run(&mut self, requests: Vec<BackendRequest>) -> Execution {
+        self.0.run(&requests)
+    }
+}
+
+impl EncoderBackend {
+    pub fn load(config: &ModelConfig, version: u64, version_dir: &Path) -> Result<EncoderBackend> {
+        let label = format!("{} (version {version})", config.name);
+        let settings = EncoderSettings::from_config(config)?;
+        let count = |kind: InstanceKind| -> usize {
+            config
+                .instance_group
+                .iter()
+                .filter(|g| g.kind == kind)
+                .map(|g| g.instances())
+                .sum()
+        };
+        let gpu_instances = count(InstanceKind::Gpu);
+        let cpu_instances = count(InstanceKind::Cpu);
+        match (settings.precision, cpu_instances > 0, gpu_instances > 0) {
+            (Some(Precision::Fp16), true, _) => {
+                return Err(Error::invalid(format!(
+                    "model '{}': precision \"fp16\" runs on GPU instances only; CPU instances compute in fp32",
+                    config.name
+                )))
+            }
+            (Some(Precision::Fp32), _, true) => {
+                return Err(Error::invalid(format!(
+                    "model '{}': GPU instances compute in precision \"fp16\", not \"fp32\"",
+                    config.name
+                )))
+            }
+            _ => {}
+        }
+        let encoder = Arc::new(
+            load_encoder(&settings, version_dir)
+                .map_err(|e| e.context(format!("model '{}'", config.name)))?,
+        );
+        check_signature(config, &encoder)?;
+        let mut placements: Vec<Placement> = Vec::new();
+        let mut devices: Vec<String> = Vec::new();
+        // One copy of the weights per GPU, shared by that GPU's instances.
+        let mut on_gpu: Vec<(u32, Arc<gpu::runner::GpuEncoder>)> = Vec::new();
+        for group in config
+            .instance_group
+            .iter()
+            .filter(|g| g.kind == InstanceKind::Gpu)
+        {
+            for ordinal in group.gpu_ordinals() {
+                let weights = match on_gpu.iter().find(|(o, _)| *o == ordinal) {
+                    Some((_, weights)) => weights.clone(),
+                    None => {
+                        let weights = Arc::new(
+                            load_on_gpu(&settings, ordinal, encoder.clone())
+                                .map_err(|e| e.context(format!("model '{}'", config.name)))?,
+                        );
+                        devices.push(weights.device.describe());
+                        on_gpu.push((ordinal, weights.clone()));
+                        weights
+                    }
+                };
+                for _ in 0..group.count {
+                    placements.push(Placement::Gpu(ordinal, weights.clone()));
+                }
+            }
+        }
+        placements.extend((0..cpu_instances).map(|_| Placement::Cpu));
+        let threads = if settings.threads > 0 {
+            settings.threads
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / cpu_instances.max(1)).max(1)
+        };
+        if cpu_instances > 0 {
+            linear::set_engine_threads(threads);
+        }
+        let placements = Arc::new(placements);
+        let thread_names = placements.clone();
+        let (model, remove_padding, cuda_graphs) = (
+            config.name.clone(),
+            settings.remove_padding,
+            settings.cuda_graphs,
+        );
+        let make_encoder = encoder.clone();
+        let make = move |index: usize| -> Result<Box<dyn Worker>> {
+            match &placements[index] {
+                Placement::Cpu => {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |t| format!("encoder-{index}-{t}"))
+                        .build()
+                        .map_err(|e| {
+                            Error::internal(format!("cannot start encoder threads: {e}"))
+                        })?;
+                    Ok(Box::new(CpuWorker {
+                        threads: pool,
+                        runner: Runner::new(make_encoder.clone(), remove_padding, threads),
+                    }))
+                }
+                Placement::Gpu(_, weights) => {
+                    let mut runner =
+                        gpu::runner::GpuRunner::new(weights.clone(), remove_padding, cuda_graphs)?;
+                    runner
+                        .warm_up()
+                        .map_err(|e| e.context(format!("model '{model}': GPU warm-up failed")))?;
+                    Ok(Box::new(GpuWorker(runner)))
+                }
+            }
+        };
+        let pool = WorkerPool::start(
+            label,
+            thread_names.len(),
+            |index| match &thread_names[index] {
+                Placement::Cpu => format!("encoder-{index}"),
+                Placement::Gpu(ordinal, _) => format!("encoder-gpu{ordinal}-{index}"),
+            },
+            Recycle::default(),
+            Arc::new(make),
+        )?;
+        tracing::info!(
+            model = %config.name,
+            family = encoder.dims.family.as_str(),
+            head = encoder.head_kind.as_str(),
+            layers = encoder.dims.layers,
+            hidden = encoder.dims.hidden,
+            cpu_instances,
+            gpu_instances,
+            gpus = %devices.join(", "),
+            threads,
+            gemm = linear::engine(),
+            "encoder loaded"
+        );
+        Ok(EncoderBackend { pool })
+    }
+}
+
+impl Backend for EncoderBackend {
+    fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
+        Box::pin(self.pool.submit(requests))
+    }
+
+    fn instances(&self) -> usize {
+        self.pool.instances()
+    }
+}
+
+/// The config's inputs and outputs must be ones the encoder reads and writes.
+fn check_signature(config: &ModelConfig, encoder: &Encoder) -> Result<()> {
+    let model = &config.name;
+    if config.input(INPUT_IDS).is_none() {
+        return Err(Error::invalid(format!(
+            "model '{model}': an encoder needs an input named '{INPUT_IDS}'"
+        )));
+    }
+    for input in &config.inputs {
+        let known = [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS];
+        if !known.contains(&input.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "model '{model}': the encoder has no input '{}' (inputs: {})",
+                input.name,
+                known.join(", ")
+            )));
+        }
+        if !matches!(input.datatype, DataType::Int64 | DataType::Int32) {
+            return Err(Error::invalid(format!(
+                "model '{model}': input '{}' must be INT64 or INT32, not {}",
+                input.name, input.datatype
+            )));
+        }
+    }
+    let produced = encoder.head_kind.outputs();
+    for output in &config.outputs {
+        if !produced.contains(&output.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "model '{model}': the {} head has no output '{}' (outputs: {})",
+                encoder.head_kind.as_str(),
+                output.name,
+                produced.join(", ")
+            )));
+        }
+        if output.datatype != DataType::Fp32 {
+            return Err(Error::invalid(format!(
+                "model '{model}': output '{}' must be FP32, not {}",
+                output.name, output.datatype
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The model's fp16 weights on GPU `ordinal` (or on the CPU twins).
+fn load_on_gpu(
+    settings: &EncoderSettings,
+    ordinal: u32,
+    encoder: Arc<Encoder>,
+) -> Result<gpu::runner::GpuEncoder> {
+    let device: Arc<dyn crate::gpu::device::Device> = match settings.gpu_runtime {
+        GpuRuntime::Cuda => Arc::new(
+            crate::gpu::device::CudaDevice::open(ordinal as usize).map_err(|e| {
+                Error::unavailable(format!("instance_group kind \"gpu\" needs a GPU: {e}"))
+            })?,
+        ),
+        GpuRuntime::Twin => Arc::new(crate::gpu::device::TwinDevice::new()),
+    };
+    gpu::runner::GpuEncoder::load(device, encoder)
+        .map_err(|e| e.context(format!("on GPU {ordinal}")))
+}
+
+/// One request's rows, as unpacked from its tensors.
+pub(crate) struct RequestRows {
+    rows: usize,
+    /// Padded length of each row in the request.
+    width: usize,
+    /// Whether the request's tensors had a batch dimension.
+    batched: bool,
+    /// For every packed token: its column in the request's rows.
+    columns: Vec<u32>,
+    /// First segment of this request in the packed batch.
+    first_segment: usize,
+}
+
+/// One instance: the encoder and its buffers. `run` uses the rayon pool it is called in.
+pub struct Runner {
+    encoder: Arc<Encoder>,
+    remove_padding: bool,
+    threads: Threads,
+    batch: PackedBatch,
+    workspace: Workspace,
+    head_out: Vec<f32>,
+}
+
+impl Runner {
+    pub fn new(encoder: Arc<Encoder>, remove_padding: bool, threads: usize) -> Runner {
+        Runner {
+            encoder,
+            remove_padding,
+            threads: Threads(threads),
+            batch: PackedBatch::default(),
+            workspace: Workspace::default(),
+            head_out: Vec::new(),
+        }
+    }
+
+    /// Packs, runs and unpacks one batch. A request that fails validation fails alone.
+    pub fn run(&mut self, requests: &[BackendRequest]) -> Execution {
+        let Runner {
+            encoder,
+            remove_padding,
+            threads,
+            batch,
+            workspace,
+            head_out,
+        } = self;
+        run_batch(
+            encoder,
+            requests,
+            *remove_padding,
+            batch,
+            head_out,
+            |batch, out| {
+                encoder.forward(batch, workspace, *threads);
+                match encoder.head_kind {
+                    HeadKind::Embedding => encoder.pool(batch, workspace, out),
+                    HeadKind::Classification => encoder.classify(batch, workspace, out),
+                    HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+                        encoder.per_token(batch, workspace, out, *threads)
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+}
+
+/// One batch on any runner: packs the requests (a request that fails validation fails
+/// alone), pads them when asked, runs `infer` (which leaves the head's output in its
+/// second argument) and unpacks each request's outputs.
+fn run_batch(
+    encoder: &Encoder,
+    requests: &[BackendRequest],
+    remove_padding: bool,
+    batch: &mut PackedBatch,
+    head_out: &mut Vec<f32>,
+    infer: impl FnOnce(&PackedBatch, &mut Vec<f32>) -> Result<()>,
+) -> Execution {
+    let started = Instant::now();
+    batch.clear();
+    let mut results: Vec<Option<Result<BackendResponse>>> = requests.iter().map(|_| None).collect();
+    let mut packed: Vec<(usize, RequestRows)> = Vec::with_capacity(requests.len());
+    for (i, request) in requests.iter().enumerate() {
+        let mark = (batch.tokens(), batch.segments.len());
+        match pack_request(encoder, request, batch) {
+            Ok(rows) => packed.push((i, rows)),
+            Err(e) => {
+                truncate(batch, mark);
+                results[i] = Some(Err(e));
+            }
+        }
+    }
+    if !remove_padding {
+        pad_batch(encoder, batch);
+    }
+    let packed_at = Instant::now();
+    let outcome = if batch.tokens() > 0 {
+        infer(batch, head_out)
+    } else {
+        Ok(())
+    };
+    let inferred_at = Instant::now();
+    for (i, rows) in packed {
+        results[i] = Some(match &outcome {
+            Ok(()) => Ok(unpack(
+                encoder,
+                batch,
+                head_out,
+                &rows,
+                &requests[i].requested_outputs,
+            )),
+            Err(e) => Err(e.clone()),
+        });
+    }
+    let done = Instant::now();
+    Execution {
+        results: results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("request was not run"))))
+            .collect(),
+        times: ExecutionTimes {
+            compute_input_ns: (packed_at - started).as_nanos() as u64,
+            compute_infer_ns: (inferred_at - packed_at).as_nanos() as u64,
+            compute_output_ns: (done - inferred_at).as_nanos() as u64,
+        },
+    }
+}
+
+/// One request's outputs from the head's packed output (`head_out`).
+fn unpack(
+    encoder: &Encoder,
+    batch: &PackedBatch,
+    head_out: &[f32],
+    rows: &RequestRows,
+    requested: &[String],
+) -> BackendResponse {
+    let width = encoder.head_width();
+    let segments = &batch.segments[rows.first_segment..rows.first_segment + rows.rows];
+    let lead: Vec<i64> = if rows.batched {
+        vec![rows.rows as i64]
+    } else {
+        Vec::new()
+    };
+    let mut outputs = Vec::new();
+    let mut push = |name: &str, extra: &[i64], values: Vec<f32>| {
+        if requested.is_empty() || requested.iter().any(|r| r == name) {
+            let mut shape = lead.clone();
+            shape.extend_from_slice(extra);
+            outputs.push(f32_tensor(name, shape, &values));
+        }
+    };
+    match encoder.head_kind {
+        HeadKind::Embedding | HeadKind::Classification => {
+            let first = rows.first_segment * width;
+            let values = head_out[first..first + rows.rows * width].to_vec();
+            let name = if encoder.head_kind == HeadKind::Embedding {
+                "embedding"
+            } else {
+                "logits"
+            };
+            push(name, &[width as i64], values);
+        }
+        HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+            // Scatter packed tokens back to their columns; padding stays 0.
+            let mut values = vec![0f32; rows.rows * rows.width * width];
+            let mut columns = rows.columns.iter();
+            for (r, seg) in segments.iter().enumerate() {
+                for t in seg.start..seg.start + seg.len {
+                    if let Some(valid) = &batch.key_valid {
+                        if !valid[t] {
+                            continue;
+                        }
+                    }
+                    let Some(&c) = columns.next() else { break };
+                    let dst = (r * rows.width + c as usize) * width;
+                    values[dst..dst + width].copy_from_slice(&head_out[t * width..(t + 1) * width]);
+                }
+            }
+            if encoder.head_kind == HeadKind::QuestionAnswering {
+                let (start, end): (Vec<f32>, Vec<f32>) =
+                    values.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+                push("start_logits", &[rows.width as i64], start);
+                push("end_logits", &[rows.width as i64], end);
+            } else {
+                push("logits", &[rows.width as i64, width as i64], values);
+            }
+        }
+    }
+    BackendResponse {
+        outputs,
+        parameters: Vec::new(),
+    }
+}
+
+fn truncate(batch: &mut PackedBatch, (tokens, segments): (usize, usize)) {
+    batch.ids.truncate(tokens);
+    batch.positions.truncate(tokens);
+    batch.types.truncate(tokens);
+    batch.segments.truncate(segments);
+}
+
+fn f32_tensor(name: &str, shape: Vec<i64>, values: &[f32]) -> Tensor {
+    let mut data = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    Tensor {
+        name: name.to_string(),
+        datatype: DataType::Fp32,
+        shape,
+        data: Bytes::from(data),
+    }
+}
+
+/// An integer input as i64 values with its [rows, width] shape.
+fn read_ids(tensor: &Tensor) -> Result<(Vec<i64>, usize, usize, bool)> {
+    let values: Vec<i64> = match tensor.datatype {
+        DataType::Int64 => tensor
+            .data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect(),
+        DataType::Int32 => tensor
+            .data
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+            .collect(),
+        other => {
+            return Err(Error::invalid(format!(
+                "input '{}' must be INT64 or INT32, not {other}",
+                tensor.name
+            )))
+        }
+    };
+    let (rows, width, batched) = match tensor.shape[..] {
+        [w] => (1, w as usize, false),
+        [r, w] => (r as usize, w as usize, true),
+        _ => {
+            return Err(Error::invalid(format!(
+                "input '{}' must have shape [batch, tokens] or [tokens], got {:?}",
+                tensor.name, tensor.shape
+            )))
+        }
+    };
+    Ok((values, rows, width, batched))
+}
+
+/// Appends a request's real tokens to `batch`: one segment per row.
+fn pack_request(
+    encoder: &Encoder,
+    request: &BackendRequest,
+    batch: &mut PackedBatch,
+) -> Result<RequestRows> {
+    let dims = &encoder.dims;
+    let find = |name: &str| request.inputs.iter().find(|t| t.name == name);
+    let ids_tensor =
+        find(INPUT_IDS).ok_or_else(|| Error::invalid(format!("missing input '{INPUT_IDS}'")))?;
+    let (ids, rows, width, batched) = read_ids(ids_tensor)?;
+    let same_shape = |name: &str| -> Result<Option<Vec<i64>>> {
+        let Some(t) = find(name) else { return Ok(None) };
+        if t.shape != ids_tensor.shape {
+            return Err(Error::invalid(format!(
+                "input '{name}' has shape {:?}, input '{INPUT_IDS}' has {:?}",
+                t.shape, ids_tensor.shape
+            )));
+        }
+        Ok(Some(read_ids(t)?.0))
+    };
+    let mask = same_shape(ATTENTION_MASK)?;
+    let types = same_shape(TOKEN_TYPE_IDS)?;
+    let first_segment = batch.segments.len();
+    let mut columns = Vec::new();
+    for r in 0..rows {
+        let row = &ids[r * width..(r + 1) * width];
+        let start = batch.tokens();
+        let mut roberta_position = dims.pad_token_id;
+        for (c, &id) in row.iter().enumerate() {
+            if id < 0 || id as usize >= dims.vocab {
+                return Err(Error::invalid(format!(
+                    "input '{INPUT_IDS}'[{r}, {c}] is {id}, outside the vocabulary of {} tokens",
+                    dims.vocab
+                )));
+            }
+            // Positions follow Hugging Face: the column for BERT and DistilBERT,
+            // padding_idx + rank of the non-padding token for RoBERTa.
+            let position = if dims.family == Family::Roberta {
+                if id as u32 == dims.pad_token_id {
+                    dims.pad_token_id
+                } else {
+                    roberta_position += 1;
+                    roberta_position
+                }
+            } else {
+                c as u32
+            };
+            let real = mask.as_ref().is_none_or(|m| m[r * width + c] != 0);
+            if !real {
+                continue;
+            }
+            if position as usize >= dims.max_positions {
+                return Err(Error::invalid(format!(
+                    "input '{INPUT_IDS}' row {r} is too long: token {c} needs position {position}, the model has {} position embeddings",
+                    dims.max_positions
+                )));
+            }
+            let token_type = match &types {
+                Some(t) => {
+                    let v = t[r * width + c];
+                    if v < 0 || v as usize >= dims.type_vocab.max(1) {
+                        return Err(Error::invalid(format!(
+                            "input '{TOKEN_TYPE_IDS}'[{r}, {c}] is {v}; the model has {} token types",
+                            dims.type_vocab.max(1)
+                        )));
+                    }
+                    v as u32
+                }
+                None => 0,
+            };
+            batch.ids.push(id as u32);
+            batch.positions.push(position);
+            batch.types.push(token_type);
+            columns.push(c as u32);
+        }
+        if batch.tokens() == start {
+            return Err(Error::invalid(format!(
+                "row {r} has no tokens to encode ('{INPUT_IDS}' is empty or '{ATTENTION_MASK}' is all 0)"
+            )));
+        }
+        batch.segments.push(Segment {
+            start,
+            len: batch.tokens() - start,
+        });
+    }
+    Ok(RequestRows {
+        rows,
+        width,
+        batched,
+        columns,
+        first_segment,
+    })
+}
+
+/// Padded mode: every segment grows to the batch's longest with padding tokens that
+/// no query attends to (what an engine with a [batch, max_len] layout computes).
+pub fn pad_batch(encoder: &Encoder, batch: &mut PackedBatch) {
+    let longest = batch.segments.iter().map(|s| s.len).max().unwrap_or(0);
+    let old = std::mem::take(batch);
+    let mut valid = Vec::with_capacity(old.segments.len() * longest);
+    for seg in &old.segments {
+        let start = batch.tokens();
+        for t in seg.start..seg.start + seg.len {
+            batch.ids.push(old.ids[t]);
+            batch.positions.push(old.positions[t]);
+            batch.types.push(old.types[t]);
+            valid.push(true);
+        }
+        for _ in seg.len..longest {
+            batch.ids.push(encoder.dims.pad_token_id);
+            batch.positions.push(0);
+            batch.types.push(0);
+            valid.push(false);
+        }
+        batch.segments.push(Segment {
+            start,
+            len: longest,
+        });
+    }
+    batch.key_valid = Some(valid);
+}

@@ -1,0 +1,542 @@
+//! The transformer encoder: weights bound to one layout for BERT, DistilBERT and
+//! RoBERTa, and a forward pass over a packed batch (all sequences' tokens in one
+//! matrix, attention per sequence), so cost follows real tokens.
+
+use super::checkpoint::{Checkpoint, Dimensions, Family, Pooling, Weight};
+use super::linear::{matmul_transposed, Threads};
+use super::ops::{self, Activation, Segment};
+use rayon::prelude::*;
+use wisp_core::error::{Error, Result};
+
+/// What the encoder computes on top of the hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    Embedding,
+    QuestionAnswering,
+    Classification,
+    TokenClassification,
+}
+
+impl HeadKind {
+    pub fn parse(name: &str) -> Option<HeadKind> {
+        match name {
+            "embedding" => Some(HeadKind::Embedding),
+            "qa" | "question_answering" => Some(HeadKind::QuestionAnswering),
+            "classification" | "sequence_classification" => Some(HeadKind::Classification),
+            "token_classification" | "ner" => Some(HeadKind::TokenClassification),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeadKind::Embedding => "embedding",
+            HeadKind::QuestionAnswering => "qa",
+            HeadKind::Classification => "classification",
+            HeadKind::TokenClassification => "token_classification",
+        }
+    }
+
+    /// The head a checkpoint was trained with, from `architectures[0]`.
+    pub fn from_architecture(architecture: &str) -> HeadKind {
+        if architecture.ends_with("ForQuestionAnswering") {
+            HeadKind::QuestionAnswering
+        } else if architecture.ends_with("ForSequenceClassification") {
+            HeadKind::Classification
+        } else if architecture.ends_with("ForTokenClassification") {
+            HeadKind::TokenClassification
+        } else {
+            HeadKind::Embedding
+        }
+    }
+
+    /// The outputs this head produces.
+    pub fn outputs(self) -> &'static [&'static str] {
+        match self {
+            HeadKind::Embedding => &["embedding"],
+            HeadKind::QuestionAnswering => &["start_logits", "end_logits"],
+            HeadKind::Classification | HeadKind::TokenClassification => &["logits"],
+        }
+    }
+}
+
+pub enum Head {
+    Embedding {
+        pooling: Pooling,
+        normalize: bool,
+    },
+    /// `qa_outputs`: [2, hidden] → start and end logits per token.
+    QuestionAnswering {
+        weight: Weight,
+        bias: Weight,
+    },
+    /// An optional dense + activation on the first token (BERT's pooler, DistilBERT's
+    /// pre_classifier, RoBERTa's classifier.dense), then the output projection.
+    Classification {
+        pre: Option<(Weight, Weight, Activation)>,
+        weight: Weight,
+        bias: Weight,
+    },
+    TokenClassification {
+        weight: Weight,
+        bias: Weight,
+    },
+}
+
+pub(super) struct Embeddings {
+    pub(super) word: Weight,
+    pub(super) position: Weight,
+    pub(super) token_type: Option<Weight>,
+    pub(super) norm: (Weight, Weight),
+}
+
+pub(super) struct Layer {
+    /// Q, K and V projections stacked into one [3·hidden, hidden] matrix (a copy made
+    /// at load, so one GEMM computes all three).
+    pub(super) qkv_weight: Vec<f32>,
+    pub(super) qkv_bias: Vec<f32>,
+    pub(super) out: (Weight, Weight),
+    pub(super) attention_norm: (Weight, Weight),
+    pub(super) up: (Weight, Weight),
+    pub(super) down: (Weight, Weight),
+    pub(super) output_norm: (Weight, Weight),
+}
+
+pub struct Encoder {
+    pub dims: Dimensions,
+    pub(super) embeddings: Embeddings,
+    pub(super) layers: Vec<Layer>,
+    pub head: Head,
+    pub head_kind: HeadKind,
+}
+
+/// Tokens of a batch, packed: row t of every activation matrix is token t.
+#[derive(Debug, Default)]
+pub struct PackedBatch {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub types: Vec<u32>,
+    pub segments: Vec<Segment>,
+    /// Padded mode only: which tokens are real (may be attended to).
+    pub key_valid: Option<Vec<bool>>,
+}
+
+impl PackedBatch {
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.positions.clear();
+        self.types.clear();
+        self.segments.clear();
+        self.key_valid = None;
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Activation buffers, reused across batches (they grow to the largest batch seen),
+/// so a forward pass does not allocate per layer.
+#[derive(Default)]
+pub struct Workspace {
+    pub hidden: Vec<f32>,
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    intermediate: Vec<f32>,
+}
+
+fn grow(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+fn pair(checkpoint: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<(Weight, Weight)> {
+    let shape: &[usize] = if cols == 0 { &[rows] } else { &[rows, cols] };
+    Ok((
+        checkpoint.get(&format!("{name}.weight"), shape)?,
+        checkpoint.get(&format!("{name}.bias"), &[rows])?,
+    ))
+}
+
+fn norm(checkpoint: &Checkpoint, name: &str, width: usize) -> Result<(Weight, Weight)> {
+    Ok((
+        checkpoint.get_any(
+            &[format!("{name}.weight"), format!("{name}.gamma")],
+            &[width],
+        )?,
+        checkpoint.get_any(&[format!("{name}.bias"), format!("{name}.beta")], &[width])?,
+    ))
+}
+
+impl Encoder {
+    pub fn load(
+        dims: Dimensions,
+        checkpoint: &Checkpoint,
+        head_kind: HeadKind,
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<Encoder> {
+        let h = dims.hidden;
+        let prefix = checkpoint.base_prefix(dims.family)?;
+        let p = |name: &str| format!("{prefix}{name}");
+        let embeddings = Embeddings {
+            word: checkpoint.get(&p("embeddings.word_embeddings.weight"), &[dims.vocab, h])?,
+            position: checkpoint.get(
+                &p("embeddings.position_embeddings.weight"),
+                &[dims.max_positions, h],
+            )?,
+            token_type: if dims.type_vocab > 0 {
+                Some(checkpoint.get(
+                    &p("embeddings.token_type_embeddings.weight"),
+                    &[dims.type_vocab, h],
+                )?)
+            } else {
+                None
+            },
+            norm: norm(checkpoint, &p("embeddings.LayerNorm"), h)?,
+        };
+        let mut layers = Vec::with_capacity(dims.layers);
+        for i in 0..dims.layers {
+            let (q, k, v, out, attention_norm, up, down, output_norm) = match dims.family {
+                Family::DistilBert => {
+                    let l = p(&format!("transformer.layer.{i}"));
+                    (
+                        format!("{l}.attention.q_lin"),
+                        format!("{l}.attention.k_lin"),
+                        format!("{l}.attention.v_lin"),
+                        format!("{l}.attention.out_lin"),
+                        format!("{l}.sa_layer_norm"),
+                        format!("{l}.ffn.lin1"),
+                        format!("{l}.ffn.lin2"),
+                        format!("{l}.output_layer_norm"),
+                    )
+                }
+                Family::Bert | Family::Roberta => {
+                    let l = p(&format!("encoder.layer.{i}"));
+                    (
+                        format!("{l}.attention.self.query"),
+                        format!("{l}.attention.self.key"),
+                        format!("{l}.attention.self.value"),
+                        format!("{l}.attention.output.dense"),
+                        format!("{l}.attention.output.LayerNorm"),
+                        format!("{l}.intermediate.dense"),
+                        format!("{l}.output.dense"),
+                        format!("{l}.output.LayerNorm"),
+                    )
+                }
+            };
+            let (qw, qb) = pair(checkpoint, &q, h, h)?;
+            let (kw, kb) = pair(checkpoint, &k, h, h)?;
+            let (vw, vb) = pair(checkpoint, &v, h, h)?;
+            layers.push(Layer {
+                qkv_weight: [qw.data(), kw.data(), vw.data()].concat(),
+                qkv_bias: [qb.data(), kb.data(), vb.data()].concat(),
+                out: pair(checkpoint, &out, h, h)?,
+                attention_norm: norm(checkpoint, &attention_norm, h)?,
+                up: pair(checkpoint, &up, dims.intermediate, h)?,
+                down: pair(checkpoint, &down, h, dims.intermediate)?,
+                output_norm: norm(checkpoint, &output_norm, h)?,
+            });
+        }
+        let head = Self::load_head(&dims, checkpoint, head_kind, pooling, normalize)?;
+        Ok(Encoder {
+            dims,
+            embeddings,
+            layers,
+            head,
+            head_kind,
+        })
+    }
+
+    fn load_head(
+        dims: &Dimensions,
+        checkpoint: &Checkpoint,
+        kind: HeadKind,
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<Head> {
+        let h = dims.hidden;
+        let labels = |name: &str| -> Result<usize> {
+            let key = format!("{name}.weight");
+            let rows = checkpoint_rows(checkpoint, &key)?;
+            if !dims.labels.is_empty() && dims.labels.len() != rows {
+                return Err(Error::invalid(format!(
+                    "config.json has {} labels in id2label but tensor '{key}' has {rows} rows",
+                    dims.labels.len()
+                )));
+            }
+            Ok(rows)
+        };
+        Ok(match kind {
+            HeadKind::Embedding => Head::Embedding { pooling, normalize },
+            HeadKind::QuestionAnswering => {
+                let (weight, bias) = pair(checkpoint, "qa_outputs", 2, h)?;
+                Head::QuestionAnswering { weight, bias }
+            }
+            HeadKind::TokenClassification => {
+                let n = labels("classifier")?;
+                let (weight, bias) = pair(checkpoint, "classifier", n, h)?;
+                Head::TokenClassification { weight, bias }
+            }
+            HeadKind::Classification => match dims.family {
+                Family::Bert => {
+                    let (pw, pb) = pair(checkpoint, "bert.pooler.dense", h, h)?;
+                    let n = labels("classifier")?;
+                    let (weight, bias) = pair(checkpoint, "classifier", n, h)?;
+                    Head::Classification {
+                        pre: Some((pw, pb, Activation::Tanh)),
+                        weight,
+                        bias,
+                    }
+                }
+                Family::DistilBert => {
+                    let (pw, pb) = pair(checkpoint, "pre_classifier", h, h)?;
+                    let n = labels("classifier")?;
+                    let (weight, bias) = pair(checkpoint, "classifier", n, h)?;
+                    Head::Classification {
+                        pre: Some((pw, pb, Activation::Relu)),
+                        weight,
+                        bias,
+                    }
+                }
+                Family::Roberta => {
+                    let (pw, pb) = pair(checkpoint, "classifier.dense", h, h)?;
+                    let n = labels("classifier.out_proj")?;
+                    let (weight, bias) = pair(checkpoint, "classifier.out_proj", n, h)?;
+                    Head::Classification {
+                        pre: Some((pw, pb, Activation::Tanh)),
+                        weight,
+                        bias,
+                    }
+                }
+            },
+        })
+    }
+
+    /// How many values the head gives per sequence (classification) or per token.
+    pub fn head_width(&self) -> usize {
+        match &self.head {
+            Head::Embedding { .. } => self.dims.hidden,
+            Head::QuestionAnswering { .. } => 2,
+            Head::Classification { bias, .. } | Head::TokenClassification { bias, .. } => {
+                bias.shape[0]
+            }
+        }
+    }
+
+    /// Runs the embeddings and every layer over `batch`; the last hidden states are
+    /// left in `ws.hidden` ([tokens, hidden]).
+    pub fn forward(&self, batch: &PackedBatch, ws: &mut Workspace, threads: Threads) {
+        let d = &self.dims;
+        let (m, h) = (batch.tokens(), d.hidden);
+        let hidden = grow(&mut ws.hidden, m * h);
+        self.embed(batch, hidden);
+        let scale = 1.0 / ((h / d.heads) as f32).sqrt();
+        for layer in &self.layers {
+            let qkv = grow(&mut ws.qkv, m * 3 * h);
+            matmul_transposed(qkv, hidden, &layer.qkv_weight, m, h, 3 * h, false, threads);
+            let bias = &layer.qkv_bias;
+            qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
+                for row in rows.chunks_exact_mut(3 * h) {
+                    let (q, kv) = row.split_at_mut(h);
+                    for (v, b) in q.iter_mut().zip(&bias[..h]) {
+                        *v = (*v + b) * scale;
+                    }
+                    for (v, b) in kv.iter_mut().zip(&bias[h..]) {
+                        *v += b;
+                    }
+                }
+            });
+            let context = grow(&mut ws.context, m * h);
+            ops::attention(
+                context,
+                qkv,
+                &batch.segments,
+                batch.key_valid.as_deref(),
+                h,
+                d.heads,
+            );
+            // hidden += context·Woᵀ; hidden = LN(hidden + bo)
+            matmul_transposed(hidden, context, layer.out.0.data(), m, h, h, true, threads);
+            ops::add_bias_layer_norm(
+                hidden,
+                h,
+                Some(layer.out.1.data()),
+                layer.attention_norm.0.data(),
+                layer.attention_norm.1.data(),
+                d.layer_norm_eps,
+            );
+            let inter = grow(&mut ws.intermediate, m * d.intermediate);
+            matmul_transposed(
+                inter,
+                hidden,
+                layer.up.0.data(),
+                m,
+                h,
+                d.intermediate,
+                false,
+                threads,
+            );
+            ops::add_bias_activation(inter, d.intermediate, layer.up.1.data(), d.activation);
+            matmul_transposed(
+                hidden,
+                inter,
+                layer.down.0.data(),
+                m,
+                d.intermediate,
+                h,
+                true,
+                threads,
+            );
+            ops::add_bias_layer_norm(
+                hidden,
+                h,
+                Some(layer.down.1.data()),
+                layer.output_norm.0.data(),
+                layer.output_norm.1.data(),
+                d.layer_norm_eps,
+            );
+        }
+    }
+
+    fn embed(&self, batch: &PackedBatch, hidden: &mut [f32]) {
+        let h = self.dims.hidden;
+        let e = &self.embeddings;
+        let (word, position) = (e.word.data(), e.position.data());
+        let token_type = e.token_type.as_ref().map(|t| t.data());
+        hidden.par_chunks_mut(h).enumerate().for_each(|(t, row)| {
+            let w = &word[batch.ids[t] as usize * h..][..h];
+            let p = &position[batch.positions[t] as usize * h..][..h];
+            for i in 0..h {
+                row[i] = w[i] + p[i];
+            }
+            if let Some(tt) = token_type {
+                let r = &tt[batch.types[t] as usize * h..][..h];
+                row.iter_mut().zip(r).for_each(|(v, x)| *v += x);
+            }
+        });
+        ops::add_bias_layer_norm(
+            hidden,
+            h,
+            None,
+            e.norm.0.data(),
+            e.norm.1.data(),
+            self.dims.layer_norm_eps,
+        );
+    }
+
+    /// Sequence-level head on the first token of each segment: [segments, labels].
+    pub fn classify(&self, batch: &PackedBatch, ws: &Workspace, out: &mut Vec<f32>) {
+        let Head::Classification { pre, weight, bias } = &self.head else {
+            return;
+        };
+        let h = self.dims.hidden;
+        let n = bias.shape[0];
+        let first: Vec<f32> = batch
+            .segments
+            .iter()
+            .flat_map(|s| ws.hidden[s.start * h..(s.start + 1) * h].iter().copied())
+            .collect();
+        let b = batch.segments.len();
+        let mut x = first;
+        if let Some((pw, pb, act)) = pre {
+            let mut y = vec![0f32; b * h];
+            matmul_transposed(&mut y, &x, pw.data(), b, h, h, false, Threads(1));
+            for row in y.chunks_exact_mut(h) {
+                for (v, bias) in row.iter_mut().zip(pb.data()) {
+                    *v = act.apply(*v + bias);
+                }
+            }
+            x = y;
+        }
+        out.clear();
+        out.resize(b * n, 0.0);
+        matmul_transposed(out, &x, weight.data(), b, h, n, false, Threads(1));
+        for row in out.chunks_exact_mut(n) {
+            row.iter_mut().zip(bias.data()).for_each(|(v, b)| *v += b);
+        }
+    }
+
+    /// Token-level head (QA start/end, token classification): [tokens, width].
+    pub fn per_token(
+        &self,
+        batch: &PackedBatch,
+        ws: &Workspace,
+        out: &mut Vec<f32>,
+        threads: Threads,
+    ) {
+        let (weight, bias) = match &self.head {
+            Head::QuestionAnswering { weight, bias }
+            | Head::TokenClassification { weight, bias } => (weight, bias),
+            _ => return,
+        };
+        let (m, h, n) = (batch.tokens(), self.dims.hidden, bias.shape[0]);
+        out.clear();
+        out.resize(m * n, 0.0);
+        matmul_transposed(
+            out,
+            &ws.hidden[..m * h],
+            weight.data(),
+            m,
+            h,
+            n,
+            false,
+            threads,
+        );
+        for row in out.chunks_exact_mut(n) {
+            row.iter_mut().zip(bias.data()).for_each(|(v, b)| *v += b);
+        }
+    }
+
+    /// Sentence embeddings: pooled over each segment's real tokens, optionally
+    /// L2-normalised. [segments, hidden].
+    pub fn pool(&self, batch: &PackedBatch, ws: &Workspace, out: &mut Vec<f32>) {
+        let Head::Embedding { pooling, normalize } = &self.head else {
+            return;
+        };
+        let h = self.dims.hidden;
+        out.clear();
+        out.resize(batch.segments.len() * h, 0.0);
+        let valid = |t: usize| batch.key_valid.as_ref().is_none_or(|v| v[t]);
+        for (seg, row) in batch.segments.iter().zip(out.chunks_exact_mut(h)) {
+            let tokens = (seg.start..seg.start + seg.len).filter(|&t| valid(t));
+            match pooling {
+                Pooling::Mean => {
+                    let mut count = 0usize;
+                    for t in tokens {
+                        count += 1;
+                        row.iter_mut()
+                            .zip(&ws.hidden[t * h..(t + 1) * h])
+                            .for_each(|(a, x)| *a += x);
+                    }
+                    let inv = 1.0 / count.max(1) as f32;
+                    row.iter_mut().for_each(|v| *v *= inv);
+                }
+                Pooling::Max => {
+                    row.iter_mut().for_each(|v| *v = f32::MIN);
+                    for t in tokens {
+                        row.iter_mut()
+                            .zip(&ws.hidden[t * h..(t + 1) * h])
+                            .for_each(|(a, x)| *a = a.max(*x));
+                    }
+                }
+                Pooling::Cls => {
+                    row.copy_from_slice(&ws.hidden[seg.start * h..(seg.start + 1) * h]);
+                }
+            }
+            if *normalize {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+    }
+}
+
+fn checkpoint_rows(checkpoint: &Checkpoint, name: &str) -> Result<usize> {
+    checkpoint
+        .shape(name)
+        .and_then(|s| s.first().copied())
+        .ok_or_else(|| Error::invalid(format!("the checkpoint has no tensor '{name}'")))
+}

@@ -1,0 +1,428 @@
+//! The worker pool every backend runs its instances on.
+//!
+//! Each instance is an OS thread that owns its state (a Wasm store, an encoder's
+//! buffers, a CUDA stream), so model code never runs on the async workers and one
+//! instance cannot slow another. Batches come from one shared queue, or from the
+//! instance's own queue when they must run there (a sequence's state lives in
+//! that instance). Admission is bounded before this point, by the scheduler, so
+//! these queues only hold batches already admitted; they are still bounded, and
+//! a full one is an internal error, never a hang.
+//!
+//! What the pool guarantees for every backend alike:
+//! - a batch whose client went away while it waited is skipped;
+//! - a panic fails its batch (with the panic's message), not the thread;
+//! - an instance that panicked or reports itself broken (a trap) is rebuilt,
+//!   with a delay that doubles on each consecutive failure, so a client that
+//!   makes a plugin trap on purpose cannot make the server rebuild instances
+//!   in a tight loop.
+
+use crate::backend::{BackendRequest, Execution, ExecutionTimes};
+use crate::error::{Error, Result};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// A batch for an instance, and where its result goes.
+pub struct Job {
+    pub requests: Vec<BackendRequest>,
+    pub reply: oneshot::Sender<Execution>,
+}
+
+/// One model instance, owned by its worker thread.
+pub trait Worker {
+    /// Runs one batch: one result per request, in order.
+    fn run(&mut self, requests: Vec<BackendRequest>) -> Execution;
+
+    /// False once the instance must not run another batch (it trapped or timed
+    /// out); the pool then builds a fresh one.
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+impl<W: Worker + ?Sized> Worker for Box<W> {
+    fn run(&mut self, requests: Vec<BackendRequest>) -> Execution {
+        (**self).run(requests)
+    }
+    fn healthy(&self) -> bool {
+        (**self).healthy()
+    }
+}
+
+/// Builds instance `index` on its own thread; called again to replace a broken one.
+pub type MakeWorker<W> = dyn Fn(usize) -> Result<W> + Send + Sync;
+
+/// Timing of instance rebuilds after failures.
+#[derive(Debug, Clone, Copy)]
+pub struct Recycle {
+    /// Wait before the first rebuild after a failure.
+    pub first_delay: Duration,
+    /// The longest wait, reached after consecutive failures.
+    pub max_delay: Duration,
+}
+
+impl Default for Recycle {
+    fn default() -> Self {
+        Recycle {
+            first_delay: Duration::ZERO,
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Recycle {
+    /// The wait before rebuild number `failures` (1-based) in a row.
+    pub fn delay(&self, failures: u32) -> Duration {
+        if failures <= 1 {
+            return self.first_delay;
+        }
+        let base = Duration::from_millis(50);
+        let doubled = base.saturating_mul(1u32 << (failures - 2).min(16));
+        doubled.max(self.first_delay).min(self.max_delay)
+    }
+}
+
+/// The instances of one model version.
+pub struct WorkerPool {
+    label: Arc<str>,
+    shared: crossbeam_channel::Sender<Job>,
+    pinned: Vec<crossbeam_channel::Sender<Job>>,
+}
+
+/// Batches one queue may hold. The scheduler admits far fewer; this bound only
+/// guards against a bug turning into unbounded memory.
+pub const QUEUE_CAPACITY: usize = 65_536;
+
+fn fail_all(count: usize, e: Error) -> Execution {
+    Execution {
+        results: (0..count).map(|_| Err(e.clone())).collect(),
+        times: ExecutionTimes::default(),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl WorkerPool {
+    /// Starts `count` instance threads (named `thread_name(index)`) and waits until
+    /// each built its instance with `make`. The first failure is returned, and the
+    /// threads that did start end.
+    pub fn start<W: Worker + 'static>(
+        label: impl Into<Arc<str>>,
+        count: usize,
+        thread_name: impl Fn(usize) -> String,
+        recycle: Recycle,
+        make: Arc<MakeWorker<W>>,
+    ) -> Result<WorkerPool> {
+        let label = label.into();
+        let (shared, queue) = crossbeam_channel::bounded::<Job>(QUEUE_CAPACITY);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let mut pinned = Vec::with_capacity(count);
+        for index in 0..count {
+            let (own, own_queue) = crossbeam_channel::bounded::<Job>(QUEUE_CAPACITY);
+            pinned.push(own);
+            let (queue, ready, make, label) =
+                (queue.clone(), ready_tx.clone(), make.clone(), label.clone());
+            std::thread::Builder::new()
+                .name(thread_name(index))
+                .spawn(move || {
+                    instance_loop(index, &label, &*make, recycle, queue, own_queue, ready)
+                })
+                .map_err(|e| Error::internal(format!("cannot start an instance thread: {e}")))?;
+        }
+        drop(ready_tx);
+        for _ in 0..count {
+            // An error drops the senders, which ends the threads that did start.
+            ready_rx
+                .recv()
+                .map_err(|_| Error::internal("an instance thread ended before it was ready"))??;
+        }
+        Ok(WorkerPool {
+            label,
+            shared,
+            pinned,
+        })
+    }
+
+    pub fn instances(&self) -> usize {
+        self.pinned.len()
+    }
+
+    /// Runs a batch on the first free instance.
+    pub async fn submit(&self, requests: Vec<BackendRequest>) -> Execution {
+        self.send(&self.shared, requests).await
+    }
+
+    /// Runs a batch on instance `index` (modulo the instance count).
+    pub async fn submit_to(&self, index: usize, requests: Vec<BackendRequest>) -> Execution {
+        let queue = &self.pinned[index % self.pinned.len().max(1)];
+        self.send(queue, requests).await
+    }
+
+    async fn send(
+        &self,
+        queue: &crossbeam_channel::Sender<Job>,
+        requests: Vec<BackendRequest>,
+    ) -> Execution {
+        let count = requests.len();
+        let (reply, result) = oneshot::channel();
+        match queue.try_send(Job { requests, reply }) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                return fail_all(
+                    count,
+                    Error::internal(format!(
+                        "model '{}' has {QUEUE_CAPACITY} batches waiting for its instances",
+                        self.label
+                    )),
+                )
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return fail_all(
+                    count,
+                    Error::unavailable(format!("model '{}' is unloading", self.label)),
+                )
+            }
+        }
+        result.await.unwrap_or_else(|_| {
+            fail_all(
+                count,
+                Error::internal(format!("model '{}' dropped the batch", self.label)),
+            )
+        })
+    }
+}
+
+/// One instance thread: builds the instance, then runs batches until the model
+/// is unloaded (every sender dropped).
+fn instance_loop<W: Worker>(
+    index: usize,
+    label: &str,
+    make: &MakeWorker<W>,
+    recycle: Recycle,
+    queue: crossbeam_channel::Receiver<Job>,
+    own_queue: crossbeam_channel::Receiver<Job>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    let built = catch_unwind(AssertUnwindSafe(|| make(index))).unwrap_or_else(|panic| {
+        Err(Error::internal(format!(
+            "building instance {index} panicked: {}",
+            panic_message(&*panic)
+        )))
+    });
+    let mut worker = match built {
+        Ok(worker) => Some(worker),
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let mut failures: u32 = 0;
+    loop {
+        if worker.is_none() {
+            // Rebuild before taking the next batch, after a delay that grows with
+            // consecutive failures. Batches wait in the queue (other instances take them).
+            std::thread::sleep(recycle.delay(failures));
+            match catch_unwind(AssertUnwindSafe(|| make(index))) {
+                Ok(Ok(fresh)) => worker = Some(fresh),
+                Ok(Err(e)) => {
+                    failures = failures.saturating_add(1);
+                    tracing::error!(
+                        model = label,
+                        instance = index,
+                        "cannot rebuild the instance: {e}"
+                    );
+                }
+                Err(panic) => {
+                    failures = failures.saturating_add(1);
+                    tracing::error!(
+                        model = label,
+                        instance = index,
+                        "rebuilding the instance panicked: {}",
+                        panic_message(&*panic)
+                    );
+                }
+            }
+            if worker.is_none() {
+                // Serve the pinned queue's waiting batches an error rather than leave them hanging.
+                while let Ok(job) = own_queue.try_recv() {
+                    let count = job.requests.len();
+                    let _ = job.reply.send(fail_all(
+                        count,
+                        Error::unavailable(format!(
+                            "model '{label}': instance {index} is being rebuilt after a failure"
+                        )),
+                    ));
+                }
+                if queue.is_empty() && own_queue.is_empty() && is_disconnected(&queue) {
+                    return;
+                }
+                continue;
+            }
+        }
+        // Batches pinned to this instance first, then the shared queue.
+        let job = match own_queue.try_recv() {
+            Ok(job) => job,
+            Err(_) => crossbeam_channel::select! {
+                recv(own_queue) -> job => match job { Ok(job) => job, Err(_) => return },
+                recv(queue) -> job => match job { Ok(job) => job, Err(_) => return },
+            },
+        };
+        if job.reply.is_closed() {
+            continue; // the client went away while the batch waited
+        }
+        let count = job.requests.len();
+        let instance = worker.as_mut().expect("built above");
+        let execution = match catch_unwind(AssertUnwindSafe(|| instance.run(job.requests))) {
+            Ok(execution) => {
+                if instance.healthy() {
+                    failures = 0;
+                } else {
+                    failures = failures.saturating_add(1);
+                    worker = None;
+                }
+                execution
+            }
+            Err(panic) => {
+                let message = panic_message(&*panic);
+                tracing::error!(model = label, instance = index, %message, "batch panicked; rebuilding the instance");
+                failures = failures.saturating_add(1);
+                worker = None;
+                fail_all(
+                    count,
+                    Error::internal(format!(
+                        "model '{label}' failed on this batch (see the server log)"
+                    )),
+                )
+            }
+        };
+        let _ = job.reply.send(execution);
+    }
+}
+
+/// Whether every sender of `queue` is gone (the model was unloaded).
+fn is_disconnected(queue: &crossbeam_channel::Receiver<Job>) -> bool {
+    matches!(
+        queue.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Panics on a request with a "panic" parameter, breaks itself on "trap".
+    struct Fake {
+        broken: bool,
+    }
+
+    impl Worker for Fake {
+        fn run(&mut self, requests: Vec<BackendRequest>) -> Execution {
+            let has = |key: &str| {
+                requests
+                    .iter()
+                    .any(|r| r.parameters.iter().any(|(k, _)| k == key))
+            };
+            if has("panic") {
+                panic!("boom");
+            }
+            self.broken = has("trap");
+            Execution {
+                results: requests
+                    .iter()
+                    .map(|_| Ok(BackendResponse::default()))
+                    .collect(),
+                times: ExecutionTimes::default(),
+            }
+        }
+        fn healthy(&self) -> bool {
+            !self.broken
+        }
+    }
+
+    fn request(parameter: Option<&str>) -> BackendRequest {
+        BackendRequest {
+            parameters: parameter
+                .map(|p| vec![(p.to_string(), crate::config::ParameterValue::Bool(true))])
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    fn pool(builds: Arc<AtomicUsize>) -> WorkerPool {
+        WorkerPool::start(
+            "fake:1",
+            1,
+            |i| format!("fake-{i}"),
+            Recycle::default(),
+            Arc::new(move |_| {
+                builds.fetch_add(1, Ordering::SeqCst);
+                Ok(Fake { broken: false })
+            }),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panic_fails_its_batch_and_the_instance_is_rebuilt() {
+        let builds = Arc::new(AtomicUsize::new(0));
+        let pool = pool(builds.clone());
+        let failed = pool.submit(vec![request(Some("panic"))]).await;
+        let error = failed.results[0].as_ref().unwrap_err();
+        assert!(error.message.contains("failed on this batch"), "{error:?}");
+        assert!(
+            !error.message.contains("boom"),
+            "panic text stays in the log"
+        );
+        let ok = pool.submit(vec![request(None)]).await;
+        assert!(ok.results[0].is_ok());
+        assert_eq!(builds.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_broken_instance_is_rebuilt_before_the_next_batch() {
+        let builds = Arc::new(AtomicUsize::new(0));
+        let pool = pool(builds.clone());
+        assert!(pool.submit(vec![request(Some("trap"))]).await.results[0].is_ok());
+        assert!(pool.submit_to(0, vec![request(None)]).await.results[0].is_ok());
+        assert_eq!(builds.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_failing_build_fails_the_start_with_its_reason() {
+        let started = WorkerPool::start(
+            "fake:1",
+            3,
+            |i| format!("fake-{i}"),
+            Recycle::default(),
+            Arc::new(|i| {
+                if i == 2 {
+                    Err(Error::unavailable("no such file"))
+                } else {
+                    Ok(Fake { broken: false })
+                }
+            }),
+        );
+        assert_eq!(started.err().unwrap().message, "no such file");
+    }
+
+    #[test]
+    fn rebuild_delays_double_up_to_the_cap() {
+        let r = Recycle::default();
+        assert_eq!(r.delay(1), Duration::ZERO);
+        assert_eq!(r.delay(2), Duration::from_millis(50));
+        assert_eq!(r.delay(3), Duration::from_millis(100));
+        assert_eq!(r.delay(40), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,711 @@
+//! The HTTP front: Open Inference Protocol routes with Triton's extensions.
+
+pub mod protocol;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use wisp_core::error::{Error, ErrorKind, Result};
+use wisp_serving::metrics::Metrics;
+use wisp_serving::repository::{ControlMode, Repository};
+
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// Extensions reported in server metadata.
+pub const EXTENSIONS: &[&str] = &[
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+];
+
+/// Groups of endpoints that `--http-restricted-api` can guard (Triton's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiGroup {
+    Health,
+    Metadata,
+    Inference,
+    ModelConfig,
+    ModelRepository,
+    Statistics,
+    /// Triton's groups for endpoints wisp does not serve; accepted so Triton command lines work.
+    SharedMemory,
+    Trace,
+    Logging,
+}
+
+impl ApiGroup {
+    pub fn parse(name: &str) -> Option<ApiGroup> {
+        Some(match name {
+            "health" => ApiGroup::Health,
+            "metadata" => ApiGroup::Metadata,
+            "inference" => ApiGroup::Inference,
+            "model-config" => ApiGroup::ModelConfig,
+            "model-repository" => ApiGroup::ModelRepository,
+            "statistics" => ApiGroup::Statistics,
+            "shared-memory" => ApiGroup::SharedMemory,
+            "trace" => ApiGroup::Trace,
+            "logging" => ApiGroup::Logging,
+            _ => return None,
+        })
+    }
+}
+
+/// `--http-restricted-api GROUPS:HEADER=VALUE`: those groups need that header.
+#[derive(Debug, Clone)]
+pub struct Restriction {
+    pub groups: Vec<ApiGroup>,
+    pub header: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Restriction {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (groups, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("'{s}' is not GROUPS:HEADER=VALUE"))?;
+        let (header, value) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("'{rest}' is not HEADER=VALUE"))?;
+        if header.is_empty() {
+            return Err("the header name is empty".into());
+        }
+        hyper::header::HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| format!("'{header}' is not a valid header name"))?;
+        let groups = groups
+            .split(',')
+            .map(|g| {
+                ApiGroup::parse(g.trim()).ok_or_else(|| {
+                    format!(
+                        "unknown API group '{g}'; expected health, metadata, inference, \
+                         model-config, model-repository, statistics, shared-memory, trace or logging"
+                    )
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        Ok(Restriction {
+            groups,
+            header: header.to_ascii_lowercase(),
+            value: value.to_string(),
+        })
+    }
+}
+
+pub struct ServerState {
+    pub repository: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    pub restrictions: Vec<Restriction>,
+    pub max_body_bytes: usize,
+    /// Longest a client may take to send a whole request body.
+    pub body_timeout: std::time::Duration,
+    /// Bytes of inference request bodies the server holds at once, in KiB permits
+    /// (server-wide, so many large requests cannot exhaust memory together).
+    pub inflight_kib: Arc<tokio::sync::Semaphore>,
+    pub inflight_limit_bytes: usize,
+    /// Startup loading finished and the server is not shutting down.
+    pub ready: AtomicBool,
+    /// Ready also requires every model that should be loaded to be ready (Triton's default).
+    pub strict_readiness: bool,
+}
+
+pub type Body = Full<Bytes>;
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+/// The HTTP status of each error kind: the one place this front maps them.
+pub fn status(e: &Error) -> StatusCode {
+    match e.kind {
+        ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_response(e: &Error) -> Response<Body> {
+    json_response(status(e), &json!({ "error": e.message }))
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .expect("valid response")
+}
+
+/// Bodies larger than this are inflated, parsed and compressed on the blocking
+/// pool, so large requests do not stall the async workers (and health checks).
+const INLINE_WORK_BYTES: usize = 64 << 10;
+
+/// Runs `f` inline for small inputs, on the blocking pool for large ones.
+async fn cpu_work<T: Send + 'static>(
+    size: usize,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    if size <= INLINE_WORK_BYTES {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("request processing task failed: {e}")))?
+}
+
+/// Reserves room for a request body in the server-wide in-flight budget, or
+/// refuses it at once (503). The reservation is the declared length, or the body
+/// cap when the length is unknown or the body is compressed.
+fn reserve_body(
+    state: &ServerState,
+    headers: &hyper::HeaderMap,
+) -> Result<tokio::sync::OwnedSemaphorePermit> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let compressed = headers.contains_key(CONTENT_ENCODING);
+    let bytes = match declared {
+        Some(len) if !compressed => len.min(state.max_body_bytes),
+        _ => state.max_body_bytes,
+    };
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    state.inflight_kib.clone().try_acquire_many_owned(kib).map_err(|_| {
+        Error::unavailable(format!(
+            "the server holds {} MiB of request bodies in flight, its limit (--http-max-inflight-bytes); try again later",
+            state.inflight_limit_bytes >> 20
+        ))
+    })
+}
+
+/// Reads the body within the cap and the deadline, and inflates gzip/deflate
+/// bodies within the same cap.
+async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+    deadline: std::time::Duration,
+) -> Result<(hyper::http::request::Parts, Bytes)> {
+    let (parts, body) = req.into_parts();
+    let too_large = move || {
+        Error::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body exceeds the limit of {max} bytes (--http-max-body-bytes)"),
+        )
+    };
+    if let Some(len) = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+    {
+        if len.parse::<u64>().map(|l| l > max as u64).unwrap_or(false) {
+            return Err(too_large());
+        }
+    }
+    let collected = tokio::time::timeout(deadline, Limited::new(body, max).collect())
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s (--http-body-timeout-secs)",
+                    deadline.as_secs()
+                ),
+            )
+        })?;
+    let bytes = collected
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                Error::invalid(format!("reading the request body failed: {e}"))
+            }
+        })?
+        .to_bytes();
+    let encoding = parts
+        .headers
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let bytes = match encoding.as_deref() {
+        None | Some("identity") | Some("") => bytes,
+        Some(enc @ ("gzip" | "deflate")) => {
+            let gzip = enc == "gzip";
+            let size = bytes.len();
+            cpu_work(size, move || {
+                let mut out = Vec::new();
+                let reader: Box<dyn Read> = if gzip {
+                    Box::new(flate2::read::GzDecoder::new(&bytes[..]))
+                } else {
+                    Box::new(flate2::read::ZlibDecoder::new(&bytes[..]))
+                };
+                let enc = if gzip { "gzip" } else { "deflate" };
+                reader
+                    .take(max as u64 + 1)
+                    .read_to_end(&mut out)
+                    .map_err(|e| {
+                        Error::invalid(format!("the {enc} request body is corrupt: {e}"))
+                    })?;
+                if out.len() > max {
+                    return Err(too_large());
+                }
+                Ok(Bytes::from(out))
+            })
+            .await?
+        }
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "unsupported Content-Encoding '{other}'; use gzip or deflate"
+            )))
+        }
+    };
+    Ok((parts, bytes))
+}
+
+fn parse_json_body(body: &Bytes) -> Result<Value> {
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| Error::invalid(format!("malformed JSON body: {e}")))
+}
+
+fn parse_version(v: &str) -> Result<u64> {
+    v.parse()
+        .map_err(|_| Error::invalid(format!("model version '{v}' is not a number")))
+}
+
+/// The route a path names, with the API group that guards it.
+enum Route<'a> {
+    Live,
+    Ready,
+    ServerMetadata,
+    ModelMetadata(&'a str, Option<&'a str>),
+    ModelReady(&'a str, Option<&'a str>),
+    ModelConfig(&'a str, Option<&'a str>),
+    Infer(&'a str, Option<&'a str>),
+    Stats(Option<&'a str>, Option<&'a str>),
+    RepositoryIndex,
+    Load(&'a str),
+    Unload(&'a str),
+}
+
+impl Route<'_> {
+    fn group(&self) -> ApiGroup {
+        match self {
+            Route::Live | Route::Ready | Route::ModelReady(..) => ApiGroup::Health,
+            Route::ServerMetadata | Route::ModelMetadata(..) => ApiGroup::Metadata,
+            Route::ModelConfig(..) => ApiGroup::ModelConfig,
+            Route::Infer(..) => ApiGroup::Inference,
+            Route::Stats(..) => ApiGroup::Statistics,
+            Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => ApiGroup::ModelRepository,
+        }
+    }
+
+    fn method(&self) -> Method {
+        match self {
+            Route::Infer(..) | Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => {
+                Method::POST
+            }
+            _ => Method::GET,
+        }
+    }
+}
+
+fn route(segments: &[String]) -> Option<Route<'_>> {
+    let segments: Vec<&str> = segments.iter().map(|s| s.as_str()).collect();
+    Some(match segments.as_slice() {
+        ["v2"] => Route::ServerMetadata,
+        ["v2", "health", "live"] => Route::Live,
+        ["v2", "health", "ready"] => Route::Ready,
+        ["v2", "models", "stats"] => Route::Stats(None, None),
+        ["v2", "repository", "index"] => Route::RepositoryIndex,
+        ["v2", "repository", "models", m, "load"] => Route::Load(m),
+        ["v2", "repository", "models", m, "unload"] => Route::Unload(m),
+        ["v2", "models", m, rest @ ..] => {
+            let (version, rest) = match rest {
+                ["versions", v, rest @ ..] => (Some(*v), rest),
+                rest => (None, rest),
+            };
+            match rest {
+                [] => Route::ModelMetadata(m, version),
+                ["ready"] => Route::ModelReady(m, version),
+                ["config"] => Route::ModelConfig(m, version),
+                ["infer"] => Route::Infer(m, version),
+                ["stats"] => Route::Stats(Some(m), version),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// The path's segments, each percent-decoded (so an encoded `/` stays inside its segment).
+fn path_segments(path: &str) -> Vec<String> {
+    path.trim_end_matches('/')
+        .split('/')
+        .skip(1)
+        .map(percent_decode)
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub async fn handle(
+    state: Arc<ServerState>,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Body>, std::convert::Infallible> {
+    let response = match dispatch(&state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    Ok(response)
+}
+
+async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
+    let path = req.uri().path().to_string();
+    let segments = path_segments(&path);
+    let route = route(&segments).ok_or_else(|| Error::not_found(format!("no route for {path}")))?;
+    let group = route.group();
+    for restriction in state
+        .restrictions
+        .iter()
+        .filter(|r| r.groups.contains(&group))
+    {
+        let given = req
+            .headers()
+            .get(restriction.header.as_str())
+            .and_then(|v| v.to_str().ok());
+        if given != Some(restriction.value.as_str()) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "This API is restricted, expecting header '{}'",
+                    restriction.header
+                ),
+            ));
+        }
+    }
+    let method = req.method().clone();
+    let expected = route.method();
+    let allowed = method == expected || (expected == Method::GET && method == Method::HEAD);
+    if !allowed {
+        return Err(Error::new(
+            ErrorKind::MethodNotAllowed,
+            format!("{} {path} is not allowed; use {expected}", method),
+        ));
+    }
+    let accept_gzip = req
+        .headers()
+        .get(hyper::header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .map(|e| e.trim().split(';').next().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let repo = &state.repository;
+
+    match route {
+        Route::Live => Ok(empty(StatusCode::OK)),
+        Route::Ready => Ok(empty(
+            if state.ready.load(Ordering::Acquire) && (!state.strict_readiness || repo.all_ready())
+            {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+        )),
+        Route::ServerMetadata => Ok(json_response(
+            StatusCode::OK,
+            &json!({"name": "wisp", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS}),
+        )),
+        Route::ModelReady(m, v) => {
+            let version = v.map(parse_version).transpose()?;
+            Ok(empty(match repo.get(m, version) {
+                Ok(_) => StatusCode::OK,
+                Err(e) if e.kind == ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                Err(_) => StatusCode::BAD_REQUEST,
+            }))
+        }
+        Route::ModelMetadata(m, v) => {
+            let model = repo.get(m, v.map(parse_version).transpose()?)?;
+            let config = &model.config;
+            let versions: Vec<String> = repo
+                .ready_models()
+                .iter()
+                .filter(|r| r.name() == m)
+                .map(|r| r.version.to_string())
+                .collect();
+            let tensor = |t: &wisp_core::config::TensorConfig| {
+                let shape: Vec<i64> = if config.max_batch_size > 0 {
+                    std::iter::once(-1).chain(t.dims.iter().copied()).collect()
+                } else {
+                    t.dims.clone()
+                };
+                json!({"name": t.name, "datatype": t.datatype.as_str(), "shape": shape})
+            };
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "name": config.name,
+                    "versions": versions,
+                    "platform": config.backend.as_str(),
+                    "inputs": config.inputs.iter().map(tensor).collect::<Vec<_>>(),
+                    "outputs": config.outputs.iter().map(tensor).collect::<Vec<_>>(),
+                }),
+            ))
+        }
+        Route::ModelConfig(m, v) => {
+            let model = repo.get(m, v.map(parse_version).transpose()?)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &model.config.to_triton_json(),
+            ))
+        }
+        Route::Stats(m, v) => {
+            let version = v.map(parse_version).transpose()?;
+            let models = match m {
+                None => repo.ready_models(),
+                Some(m) => match version {
+                    Some(_) => vec![repo.get(m, version)?],
+                    None => {
+                        repo.get(m, None)?;
+                        repo.ready_models()
+                            .into_iter()
+                            .filter(|r| r.name() == m)
+                            .collect()
+                    }
+                },
+            };
+            let stats: Vec<Value> = models
+                .iter()
+                .map(|r| r.stats.to_json(r.name(), r.version))
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "model_stats": stats }),
+            ))
+        }
+        Route::RepositoryIndex => {
+            let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+            let body = parse_json_body(&body)?;
+            let ready = match body.get("ready") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "field 'ready' must be a bool, got {other}"
+                    )))
+                }
+            };
+            Ok(json_response(StatusCode::OK, &repo.index(ready)))
+        }
+        Route::Load(m) | Route::Unload(m) => {
+            let is_load = matches!(route, Route::Load(_));
+            let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+            let body = parse_json_body(&body)?;
+            if repo.mode() != ControlMode::Explicit {
+                return Err(Error::unavailable(format!(
+                    "explicit model load / unload is not allowed in --model-control-mode {}; \
+                     start wisp with --model-control-mode explicit",
+                    match repo.mode() {
+                        ControlMode::None => "none",
+                        ControlMode::Poll => "poll",
+                        ControlMode::Explicit => "explicit",
+                    }
+                )));
+            }
+            if let Some(params) = body.get("parameters").and_then(|p| p.as_object()) {
+                let unsupported: Vec<&String> = params
+                    .keys()
+                    .filter(|k| k.as_str() != "unload_dependents")
+                    .collect();
+                if !unsupported.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "load/unload parameters {unsupported:?} are not supported; \
+                         change the files in the model repository instead"
+                    )));
+                }
+            }
+            // In a task of its own: a client that gives up must not cancel a load halfway.
+            let (repo, name) = (repo.clone(), m.to_string());
+            tokio::spawn(async move {
+                if is_load {
+                    repo.load(&name).await
+                } else {
+                    repo.unload(&name).await
+                }
+            })
+            .await
+            .map_err(|e| Error::internal(format!("the load task failed: {e}")))??;
+            Ok(empty(StatusCode::OK))
+        }
+        Route::Infer(m, v) => {
+            let model = repo.get(m, v.map(parse_version).transpose()?)?;
+            let _reserved = reserve_body(state, req.headers())?;
+            let (parts, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+            let header_length = match parts.headers.get(HEADER_LENGTH) {
+                None => None,
+                Some(v) => Some(
+                    v.to_str()
+                        .ok()
+                        .and_then(|s| s.trim().parse::<usize>().ok())
+                        .ok_or_else(|| {
+                            Error::invalid("Inference-Header-Content-Length is not a number")
+                        })?,
+                ),
+            };
+            let config = model.config.clone();
+            let request = cpu_work(body.len(), move || {
+                protocol::parse_request(body, header_length, &config)
+            })
+            .await
+            .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+            let response = model.infer(request.backend.clone()).await?;
+            let (name, version) = (model.name().to_string(), model.version);
+            let output_bytes: usize = response.outputs.iter().map(|t| t.data.len()).sum();
+            let compression = if accept_gzip.iter().any(|e| e == "gzip") {
+                Some(true)
+            } else if accept_gzip.iter().any(|e| e == "deflate") {
+                Some(false)
+            } else {
+                None
+            };
+            let (encoded, body) = cpu_work(output_bytes, move || {
+                let mut encoded = protocol::encode_response(&name, version, &request, response)?;
+                let body = match compression {
+                    Some(gzip) => compress(&encoded.body, gzip),
+                    None => std::mem::take(&mut encoded.body),
+                };
+                Ok((encoded, body))
+            })
+            .await?;
+            let mut builder = Response::builder().status(StatusCode::OK);
+            builder = match encoded.header_length {
+                Some(len) => builder
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(HEADER_LENGTH, len),
+                None => builder.header(CONTENT_TYPE, "application/json"),
+            };
+            match compression {
+                Some(true) => {
+                    builder = builder.header(CONTENT_ENCODING, HeaderValue::from_static("gzip"))
+                }
+                Some(false) => {
+                    builder = builder.header(CONTENT_ENCODING, HeaderValue::from_static("deflate"))
+                }
+                None => {}
+            }
+            Ok(builder
+                .body(Full::new(Bytes::from(body)))
+                .expect("valid response"))
+        }
+    }
+}
+
+fn compress(data: &[u8], gzip: bool) -> Vec<u8> {
+    use std::io::Write;
+    let level = flate2::Compression::fast();
+    if gzip {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+        e.write_all(data).expect("writing to a Vec");
+        e.finish().expect("writing to a Vec")
+    } else {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), level);
+        e.write_all(data).expect("writing to a Vec");
+        e.finish().expect("writing to a Vec")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let r = |p: &str| path_segments(p);
+        assert!(matches!(
+            route(&r("/v2/models/simple/versions/1/infer")),
+            Some(Route::Infer("simple", Some("1")))
+        ));
+        assert!(matches!(
+            route(&r("/v2/models/simple/infer")),
+            Some(Route::Infer("simple", None))
+        ));
+        assert!(matches!(
+            route(&r("/v2/models/stats")),
+            Some(Route::Stats(None, None))
+        ));
+        assert!(matches!(
+            route(&r("/v2/repository/models/x/load")),
+            Some(Route::Load("x"))
+        ));
+        assert!(matches!(
+            route(&r("/v2/repository/models/..%2Fetc/load")),
+            Some(Route::Load("../etc"))
+        ));
+        assert!(route(&r("/v2/models/x/bogus")).is_none());
+        assert!(route(&r("/v3")).is_none());
+    }
+
+    #[test]
+    fn restriction_parses() {
+        let r: Restriction = "model-repository,statistics:admin-key=secret"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            r.groups,
+            vec![ApiGroup::ModelRepository, ApiGroup::Statistics]
+        );
+        assert_eq!(
+            (r.header.as_str(), r.value.as_str()),
+            ("admin-key", "secret")
+        );
+        assert!("bogus:k=v".parse::<Restriction>().is_err());
+        assert!("model-repository:novalue".parse::<Restriction>().is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("/v2/models/a%20b"), "/v2/models/a b");
+        assert_eq!(percent_decode("/x%2"), "/x%2");
+        assert_eq!(percent_decode("/v2/models/%aé"), "/v2/models/%aé");
+        assert_eq!(percent_decode("%é%"), "%é%");
+    }
+}

@@ -1,0 +1,61 @@
+//! `wisp serve`'s command-line arguments.
+
+use crate::api::Restriction;
+use clap::Args;
+use std::path::PathBuf;
+use wisp_serving::repository::ControlMode;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Folder with one subfolder per model (config.toml and numbered versions).
+    #[arg(long)]
+    pub model_repository: PathBuf,
+    /// Address to bind the HTTP and metrics ports on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub http_address: String,
+    #[arg(long, default_value_t = 8000)]
+    pub http_port: u16,
+    /// Port of the Prometheus metrics endpoint (`/metrics`).
+    #[arg(long, default_value_t = 8002)]
+    pub metrics_port: u16,
+    #[arg(long, default_value_t = ControlMode::None)]
+    pub model_control_mode: ControlMode,
+    /// Model to load at startup in explicit mode; repeatable; `*` loads all.
+    #[arg(long = "load-model")]
+    pub load_model: Vec<String>,
+    /// How often poll mode rescans the repository.
+    #[arg(long, default_value_t = 15)]
+    pub repository_poll_secs: u64,
+    /// Restrict API groups to requests carrying a header: `model-repository:HEADER=VALUE`
+    /// (groups: health, metadata, inference, model-config, model-repository, statistics;
+    /// comma-separated). Repeatable.
+    #[arg(long = "http-restricted-api")]
+    pub http_restricted_api: Vec<Restriction>,
+    /// Largest request body accepted (after decompression), in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub http_max_body_bytes: usize,
+    /// Report ready only when every model that should be loaded is ready (Triton's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub strict_readiness: bool,
+    /// Seconds a client may take to send request headers before the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    pub http_header_read_timeout_secs: u64,
+    /// Seconds a client may take to send a whole request body (a trickled upload is cut off).
+    #[arg(long, default_value_t = 60)]
+    pub http_body_timeout_secs: u64,
+    /// Seconds a connection may stay open without a request in progress.
+    #[arg(long, default_value_t = 60)]
+    pub http_idle_timeout_secs: u64,
+    /// Connections the HTTP port holds at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 2048)]
+    pub http_max_connections: usize,
+    /// Bytes of inference request bodies held at once, server-wide; past it requests get 503.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub http_max_inflight_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, default_value_t = 256)]
+    pub http2_max_concurrent_streams: u32,
+    /// How long shutdown waits for in-flight requests before it gives up.
+    #[arg(long, default_value_t = 30)]
+    pub exit_timeout_secs: u64,
+}

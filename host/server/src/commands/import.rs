@@ -1,0 +1,400 @@
+//! `wisp import`: turns a Hugging Face checkpoint folder into model repository
+//! entries — a tokenizer plugin model, an encoder model with the checkpoint's head,
+//! (for QA) the span-decoding plugin model, and the ensemble that joins them — so
+//! serving a fine-tuned model needs no hand-written config.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use wisp_backend_encoder::checkpoint::{Dimensions, Family};
+use wisp_backend_encoder::model::HeadKind;
+
+#[derive(Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// The checkpoint folder: config.json, model.safetensors, tokenizer.json
+    /// (sentence-transformers' 1_Pooling/ and modules.json are used when present).
+    pub checkpoint: PathBuf,
+    /// The model repository to write into.
+    #[arg(long)]
+    pub repository: PathBuf,
+    /// Name of the pipeline; its parts are NAME_tokenizer, NAME_encoder (and NAME_decode).
+    #[arg(long)]
+    pub name: String,
+    /// The head to serve (default: from `architectures` in config.json).
+    #[arg(long)]
+    pub head: Option<String>,
+    /// Longest tokenized input, special tokens included (default: sentence-transformers'
+    /// max_seq_length, else 384 for QA and 512 otherwise, capped by the position table).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// QA: tokens shared by consecutive windows over a long context.
+    #[arg(long, default_value_t = 128)]
+    pub doc_stride: usize,
+    /// Largest batch the encoder runs at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_size: u32,
+    /// Encoder instances (each gets its share of the cores).
+    #[arg(long, default_value_t = 1)]
+    pub instances: u32,
+    /// Folder with the built plugin components (wisp_plugin_tokenizer.wasm,
+    /// wisp_plugin_qa_decode.wasm); default: target/wasm32-wasip2/plugin beside the binary.
+    #[arg(long, env = "WISP_COMPONENTS")]
+    pub components: Option<PathBuf>,
+    /// Replace existing models of the same names.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: ImportArgs) -> Result<()> {
+    let plan = Plan::new(&args)?;
+    plan.write(&args)?;
+    for (name, _) in &plan.models {
+        println!("wrote {}", args.repository.join(name).display());
+    }
+    Ok(())
+}
+
+/// Everything `import` writes: (model name, config.toml text) plus the files to copy.
+pub struct Plan {
+    pub models: Vec<(String, String)>,
+    copies: Vec<(PathBuf, PathBuf)>,
+}
+
+fn components_dir(args: &ImportArgs) -> Result<PathBuf> {
+    if let Some(dir) = &args.components {
+        return Ok(dir.clone());
+    }
+    let exe = std::env::current_exe().context("cannot find the wisp binary's folder")?;
+    Ok(exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("wasm32-wasip2/plugin"))
+        .unwrap_or_default())
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+impl Plan {
+    pub fn new(args: &ImportArgs) -> Result<Plan> {
+        let src = &args.checkpoint;
+        let dims = Dimensions::read(src).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        for file in ["model.safetensors", "tokenizer.json"] {
+            if !src.join(file).is_file() {
+                bail!("{} has no {file}", src.display());
+            }
+        }
+        if !args
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            bail!(
+                "--name '{}' may hold only letters, digits, '_' and '-'",
+                args.name
+            );
+        }
+        let head = match &args.head {
+            Some(h) => HeadKind::parse(h).with_context(|| {
+                format!("--head '{h}' is not one of embedding, qa, classification, token_classification")
+            })?,
+            None => HeadKind::from_architecture(&dims.architecture),
+        };
+        let position_limit = match dims.family {
+            Family::Roberta => dims
+                .max_positions
+                .saturating_sub(dims.pad_token_id as usize + 1),
+            _ => dims.max_positions,
+        };
+        let st_length = read_json(&src.join("sentence_bert_config.json"))
+            .and_then(|c| c.get("max_seq_length")?.as_u64())
+            .map(|v| v as usize);
+        let default_length = match head {
+            HeadKind::QuestionAnswering => 384,
+            _ => st_length.unwrap_or(512),
+        };
+        let max_length = args
+            .max_length
+            .unwrap_or(default_length)
+            .min(position_limit);
+        if head == HeadKind::QuestionAnswering && args.doc_stride >= max_length / 2 {
+            bail!(
+                "--doc-stride {} must be below half of max_length {max_length}",
+                args.doc_stride
+            );
+        }
+        let components = components_dir(args)?;
+        let component = |file: &str| -> Result<PathBuf> {
+            let path = components.join(file);
+            if !path.is_file() {
+                bail!(
+                    "component {} not found; build the plugins (scripts/build-plugins.sh) or pass --components",
+                    path.display()
+                );
+            }
+            Ok(path)
+        };
+
+        let name = &args.name;
+        let tokenizer = format!("{name}_tokenizer");
+        let encoder = format!("{name}_encoder");
+        let decode = format!("{name}_decode");
+        let source = src.display().to_string();
+        let header = |what: &str| {
+            format!(
+                "# {what}\n# Generated by `wisp import` from {}.\n",
+                source.replace('\n', " ")
+            )
+        };
+        let labels = if dims.labels.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "labels = [{}]\n",
+                dims.labels
+                    .iter()
+                    .map(|l| toml_string(l))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let num_labels = dims.labels.len().max(1);
+        let has_types = dims.type_vocab > 0;
+        let qa = head == HeadKind::QuestionAnswering;
+        let mut copies = Vec::new();
+
+        // The tokenizer plugin.
+        let mut t = header("Tokenizer (Wasm plugin, Hugging Face tokenizers).");
+        t += "backend = \"wasm\"\n";
+        if qa {
+            t += "max_batch_size = 0\n\n";
+            t += &tensor("input", "QUESTION", "BYTES", "[-1]", "");
+            t += &tensor("input", "CONTEXT", "BYTES", "[-1]", "");
+            for out in ["input_ids", "attention_mask", "token_type_ids"] {
+                t += &tensor("output", out, "INT64", "[-1, -1]", "");
+            }
+            t += &tensor("output", "offsets", "INT64", "[-1, -1, 2]", "");
+            t += &tensor("output", "window_owner", "INT64", "[-1]", "");
+        } else {
+            let _ = writeln!(t, "max_batch_size = {}\n", args.max_batch_size);
+            t += &tensor("input", "TEXT", "BYTES", "[1]", "");
+            for out in ["input_ids", "attention_mask", "token_type_ids"] {
+                t += &tensor("output", out, "INT64", "[-1]", "");
+            }
+        }
+        t += "[[instance_group]]\ncount = 2\n\n[parameters]\n";
+        let _ = writeln!(t, "mode = \"{}\"", if qa { "qa" } else { "single" });
+        let _ = writeln!(t, "max_length = {max_length}");
+        if qa {
+            let _ = writeln!(t, "doc_stride = {}", args.doc_stride);
+            let _ = writeln!(t, "max_windows = {}", args.max_batch_size);
+        }
+        copies.push((
+            src.join("tokenizer.json"),
+            format!("{tokenizer}/1/tokenizer.json").into(),
+        ));
+        copies.push((
+            component("wisp_plugin_tokenizer.wasm")?,
+            format!("{tokenizer}/1/model.wasm").into(),
+        ));
+
+        // The encoder.
+        let mut e = header(&format!(
+            "{} encoder ({}), {} head, run natively by wisp.",
+            dims.family.as_str(),
+            if dims.architecture.is_empty() {
+                "no architectures entry"
+            } else {
+                &dims.architecture
+            },
+            head.as_str()
+        ));
+        e += "backend = \"encoder\"\n";
+        let _ = writeln!(e, "max_batch_size = {}\n", args.max_batch_size);
+        e += &tensor("input", "input_ids", "INT64", "[-1]", "");
+        e += &tensor(
+            "input",
+            "attention_mask",
+            "INT64",
+            "[-1]",
+            "optional = true\n",
+        );
+        if has_types {
+            e += &tensor(
+                "input",
+                "token_type_ids",
+                "INT64",
+                "[-1]",
+                "optional = true\n",
+            );
+        }
+        match head {
+            HeadKind::Embedding => {
+                e += &tensor(
+                    "output",
+                    "embedding",
+                    "FP32",
+                    &format!("[{}]", dims.hidden),
+                    "",
+                )
+            }
+            HeadKind::QuestionAnswering => {
+                e += &tensor("output", "start_logits", "FP32", "[-1]", "");
+                e += &tensor("output", "end_logits", "FP32", "[-1]", "");
+            }
+            HeadKind::Classification => {
+                e += &tensor(
+                    "output",
+                    "logits",
+                    "FP32",
+                    &format!("[{num_labels}]"),
+                    &labels,
+                )
+            }
+            HeadKind::TokenClassification => {
+                e += &tensor(
+                    "output",
+                    "logits",
+                    "FP32",
+                    &format!("[-1, {num_labels}]"),
+                    &labels,
+                )
+            }
+        }
+        let _ = writeln!(
+            e,
+            "[[instance_group]]\ncount = {}\nkind = \"cpu\"\n\n[dynamic_batching]\nmax_queue_delay_us = 2000\n\n[parameters]\nhead = \"{}\"",
+            args.instances,
+            head.as_str()
+        );
+        for file in [
+            "config.json",
+            "model.safetensors",
+            "modules.json",
+            "sentence_bert_config.json",
+        ] {
+            if src.join(file).is_file() {
+                copies.push((src.join(file), format!("{encoder}/1/{file}").into()));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(src) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let file_name = entry.file_name().to_string_lossy().to_string();
+                if path.join("config.json").is_file() && file_name.ends_with("_Pooling") {
+                    copies.push((
+                        path.join("config.json"),
+                        format!("{encoder}/1/{file_name}/config.json").into(),
+                    ));
+                }
+            }
+        }
+
+        let mut models = vec![(tokenizer.clone(), t), (encoder.clone(), e)];
+
+        // The pipeline.
+        let mut p = header(&format!(
+            "The {} pipeline: {tokenizer} → {encoder}{}.",
+            head.as_str(),
+            if qa {
+                format!(" → {decode}")
+            } else {
+                String::new()
+            }
+        ));
+        p += "backend = \"ensemble\"\n";
+        let token_map = if has_types {
+            "{ input_ids = \"input_ids\", attention_mask = \"attention_mask\", token_type_ids = \"token_type_ids\" }"
+        } else {
+            "{ input_ids = \"input_ids\", attention_mask = \"attention_mask\" }"
+        };
+        if qa {
+            p += "max_batch_size = 0\n\n";
+            p += &tensor("input", "QUESTION", "BYTES", "[-1]", "");
+            p += &tensor("input", "CONTEXT", "BYTES", "[-1]", "");
+            p += &tensor("output", "ANSWER", "BYTES", "[-1, -1]", "");
+            p += &tensor("output", "SCORE", "FP32", "[-1, -1]", "");
+            p += &tensor("output", "ANSWER_START", "INT64", "[-1, -1]", "");
+            p += &tensor("output", "ANSWER_END", "INT64", "[-1, -1]", "");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ QUESTION = \"QUESTION\", CONTEXT = \"CONTEXT\" }}\noutput_map = {{ input_ids = \"input_ids\", attention_mask = \"attention_mask\", token_type_ids = \"token_type_ids\", offsets = \"offsets\", window_owner = \"window_owner\" }}\n");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ start_logits = \"start_logits\", end_logits = \"end_logits\" }}\n");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{decode}\"\ninput_map = {{ start_logits = \"start_logits\", end_logits = \"end_logits\", offsets = \"offsets\", window_owner = \"window_owner\", CONTEXT = \"CONTEXT\" }}\noutput_map = {{ ANSWER = \"ANSWER\", SCORE = \"SCORE\", ANSWER_START = \"ANSWER_START\", ANSWER_END = \"ANSWER_END\" }}");
+
+            let mut d = header("Extractive QA span decoding (Wasm plugin).");
+            d += "backend = \"wasm\"\nmax_batch_size = 0\n\n";
+            d += &tensor("input", "start_logits", "FP32", "[-1, -1]", "");
+            d += &tensor("input", "end_logits", "FP32", "[-1, -1]", "");
+            d += &tensor("input", "offsets", "INT64", "[-1, -1, 2]", "");
+            d += &tensor("input", "window_owner", "INT64", "[-1]", "");
+            d += &tensor("input", "CONTEXT", "BYTES", "[-1]", "");
+            d += &tensor("output", "ANSWER", "BYTES", "[-1, -1]", "");
+            d += &tensor("output", "SCORE", "FP32", "[-1, -1]", "");
+            d += &tensor("output", "ANSWER_START", "INT64", "[-1, -1]", "");
+            d += &tensor("output", "ANSWER_END", "INT64", "[-1, -1]", "");
+            d += "[[instance_group]]\ncount = 2\n\n[parameters]\ntop_k = 1\nmax_answer_length = 30\nhandle_impossible_answer = false\n";
+            copies.push((
+                component("wisp_plugin_qa_decode.wasm")?,
+                format!("{decode}/1/model.wasm").into(),
+            ));
+            models.push((decode, d));
+        } else {
+            let _ = writeln!(p, "max_batch_size = {}\n", args.max_batch_size);
+            p += &tensor("input", "TEXT", "BYTES", "[1]", "");
+            let (out, pipeline_out, dims_text) = match head {
+                HeadKind::Embedding => ("embedding", "EMBEDDING", format!("[{}]", dims.hidden)),
+                HeadKind::Classification => ("logits", "LOGITS", format!("[{num_labels}]")),
+                _ => ("logits", "LOGITS", format!("[-1, {num_labels}]")),
+            };
+            p += &tensor("output", pipeline_out, "FP32", &dims_text, &labels);
+            let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ TEXT = \"TEXT\" }}\noutput_map = {token_map}\n");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ {out} = \"{pipeline_out}\" }}");
+        }
+        models.push((name.clone(), p));
+        Ok(Plan { models, copies })
+    }
+
+    fn write(&self, args: &ImportArgs) -> Result<()> {
+        let repo = &args.repository;
+        for (name, _) in &self.models {
+            let dir = repo.join(name);
+            if dir.exists() {
+                if !args.force {
+                    bail!("{} exists; pass --force to replace it", dir.display());
+                }
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot remove {}", dir.display()))?;
+            }
+        }
+        for (name, config) in &self.models {
+            let dir = repo.join(name);
+            std::fs::create_dir_all(dir.join("1"))
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::write(dir.join("config.toml"), config)
+                .with_context(|| format!("cannot write {}/config.toml", dir.display()))?;
+        }
+        for (from, to) in &self.copies {
+            let to = repo.join(to);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            // A hard link shares the (large) weights file; copy across file systems.
+            if std::fs::hard_link(from, &to).is_err() {
+                std::fs::copy(from, &to).with_context(|| {
+                    format!("cannot copy {} to {}", from.display(), to.display())
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tensor(kind: &str, name: &str, datatype: &str, dims: &str, extra: &str) -> String {
+    format!("[[{kind}]]\nname = \"{name}\"\ndatatype = \"{datatype}\"\ndims = {dims}\n{extra}\n")
+}

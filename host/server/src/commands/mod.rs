@@ -1,0 +1,5 @@
+//! The subcommands besides `serve`.
+
+pub mod gpu;
+pub mod import;
+pub mod perf;

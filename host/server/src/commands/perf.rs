@@ -1,0 +1,647 @@
+//! `wisp perf`: a load generator in the manner of Triton's perf_analyzer.
+//!
+//! For each concurrency level it keeps that many requests in flight (one
+//! keep-alive HTTP/1.1 connection each), measures windows until throughput is
+//! stable, and reports latency percentiles, throughput and the server's own
+//! queue/compute split (from `/stats` before and after), as a table, CSV and
+//! an SVG plot of latency against throughput.
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct PerfArgs {
+    /// Model to load.
+    #[arg(short = 'm', long = "model-name")]
+    pub model: String,
+    /// Model version (the latest ready one when not given).
+    #[arg(short = 'x', long = "model-version")]
+    pub version: Option<u64>,
+    /// Server address, `host:port` (an `http://` prefix is accepted).
+    #[arg(short = 'u', long, default_value = "127.0.0.1:8000")]
+    pub url: String,
+    /// Concurrency levels, `start:end:step` (perf_analyzer's syntax).
+    #[arg(long, default_value = "1:1:1")]
+    pub concurrency_range: String,
+    /// Request rates per second, `start:end:step`: open-loop load instead of concurrency.
+    #[arg(long, conflicts_with = "concurrency_range")]
+    pub request_rate_range: Option<String>,
+    /// Batch size of each request (models with max_batch_size > 0).
+    #[arg(short = 'b', long, default_value_t = 1)]
+    pub batch_size: u64,
+    /// `zero` or `random` input values, or a perf_analyzer JSON data file
+    /// (`{"data": [{"INPUT0": [..], "INPUT1": {"content": [..], "shape": [..]}}]}`).
+    #[arg(long, default_value = "random")]
+    pub input_data: String,
+    /// Dimensions of a variable-shaped input, `NAME:d1,d2` (without the batch). Repeatable.
+    #[arg(long = "shape")]
+    pub shapes: Vec<String>,
+    /// Send tensors as JSON instead of the binary extension.
+    #[arg(long)]
+    pub json: bool,
+    /// Length of one measurement window.
+    #[arg(long = "measurement-interval", short = 'p', default_value_t = 2000)]
+    pub measurement_ms: u64,
+    /// Windows whose throughput is within this percentage of each other count as stable.
+    #[arg(long = "stability-percentage", short = 's', default_value_t = 10.0)]
+    pub stability_pct: f64,
+    /// Most windows per concurrency level before reporting unstable numbers.
+    #[arg(long = "max-trials", short = 'r', default_value_t = 10)]
+    pub max_windows: usize,
+    /// Write the results as CSV.
+    #[arg(short = 'f', long = "latency-report-file")]
+    pub csv: Option<PathBuf>,
+    /// Write an SVG plot of p95 latency against throughput.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// One concurrency level's results.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    /// The concurrency of a closed-loop step (0 for a request-rate step).
+    pub concurrency: usize,
+    /// The offered rate of an open-loop step (0 for a concurrency step).
+    pub request_rate: f64,
+    pub requests: usize,
+    pub errors: usize,
+    pub throughput: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p95_us: f64,
+    pub p99_us: f64,
+    pub avg_us: f64,
+    pub stable: bool,
+    pub server_queue_us: f64,
+    pub server_compute_us: f64,
+}
+
+fn parse_range(s: &str) -> Result<Vec<usize>> {
+    let parts: Vec<usize> = s
+        .split(':')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--concurrency-range '{s}' is not start:end:step"))?;
+    let (start, end, step) = match parts.as_slice() {
+        [a] => (*a, *a, 1),
+        [a, b] => (*a, *b, 1),
+        [a, b, c] => (*a, *b, *c),
+        _ => bail!("--concurrency-range '{s}' is not start:end:step"),
+    };
+    if start == 0 || end < start || step == 0 {
+        bail!("--concurrency-range '{s}': need 1 <= start <= end and step >= 1");
+    }
+    Ok((start..=end).step_by(step).collect())
+}
+
+/// A minimal HTTP/1.1 client for one connection.
+struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Connection {
+    async fn open(addr: &str) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Connection {
+            sender,
+            host: addr.to_string(),
+        })
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<(u16, Bytes)> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            request = request.header(*k, v);
+        }
+        let response = self
+            .sender
+            .send_request(request.body(Full::new(body))?)
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.into_body().collect().await?.to_bytes()))
+    }
+}
+
+async fn get_json(addr: &str, path: &str) -> Result<Value> {
+    let mut conn = Connection::open(addr).await?;
+    let (status, body) = conn.send("GET", path, &[], Bytes::new()).await?;
+    let value: Value =
+        serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))?;
+    if status != 200 {
+        bail!(
+            "GET {path}: {status} {}",
+            value["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(value)
+}
+
+/// A request body, and the JSON header's length when tensors follow it in binary.
+type Body = (Bytes, Option<usize>);
+
+/// The values of one input: given in a perf_analyzer data file, or generated.
+fn input_values(datatype: &str, count: usize, random: bool) -> Vec<Value> {
+    (0..count)
+        .map(|_| {
+            let n: i64 = if random { fastrand::i64(0..100) } else { 0 };
+            match datatype {
+                "BYTES" => json!(n.to_string()),
+                "BOOL" => json!(n % 2 == 1),
+                "FP16" | "BF16" | "FP32" | "FP64" => json!(n as f64),
+                _ => json!(n),
+            }
+        })
+        .collect()
+}
+
+/// Builds the request bodies: one per entry of a perf_analyzer `--input-data`
+/// file (`{"data": [{"INPUT0": [..] | {"content": [..], "shape": [..]}}]}`), or
+/// one of zero or random values shaped from the model's metadata.
+fn build_requests(meta: &Value, args: &PerfArgs, batched: bool) -> Result<Vec<Body>> {
+    let entries: Vec<Option<Value>> = match args.input_data.as_str() {
+        "random" | "zero" => vec![None],
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("--input-data {path}: not zero, random or a readable file")
+            })?;
+            let file: Value =
+                serde_json::from_str(&text).with_context(|| format!("{path} is not JSON"))?;
+            let data = file["data"]
+                .as_array()
+                .filter(|d| !d.is_empty())
+                .ok_or_else(|| {
+                    anyhow!("{path}: expected {{\"data\": [ {{input: values}}, ... ]}}")
+                })?;
+            data.iter().cloned().map(Some).collect()
+        }
+    };
+    let random = args.input_data == "random";
+    let mut bodies = Vec::new();
+    for entry in entries {
+        let mut inputs = Vec::new();
+        let mut binary = Vec::new();
+        for input in meta["inputs"]
+            .as_array()
+            .ok_or_else(|| anyhow!("model metadata has no inputs"))?
+        {
+            let name = input["name"].as_str().unwrap_or_default();
+            let datatype = input["datatype"].as_str().unwrap_or_default();
+            let declared: Vec<i64> = input["shape"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|d| d.as_i64()).collect())
+                .unwrap_or_default();
+            let given = entry.as_ref().map(|e| &e[name]);
+            let given_shape: Option<Vec<i64>> = given
+                .and_then(|g| g.get("shape"))
+                .and_then(|s| serde_json::from_value(s.clone()).ok());
+            let dims: Vec<i64> = if batched {
+                declared[1..].to_vec()
+            } else {
+                declared.clone()
+            };
+            let dims = match (
+                given_shape,
+                args.shapes
+                    .iter()
+                    .find_map(|s| s.strip_prefix(&format!("{name}:"))),
+            ) {
+                (Some(shape), _) => shape,
+                (None, Some(text)) => text
+                    .split(',')
+                    .map(|d| d.trim().parse::<i64>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .with_context(|| format!("--shape {name}:{text} is not a list of integers"))?,
+                (None, None) if dims.contains(&-1) => {
+                    bail!("input '{name}' has variable dimensions {dims:?}; give them with --shape {name}:d1,d2")
+                }
+                (None, None) => dims,
+            };
+            let shape: Vec<i64> = if batched {
+                std::iter::once(args.batch_size as i64)
+                    .chain(dims)
+                    .collect()
+            } else {
+                dims
+            };
+            let count: usize = shape.iter().map(|&d| d.max(0) as usize).product();
+            let values = match given {
+                Some(Value::Null) | None if entry.is_some() => {
+                    bail!("--input-data: an entry has no values for input '{name}'")
+                }
+                Some(Value::Object(o)) => o.get("content").cloned().unwrap_or(Value::Null),
+                Some(v) => v.clone(),
+                None => Value::Array(input_values(datatype, count, random)),
+            };
+            let dt = wisp_core::tensor::DataType::parse(datatype)
+                .ok_or_else(|| anyhow!("input '{name}' has unknown datatype {datatype}"))?;
+            let tensor = wisp_core::tensor::Tensor::from_json(name, dt, shape.clone(), &values)
+                .map_err(|e| anyhow!("input '{name}': {}", e.message))?;
+            if args.json {
+                inputs.push(
+                    json!({"name": name, "datatype": datatype, "shape": shape, "data": values}),
+                );
+            } else {
+                inputs.push(json!({"name": name, "datatype": datatype, "shape": shape,
+                                   "parameters": {"binary_data_size": tensor.data.len()}}));
+                binary.extend_from_slice(&tensor.data);
+            }
+        }
+        let header = json!({"inputs": inputs, "parameters": {"binary_data_output": !args.json}});
+        let mut body = serde_json::to_vec(&header)?;
+        if args.json {
+            bodies.push((Bytes::from(body), None));
+        } else {
+            let header_len = body.len();
+            body.extend_from_slice(&binary);
+            bodies.push((Bytes::from(body), Some(header_len)));
+        }
+    }
+    Ok(bodies)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)] as f64 / 1e3
+}
+
+/// Server-side (queue ns, compute ns, request count) from the model's statistics.
+async fn server_totals(addr: &str, stats_path: &str) -> Result<(u64, u64, u64)> {
+    let stats = get_json(addr, stats_path).await?;
+    let s = &stats["model_stats"][0]["inference_stats"];
+    let ns = |k: &str| s[k]["ns"].as_u64().unwrap_or(0);
+    Ok((
+        ns("queue"),
+        ns("compute_input") + ns("compute_infer") + ns("compute_output"),
+        s["success"]["count"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// How load is offered in one step.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// This many requests in flight at all times (closed loop).
+    Concurrency(usize),
+    /// Requests started at this rate per second, whatever is in flight (open loop).
+    Rate(f64),
+}
+
+/// Requests an open-loop step may have in flight before it counts the rest as errors.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Every finished request: (when it finished, latency ns, ok).
+type Records = Arc<Mutex<Vec<(Instant, u64, bool)>>>;
+
+fn headers_for(header_len: Option<usize>) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("content-type", "application/octet-stream".to_string())];
+    if let Some(len) = header_len {
+        headers.push(("inference-header-content-length", len.to_string()));
+    }
+    headers
+}
+
+/// Sends one request on `conn` (reopening it after a failure) and records it.
+async fn send_one(
+    conn: &mut Option<Connection>,
+    addr: &str,
+    path: &str,
+    body: &Body,
+    records: &Records,
+    sent: Instant,
+) {
+    if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
+        *conn = Connection::open(addr).await.ok();
+    }
+    let ok = match conn.as_mut() {
+        Some(c) => matches!(
+            c.send("POST", path, &headers_for(body.1), body.0.clone())
+                .await,
+            Ok((200, _))
+        ),
+        None => false,
+    };
+    records
+        .lock()
+        .push((Instant::now(), sent.elapsed().as_nanos() as u64, ok));
+}
+
+async fn run_step(
+    addr: &str,
+    infer_path: &str,
+    stats_path: &str,
+    bodies: &[Body],
+    load: Load,
+    args: &PerfArgs,
+) -> Result<StepResult> {
+    let records: Records = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let bodies: Arc<Vec<Body>> = Arc::new(bodies.to_vec());
+    let mut workers = Vec::new();
+    match load {
+        Load::Concurrency(concurrency) => {
+            for worker in 0..concurrency {
+                let mut conn = Some(Connection::open(addr).await?);
+                let (records, stop, bodies) = (records.clone(), stop.clone(), bodies.clone());
+                let (addr, path) = (addr.to_string(), infer_path.to_string());
+                workers.push(tokio::spawn(async move {
+                    let mut next = worker;
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = &bodies[next % bodies.len()];
+                        next += 1;
+                        send_one(&mut conn, &addr, &path, body, &records, Instant::now()).await;
+                    }
+                }));
+            }
+        }
+        Load::Rate(rate) => {
+            // Idle connections are reused; each request runs in a task of its own.
+            let idle: Arc<Mutex<Vec<Connection>>> = Arc::default();
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+            let (records, stop, bodies) = (records.clone(), stop.clone(), bodies.clone());
+            let (addr, path) = (addr.to_string(), infer_path.to_string());
+            workers.push(tokio::spawn(async move {
+                let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut next = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    ticker.tick().await;
+                    let scheduled = Instant::now();
+                    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                        records.lock().push((scheduled, 0, false));
+                        continue;
+                    };
+                    let body = bodies[next % bodies.len()].clone();
+                    next += 1;
+                    let (idle, records, addr, path) =
+                        (idle.clone(), records.clone(), addr.clone(), path.clone());
+                    tokio::spawn(async move {
+                        let mut conn = idle.lock().pop();
+                        send_one(&mut conn, &addr, &path, &body, &records, scheduled).await;
+                        if let Some(c) = conn.filter(|c| !c.sender.is_closed()) {
+                            idle.lock().push(c);
+                        }
+                        drop(permit);
+                    });
+                }
+            }));
+        }
+    }
+    let window = Duration::from_millis(args.measurement_ms.max(100));
+    // Warm-up: one window not counted.
+    tokio::time::sleep(window).await;
+    records.lock().clear();
+    let before = server_totals(addr, stats_path).await?;
+    let mut windows: Vec<Vec<(Instant, u64, bool)>> = Vec::new();
+    let mut stable = false;
+    while windows.len() < args.max_windows.max(3) {
+        tokio::time::sleep(window).await;
+        windows.push(std::mem::take(&mut *records.lock()));
+        if windows.len() >= 3 {
+            let last: Vec<f64> = windows[windows.len() - 3..]
+                .iter()
+                .map(|w| w.len() as f64)
+                .collect();
+            let mean = last.iter().sum::<f64>() / 3.0;
+            if mean > 0.0
+                && last
+                    .iter()
+                    .all(|t| (t - mean).abs() / mean * 100.0 <= args.stability_pct)
+            {
+                stable = true;
+                break;
+            }
+        }
+    }
+    let after = server_totals(addr, stats_path).await?;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let measured = &windows[windows.len().saturating_sub(3)..];
+    let mut latencies: Vec<u64> = measured
+        .iter()
+        .flatten()
+        .filter(|r| r.2)
+        .map(|r| r.1)
+        .collect();
+    let errors = measured.iter().flatten().filter(|r| !r.2).count();
+    latencies.sort_unstable();
+    let seconds = window.as_secs_f64() * measured.len() as f64;
+    let served = (after.2 - before.2).max(1) as f64;
+    Ok(StepResult {
+        concurrency: match load {
+            Load::Concurrency(c) => c,
+            Load::Rate(_) => 0,
+        },
+        request_rate: match load {
+            Load::Concurrency(_) => 0.0,
+            Load::Rate(r) => r,
+        },
+        requests: latencies.len(),
+        errors,
+        throughput: latencies.len() as f64 * args.batch_size as f64 / seconds,
+        p50_us: percentile(&latencies, 0.50),
+        p90_us: percentile(&latencies, 0.90),
+        p95_us: percentile(&latencies, 0.95),
+        p99_us: percentile(&latencies, 0.99),
+        avg_us: latencies.iter().sum::<u64>() as f64 / latencies.len().max(1) as f64 / 1e3,
+        stable,
+        server_queue_us: (after.0 - before.0) as f64 / served / 1e3,
+        server_compute_us: (after.1 - before.1) as f64 / served / 1e3,
+    })
+}
+
+/// The load of a step as perf_analyzer's first CSV column shows it.
+fn load_column(results: &[StepResult]) -> (&'static str, fn(&StepResult) -> String) {
+    if results.iter().any(|r| r.request_rate > 0.0) {
+        ("Request Rate", |r| format!("{:.0}", r.request_rate))
+    } else {
+        ("Concurrency", |r| r.concurrency.to_string())
+    }
+}
+
+pub fn csv(results: &[StepResult]) -> String {
+    let (column, load) = load_column(results);
+    let mut out = format!("{column},Inferences/Second,Client Send+Recv avg (us),p50 latency,p90 latency,p95 latency,p99 latency,Server Queue (us),Server Compute (us),Requests,Errors,Stable\n");
+    for r in results {
+        let _ = writeln!(
+            out,
+            "{},{:.1},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{}",
+            load(r),
+            r.throughput,
+            r.avg_us,
+            r.p50_us,
+            r.p90_us,
+            r.p95_us,
+            r.p99_us,
+            r.server_queue_us,
+            r.server_compute_us,
+            r.requests,
+            r.errors,
+            r.stable
+        );
+    }
+    out
+}
+
+/// An SVG line plot of p95 latency (y) against throughput (x), one series per label.
+pub fn svg_plot(series: &[(&str, &[StepResult])]) -> String {
+    let (w, h, m) = (640.0, 420.0, 60.0);
+    let all = series.iter().flat_map(|(_, r)| r.iter());
+    let max_x = all.clone().map(|r| r.throughput).fold(1.0, f64::max) * 1.05;
+    let max_y = all.map(|r| r.p95_us / 1e3).fold(0.001, f64::max) * 1.05;
+    let x = |v: f64| m + v / max_x * (w - 2.0 * m);
+    let y = |v: f64| h - m - v / max_y * (h - 2.0 * m);
+    let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">throughput (inferences/s), max {max_x:.0}</text>\n\
+         <text x=\"15\" y=\"{}\" transform=\"rotate(-90 15 {})\" text-anchor=\"middle\">p95 latency (ms), max {max_y:.2}</text>\n",
+        h - m, w - m, h - m, h - m, w / 2.0, h - 15.0, h / 2.0, h / 2.0
+    );
+    for (i, (label, results)) in series.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        let points: Vec<String> = results
+            .iter()
+            .map(|r| format!("{:.1},{:.1}", x(r.throughput), y(r.p95_us / 1e3)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            points.join(" ")
+        );
+        for r in results.iter() {
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"><title>c={} {:.0}/s p95 {:.2} ms</title></circle>",
+                x(r.throughput), y(r.p95_us / 1e3), r.concurrency, r.throughput, r.p95_us / 1e3
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{label}</text>",
+            m + 10.0,
+            m + 15.0 * (i as f64 + 1.0)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+pub fn print_table(results: &[StepResult]) {
+    let (column, load) = load_column(results);
+    println!("| {column} | inferences/s | p50 (µs) | p90 (µs) | p95 (µs) | p99 (µs) | server queue (µs) | server compute (µs) | errors | stable |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            load(r),
+            r.throughput,
+            r.p50_us,
+            r.p90_us,
+            r.p95_us,
+            r.p99_us,
+            r.server_queue_us,
+            r.server_compute_us,
+            r.errors,
+            r.stable
+        );
+    }
+}
+
+/// Runs every concurrency level against the server and returns the results.
+pub async fn measure(args: &PerfArgs) -> Result<Vec<StepResult>> {
+    let addr = args
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let base = match args.version {
+        Some(v) => format!("/v2/models/{}/versions/{v}", args.model),
+        None => format!("/v2/models/{}", args.model),
+    };
+    let meta = get_json(&addr, &base).await?;
+    let config = get_json(&addr, &format!("{base}/config")).await?;
+    let batched = config["max_batch_size"].as_u64().unwrap_or(0) > 0;
+    let bodies = build_requests(&meta, args, batched)?;
+    let loads: Vec<Load> = match &args.request_rate_range {
+        Some(range) => parse_range(range)?
+            .into_iter()
+            .map(|r| Load::Rate(r as f64))
+            .collect(),
+        None => parse_range(&args.concurrency_range)?
+            .into_iter()
+            .map(Load::Concurrency)
+            .collect(),
+    };
+    let mut results = Vec::new();
+    for load in loads {
+        let step = run_step(
+            &addr,
+            &format!("{base}/infer"),
+            &format!("{base}/stats"),
+            &bodies,
+            load,
+            args,
+        )
+        .await?;
+        let what = match load {
+            Load::Concurrency(c) => format!("concurrency {c}"),
+            Load::Rate(r) => format!("request rate {r:.0}/s"),
+        };
+        eprintln!(
+            "{what}: {:.0} infer/s, p50 {:.0} µs, p95 {:.0} µs{}",
+            step.throughput,
+            step.p50_us,
+            step.p95_us,
+            if step.stable { "" } else { " (not stable)" }
+        );
+        results.push(step);
+    }
+    Ok(results)
+}
+
+/// `wisp perf`.
+pub async fn run(args: PerfArgs) -> Result<()> {
+    let results = measure(&args).await?;
+    print_table(&results);
+    if let Some(path) = &args.csv {
+        std::fs::write(path, csv(&results))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg_plot(&[(args.model.as_str(), &results)]))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -162,6 +162,19 @@ impl Server {
         panic!("wisp never finished loading: {}", self.log());
     }
 
+    /// host:port of the HTTP port.
+    pub fn http_addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// host:port of the metrics port.
+    pub fn metrics_addr(&self) -> String {
+        self.metrics
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_string()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -3,6 +3,7 @@
 
 mod ensemble;
 mod harness;
+mod limits;
 mod protocol;
 mod repository;
 mod sandbox;

@@ -1,13 +1,13 @@
 //! The inference request and response bodies: v2 JSON, Triton's binary tensor
 //! extension (JSON header + raw tensors), and the raw single-tensor body.
 
-use wisp_core::backend::{BackendRequest, BackendResponse};
-use wisp_core::error::{Error, Result};
-use wisp_core::config::{ModelConfig, ParameterValue};
-use wisp_core::tensor::{DataType, Tensor};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use wisp_core::backend::{BackendRequest, BackendResponse};
+use wisp_core::config::{ModelConfig, ParameterValue};
+use wisp_core::error::{Error, Result};
+use wisp_core::tensor::{DataType, Tensor};
 
 /// Unknown top-level fields are ignored (clients add their own); tensor objects are strict.
 #[derive(Deserialize)]

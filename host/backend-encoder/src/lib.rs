@@ -23,7 +23,7 @@ use wisp_core::backend::{
     Backend, BackendFactory, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes,
     LoadContext,
 };
-use wisp_core::config::{InstanceKind, ModelConfig, ParameterValue};
+use wisp_core::config::{InstanceKind, ModelConfig};
 use wisp_core::error::{Error, Result};
 use wisp_core::tensor::{DataType, Tensor};
 use wisp_core::worker::{Recycle, Worker, WorkerPool};
@@ -83,63 +83,86 @@ impl EncoderSettings {
         }
     }
 
+    /// The settings of an encoder model's `[parameters]` table: typed by serde,
+    /// so a wrong type or an unknown key is an error naming the key.
     pub fn from_config(config: &ModelConfig) -> Result<EncoderSettings> {
-        let mut settings = EncoderSettings::new(".");
+        let table: serde_json::Map<String, serde_json::Value> = config
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect();
+        let p: EncoderParameters = serde_json::from_value(serde_json::Value::Object(table))
+            .map_err(|e| Error::invalid(format!("model '{}': [parameters]: {e}", config.name)))?;
         let bad = |key: &str, want: &str| {
             Error::invalid(format!(
                 "model '{}': parameter '{key}' must be {want}",
                 config.name
             ))
         };
-        for (key, value) in &config.parameters {
-            match (key.as_str(), value) {
-                ("checkpoint", ParameterValue::Text(path)) => {
-                    settings.checkpoint = PathBuf::from(path)
-                }
-                ("checkpoint", _) => return Err(bad(key, "a folder path")),
-                ("head", ParameterValue::Text(name)) => {
-                    settings.head = Some(HeadKind::parse(name).ok_or_else(|| {
-                        bad(key, "one of embedding, qa, classification, token_classification")
-                    })?)
-                }
-                ("pooling", ParameterValue::Text(name)) => {
-                    settings.pooling =
-                        Some(Pooling::parse(name).ok_or_else(|| bad(key, "mean, cls or max"))?)
-                }
-                ("normalize", ParameterValue::Bool(b)) => settings.normalize = Some(*b),
-                ("threads", ParameterValue::Int(n)) if *n >= 0 => settings.threads = *n as usize,
-                ("remove_padding", ParameterValue::Bool(b)) => settings.remove_padding = *b,
-                ("cuda_graphs", ParameterValue::Bool(b)) => settings.cuda_graphs = *b,
-                ("gpu_runtime", ParameterValue::Text(r)) if r == "cuda" => {
-                    settings.gpu_runtime = GpuRuntime::Cuda
-                }
-                ("gpu_runtime", ParameterValue::Text(r)) if r == "twin" => {
-                    settings.gpu_runtime = GpuRuntime::Twin
-                }
-                ("gpu_runtime", _) => return Err(bad(key, "\"cuda\" or \"twin\"")),
-                ("precision", ParameterValue::Text(p)) => {
-                    settings.precision = Some(match p.as_str() {
-                        "fp32" => Precision::Fp32,
-                        "fp16" => Precision::Fp16,
-                        _ => return Err(bad(key, "\"fp32\" (CPU) or \"fp16\" (GPU)")),
-                    })
-                }
-                ("precision", _) => return Err(bad(key, "\"fp32\" (CPU) or \"fp16\" (GPU)")),
-                ("head" | "pooling", _) => return Err(bad(key, "a string")),
-                ("normalize" | "remove_padding" | "cuda_graphs", _) => {
-                    return Err(bad(key, "true or false"))
-                }
-                ("threads", _) => return Err(bad(key, "a non-negative integer")),
-                (other, _) => {
-                    return Err(Error::invalid(format!(
-                        "model '{}': unknown encoder parameter '{other}' (known: checkpoint, head, pooling, normalize, threads, remove_padding, precision, cuda_graphs, gpu_runtime)",
-                        config.name
-                    )))
-                }
-            }
+        let mut settings = EncoderSettings::new(p.checkpoint.unwrap_or_else(|| ".".into()));
+        if let Some(name) = p.head {
+            settings.head = Some(HeadKind::parse(&name).ok_or_else(|| {
+                bad(
+                    "head",
+                    "one of embedding, qa, classification, token_classification",
+                )
+            })?);
         }
+        if let Some(name) = p.pooling {
+            settings.pooling =
+                Some(Pooling::parse(&name).ok_or_else(|| bad("pooling", "mean, cls or max"))?);
+        }
+        settings.normalize = p.normalize;
+        if let Some(threads) = p.threads {
+            settings.threads = threads;
+        }
+        if let Some(remove_padding) = p.remove_padding {
+            settings.remove_padding = remove_padding;
+        }
+        if let Some(cuda_graphs) = p.cuda_graphs {
+            settings.cuda_graphs = cuda_graphs;
+        }
+        settings.gpu_runtime = match p.gpu_runtime.as_deref() {
+            None | Some("cuda") => GpuRuntime::Cuda,
+            Some("twin") => GpuRuntime::Twin,
+            Some(_) => return Err(bad("gpu_runtime", "\"cuda\" or \"twin\"")),
+        };
+        settings.precision = match p.precision.as_deref() {
+            None => None,
+            Some("fp32") => Some(Precision::Fp32),
+            Some("fp16") => Some(Precision::Fp16),
+            Some(_) => return Err(bad("precision", "\"fp32\" (CPU) or \"fp16\" (GPU)")),
+        };
         Ok(settings)
     }
+}
+
+/// An encoder model's `[parameters]` table as written in config.toml.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncoderParameters {
+    checkpoint: Option<String>,
+    head: Option<String>,
+    pooling: Option<String>,
+    normalize: Option<bool>,
+    /// Bounded: each is an OS thread.
+    #[serde(default, deserialize_with = "threads")]
+    threads: Option<usize>,
+    remove_padding: Option<bool>,
+    precision: Option<String>,
+    cuda_graphs: Option<bool>,
+    gpu_runtime: Option<String>,
+}
+
+/// Threads per instance (0: the cores divided among instances), at most 1024.
+fn threads<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<usize>, D::Error> {
+    let n: u64 = serde::Deserialize::deserialize(d)?;
+    if n > 1024 {
+        return Err(serde::de::Error::custom(format!(
+            "parameter 'threads' is {n}; it must be at most 1024"
+        )));
+    }
+    Ok(Some(n as usize))
 }
 
 /// Loads the encoder described by `settings` from `version_dir`.
@@ -772,4 +795,40 @@ pub fn pad_batch(encoder: &Encoder, batch: &mut PackedBatch) {
         });
     }
     batch.key_valid = Some(valid);
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    fn settings(parameters: &str) -> Result<EncoderSettings> {
+        let text = format!(
+            "backend = \"encoder\"\n[[input]]\nname = \"input_ids\"\ndatatype = \"INT64\"\ndims = [-1]\n\
+             [[output]]\nname = \"embedding\"\ndatatype = \"FP32\"\ndims = [8]\n[parameters]\n{parameters}"
+        );
+        EncoderSettings::from_config(&ModelConfig::parse(&text, "m").unwrap())
+    }
+
+    #[test]
+    fn parameters_are_typed_and_unknown_keys_named() {
+        let s =
+            settings("head = \"qa\"\nthreads = 3\nremove_padding = false\ngpu_runtime = \"twin\"")
+                .unwrap();
+        assert_eq!(
+            (s.head, s.threads, s.remove_padding),
+            (Some(HeadKind::QuestionAnswering), 3, false)
+        );
+        assert_eq!(s.gpu_runtime, GpuRuntime::Twin);
+        let e = settings("pooling_mode = \"mean\"").unwrap_err();
+        assert!(e.message.contains("unknown field `pooling_mode`"), "{e:?}");
+        let e = settings("normalize = \"yes\"").unwrap_err();
+        assert!(
+            e.message.contains("invalid type") && e.message.contains("[parameters]"),
+            "{e:?}"
+        );
+        let e = settings("threads = 100000").unwrap_err();
+        assert!(e.message.contains("'threads' is 100000"), "{e:?}");
+        let e = settings("precision = \"int3\"").unwrap_err();
+        assert!(e.message.contains("parameter 'precision' must be"), "{e:?}");
+    }
 }

@@ -268,10 +268,14 @@ impl Plan {
                 )
             }
         }
+        // A few batches of backlog per instance: past it the encoder answers 503 at once,
+        // since a deeper queue under overload only turns into latency and client timeouts.
         let _ = writeln!(
             e,
-            "[[instance_group]]\ncount = {}\nkind = \"cpu\"\n\n[dynamic_batching]\nmax_queue_delay_us = 2000\n\n[parameters]\nhead = \"{}\"",
+            "[[instance_group]]\ncount = {}\nkind = \"cpu\"\n\n[dynamic_batching]\nmax_queue_delay_us = 2000\n\n\
+             [dynamic_batching.default_queue_policy]\nmax_queue_size = {}\n\n[parameters]\nhead = \"{}\"",
             args.instances,
+            queue_size(args.max_batch_size, args.instances),
             head.as_str()
         );
         for file in [
@@ -397,4 +401,9 @@ impl Plan {
 
 fn tensor(kind: &str, name: &str, datatype: &str, dims: &str, extra: &str) -> String {
     format!("[[{kind}]]\nname = \"{name}\"\ndatatype = \"{datatype}\"\ndims = {dims}\n{extra}\n")
+}
+
+/// The encoder's queue bound written by import: four full batches per instance.
+fn queue_size(max_batch_size: u32, instances: u32) -> u32 {
+    (4 * max_batch_size.max(1)).saturating_mul(instances.max(1))
 }

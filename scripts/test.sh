@@ -13,7 +13,7 @@ rustup component list --installed | grep -q '^rustfmt' || rustup component add r
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo clippy --target wasm32-wasip2 --workspace --exclude wisp --exclude "wisp-*" -- -D warnings
+cargo clippy --target wasm32-wasip2 --workspace --exclude wisp --exclude wisp-core --exclude wisp-serving --exclude wisp-backend-wasm --exclude wisp-backend-encoder -- -D warnings
 
 echo "== Python environment (tritonclient, NumPy, and NVRTC + CUDA headers from PyPI)"
 if [ ! -x .venv/bin/python ]; then

@@ -151,31 +151,16 @@ impl Tensor {
         shape: Vec<i64>,
         data: &Value,
     ) -> Result<Tensor> {
-        let count = element_count(&shape).ok_or_else(|| {
-            Error::invalid(format!("input '{name}' has an invalid shape {shape:?}"))
-        })?;
-        let mut flat = Vec::with_capacity(count.min(1 << 20));
-        flatten(data, &mut flat);
-        if flat.len() != count {
-            return Err(Error::invalid(format!(
-                "input '{name}' has {} elements in 'data', but shape {shape:?} needs {count}",
-                flat.len()
-            )));
+        fn push(builder: &mut TensorBuilder, value: &Value) -> Result<()> {
+            match value {
+                Value::Array(items) => items.iter().try_for_each(|v| push(builder, v)),
+                other => builder.push(JsonScalar::from_value(other)),
+            }
         }
-        let mut out = Vec::with_capacity(count * datatype.element_size().unwrap_or(8));
-        for (index, value) in flat.iter().enumerate() {
-            encode_json_element(datatype, value, &mut out).ok_or_else(|| {
-                Error::invalid(format!(
-                    "input '{name}' element {index} ({value}) is not a valid {datatype}"
-                ))
-            })?;
-        }
-        Ok(Tensor {
-            name: name.to_string(),
-            datatype,
-            shape,
-            data: Bytes::from(out),
-        })
+        let mut builder = TensorBuilder::new(name, datatype, shape)?;
+        builder.reserve(builder.expected().min(1 << 20));
+        push(&mut builder, data)?;
+        builder.finish()
     }
 
     /// The data as a flat JSON array.
@@ -235,13 +220,6 @@ impl Tensor {
     }
 }
 
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        other => out.push(other),
-    }
-}
-
 /// Splits BYTES data into its elements.
 pub fn bytes_elements(mut data: &[u8]) -> Result<Vec<&[u8]>> {
     let mut elements = Vec::new();
@@ -264,18 +242,174 @@ pub fn bytes_elements(mut data: &[u8]) -> Result<Vec<&[u8]>> {
     Ok(elements)
 }
 
-fn encode_json_element(datatype: DataType, value: &Value, out: &mut Vec<u8>) -> Option<()> {
+/// One scalar of a request's JSON `data`, as the JSON parser reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum JsonScalar<'a> {
+    Null,
+    Bool(bool),
+    /// A negative integer.
+    Int(i64),
+    /// A non-negative integer.
+    Uint(u64),
+    Float(f64),
+    Str(&'a str),
+    /// An object where a scalar belongs; never valid, shown as `{…}`.
+    Object,
+}
+
+impl<'a> JsonScalar<'a> {
+    /// The scalar of a non-array JSON value.
+    pub fn from_value(value: &'a Value) -> JsonScalar<'a> {
+        match value {
+            Value::Null => JsonScalar::Null,
+            Value::Bool(b) => JsonScalar::Bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => JsonScalar::Uint(u),
+                (None, Some(i)) => JsonScalar::Int(i),
+                _ => JsonScalar::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => JsonScalar::Str(s),
+            Value::Array(_) | Value::Object(_) => JsonScalar::Object,
+        }
+    }
+}
+
+/// As JSON text, the way `serde_json::Value` prints it.
+impl std::fmt::Display for JsonScalar<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            JsonScalar::Null => f.write_str("null"),
+            JsonScalar::Bool(b) => write!(f, "{b}"),
+            JsonScalar::Int(i) => write!(f, "{i}"),
+            JsonScalar::Uint(u) => write!(f, "{u}"),
+            JsonScalar::Float(v) => match serde_json::Number::from_f64(v) {
+                Some(n) => write!(f, "{n}"),
+                None => write!(f, "{v}"),
+            },
+            JsonScalar::Str(s) => write!(f, "{}", Value::from(s)),
+            JsonScalar::Object => f.write_str("{…}"),
+        }
+    }
+}
+
+/// Builds a tensor from JSON scalars pushed one at a time, straight into its raw
+/// little-endian layout: no JSON tree is held, and the element count is checked
+/// against the shape as the elements arrive.
+#[derive(Debug)]
+pub struct TensorBuilder {
+    name: String,
+    datatype: DataType,
+    shape: Vec<i64>,
+    expected: usize,
+    pushed: usize,
+    data: Vec<u8>,
+}
+
+impl TensorBuilder {
+    /// Fails, naming the input, on a negative dimension or a shape whose element
+    /// (or, for fixed-size types, byte) count overflows.
+    pub fn new(name: &str, datatype: DataType, shape: Vec<i64>) -> Result<TensorBuilder> {
+        let expected = element_count(&shape)
+            .filter(|&n| {
+                datatype
+                    .element_size()
+                    .is_none_or(|size| n.checked_mul(size).is_some())
+            })
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "input '{name}' has an invalid shape {shape:?}: its size overflows"
+                ))
+            })?;
+        Ok(TensorBuilder {
+            name: name.to_string(),
+            datatype,
+            shape,
+            expected,
+            pushed: 0,
+            data: Vec::new(),
+        })
+    }
+
+    /// The number of elements the shape needs.
+    pub fn expected(&self) -> usize {
+        self.expected
+    }
+
+    /// Makes room for `elements` more elements (BYTES: for their length prefixes).
+    /// The caller bounds it: the shape is the client's word.
+    pub fn reserve(&mut self, elements: usize) {
+        let size = self.datatype.element_size().unwrap_or(4);
+        self.data.reserve(elements.saturating_mul(size));
+    }
+
+    /// Appends one element; fails, naming the input and the element, on a value
+    /// that is not valid for the datatype or on one element more than the shape needs.
+    pub fn push(&mut self, value: JsonScalar<'_>) -> Result<()> {
+        if self.pushed == self.expected {
+            return Err(Error::invalid(format!(
+                "input '{}' has more than {} elements in 'data', but shape {:?} needs {}",
+                self.name, self.expected, self.shape, self.expected
+            )));
+        }
+        encode_json_element(self.datatype, value, &mut self.data).ok_or_else(|| {
+            Error::invalid(format!(
+                "input '{}' element {} ({value}) is not a valid {}",
+                self.name, self.pushed, self.datatype
+            ))
+        })?;
+        self.pushed += 1;
+        Ok(())
+    }
+
+    /// Fails unless `found` elements are what the shape needs.
+    pub fn expect_elements(&self, found: usize) -> Result<()> {
+        if found != self.expected {
+            return Err(Error::invalid(format!(
+                "input '{}' has {found} elements in 'data', but shape {:?} needs {}",
+                self.name, self.shape, self.expected
+            )));
+        }
+        Ok(())
+    }
+
+    /// The tensor; fails if fewer elements came than the shape needs.
+    pub fn finish(mut self) -> Result<Tensor> {
+        self.expect_elements(self.pushed)?;
+        // BYTES grew by doubling; `Bytes` would keep the slack for the tensor's life.
+        self.data.shrink_to_fit();
+        Ok(Tensor {
+            name: self.name,
+            datatype: self.datatype,
+            shape: self.shape,
+            data: Bytes::from(self.data),
+        })
+    }
+}
+
+/// Appends `value` as one `datatype` element; `None` if it is not a valid one
+/// (wrong JSON type, an integer out of range, a float for an integer type).
+fn encode_json_element(datatype: DataType, value: JsonScalar<'_>, out: &mut Vec<u8>) -> Option<()> {
     macro_rules! int {
         ($t:ty) => {{
-            let v = value
-                .as_i64()
-                .map(|v| <$t>::try_from(v).ok())
-                .or_else(|| value.as_u64().map(|v| <$t>::try_from(v).ok()))??;
+            let v = match value {
+                JsonScalar::Int(i) => <$t>::try_from(i).ok()?,
+                JsonScalar::Uint(u) => <$t>::try_from(u).ok()?,
+                _ => return None,
+            };
             out.extend_from_slice(&v.to_le_bytes());
         }};
     }
+    let float = || match value {
+        JsonScalar::Int(i) => Some(i as f64),
+        JsonScalar::Uint(u) => Some(u as f64),
+        JsonScalar::Float(v) => Some(v),
+        _ => None,
+    };
     match datatype {
-        DataType::Bool => out.push(value.as_bool()? as u8),
+        DataType::Bool => match value {
+            JsonScalar::Bool(b) => out.push(b as u8),
+            _ => return None,
+        },
         DataType::Uint8 => int!(u8),
         DataType::Uint16 => int!(u16),
         DataType::Uint32 => int!(u32),
@@ -284,17 +418,15 @@ fn encode_json_element(datatype: DataType, value: &Value, out: &mut Vec<u8>) -> 
         DataType::Int16 => int!(i16),
         DataType::Int32 => int!(i32),
         DataType::Int64 => int!(i64),
-        DataType::Fp16 => {
-            out.extend_from_slice(&half::f16::from_f64(value.as_f64()?).to_le_bytes())
-        }
-        DataType::Bf16 => {
-            out.extend_from_slice(&half::bf16::from_f64(value.as_f64()?).to_le_bytes())
-        }
-        DataType::Fp32 => out.extend_from_slice(&(value.as_f64()? as f32).to_le_bytes()),
-        DataType::Fp64 => out.extend_from_slice(&value.as_f64()?.to_le_bytes()),
+        DataType::Fp16 => out.extend_from_slice(&half::f16::from_f64(float()?).to_le_bytes()),
+        DataType::Bf16 => out.extend_from_slice(&half::bf16::from_f64(float()?).to_le_bytes()),
+        DataType::Fp32 => out.extend_from_slice(&(float()? as f32).to_le_bytes()),
+        DataType::Fp64 => out.extend_from_slice(&float()?.to_le_bytes()),
         DataType::Bytes => {
-            let text = value.as_str()?;
-            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            let JsonScalar::Str(text) = value else {
+                return None;
+            };
+            out.extend_from_slice(&u32::try_from(text.len()).ok()?.to_le_bytes());
             out.extend_from_slice(text.as_bytes());
         }
     }
@@ -346,10 +478,15 @@ mod tests {
             };
             let tensor = Tensor::from_json("x", datatype, vec![2, 2], &data).unwrap();
             tensor.validate_size().unwrap();
-            let flat: Vec<Value> = {
-                let mut v = Vec::new();
-                flatten(&data, &mut v);
-                v.into_iter().cloned().collect()
+            let flat: Vec<Value> = match data {
+                Value::Array(rows) => rows
+                    .into_iter()
+                    .flat_map(|row| match row {
+                        Value::Array(items) => items,
+                        other => vec![other],
+                    })
+                    .collect(),
+                _ => unreachable!(),
             };
             assert_eq!(tensor.to_json().unwrap(), Value::Array(flat), "{datatype}");
         }
@@ -361,6 +498,68 @@ mod tests {
         assert!(err.message.contains("element 0"), "{err}");
         let err = Tensor::from_json("x", DataType::Int32, vec![3], &json!([1, 2])).unwrap_err();
         assert!(err.message.contains("needs 3"), "{err}");
+    }
+
+    #[test]
+    fn the_builder_stops_at_the_first_element_past_the_shape() {
+        let mut builder = TensorBuilder::new("x", DataType::Uint8, vec![2]).unwrap();
+        builder.push(JsonScalar::Uint(1)).unwrap();
+        builder.push(JsonScalar::Uint(2)).unwrap();
+        let err = builder.push(JsonScalar::Uint(3)).unwrap_err();
+        assert_eq!(
+            err.message,
+            "input 'x' has more than 2 elements in 'data', but shape [2] needs 2"
+        );
+        assert_eq!(builder.finish().unwrap().data, vec![1u8, 2]);
+        let builder = TensorBuilder::new("x", DataType::Uint8, vec![2]).unwrap();
+        assert!(builder
+            .finish()
+            .unwrap_err()
+            .message
+            .contains("has 0 elements"));
+    }
+
+    #[test]
+    fn the_builder_refuses_shapes_whose_size_overflows() {
+        let huge = 1i64 << 62;
+        // The elements fit a usize; their bytes do not.
+        let err = TensorBuilder::new("x", DataType::Fp32, vec![huge]).unwrap_err();
+        assert!(
+            err.message.contains("input 'x' has an invalid shape"),
+            "{err}"
+        );
+        assert!(TensorBuilder::new("x", DataType::Bool, vec![huge]).is_ok());
+        assert!(TensorBuilder::new("x", DataType::Bool, vec![huge, huge]).is_err());
+    }
+
+    #[test]
+    fn scalars_print_as_json() {
+        let shown: Vec<String> = [
+            JsonScalar::Null,
+            JsonScalar::Bool(true),
+            JsonScalar::Int(-3),
+            JsonScalar::Uint(u64::MAX),
+            JsonScalar::Float(3.0),
+            JsonScalar::Float(1e300),
+            JsonScalar::Str("a\"b"),
+            JsonScalar::Object,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            shown,
+            [
+                "null",
+                "true",
+                "-3",
+                "18446744073709551615",
+                "3.0",
+                "1e+300",
+                "\"a\\\"b\"",
+                "{…}"
+            ]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! batch of short and long sequences costs its real tokens.
 
 pub mod checkpoint;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod linear;
 pub mod model;
@@ -201,7 +202,66 @@ impl BackendFactory for EncoderFactory {
 enum Placement {
     Cpu,
     /// On a GPU, with that GPU's copy of the weights.
+    #[cfg(feature = "gpu")]
     Gpu(u32, Arc<gpu::runner::GpuEncoder>),
+}
+
+/// The instances of the config's GPU groups, with one copy of the weights per GPU
+/// shared by that GPU's instances.
+#[cfg(feature = "gpu")]
+fn gpu_placements(
+    config: &ModelConfig,
+    settings: &EncoderSettings,
+    encoder: &Arc<Encoder>,
+    devices: &mut Vec<String>,
+) -> Result<Vec<Placement>> {
+    let mut placements = Vec::new();
+    let mut on_gpu: Vec<(u32, Arc<gpu::runner::GpuEncoder>)> = Vec::new();
+    for group in config
+        .instance_group
+        .iter()
+        .filter(|g| g.kind == InstanceKind::Gpu)
+    {
+        for ordinal in group.gpu_ordinals() {
+            let weights = match on_gpu.iter().find(|(o, _)| *o == ordinal) {
+                Some((_, weights)) => weights.clone(),
+                None => {
+                    let weights = Arc::new(
+                        load_on_gpu(settings, ordinal, encoder.clone())
+                            .map_err(|e| e.context(format!("model '{}'", config.name)))?,
+                    );
+                    devices.push(weights.device.describe());
+                    on_gpu.push((ordinal, weights.clone()));
+                    weights
+                }
+            };
+            for _ in 0..group.count {
+                placements.push(Placement::Gpu(ordinal, weights.clone()));
+            }
+        }
+    }
+    Ok(placements)
+}
+
+/// Without the `gpu` feature, GPU groups are refused by name.
+#[cfg(not(feature = "gpu"))]
+fn gpu_placements(
+    config: &ModelConfig,
+    _: &EncoderSettings,
+    _: &Arc<Encoder>,
+    _: &mut Vec<String>,
+) -> Result<Vec<Placement>> {
+    match config
+        .instance_group
+        .iter()
+        .position(|g| g.kind == InstanceKind::Gpu)
+    {
+        Some(i) => Err(Error::unavailable(format!(
+            "model '{}': instance_group[{i}] is kind \"gpu\", but this wisp was built without GPU support (feature \"gpu\" of wisp-backend-encoder)",
+            config.name
+        ))),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// A CPU instance: the runner and the rayon pool its GEMMs split over.
@@ -217,8 +277,10 @@ impl Worker for CpuWorker {
     }
 }
 
+#[cfg(feature = "gpu")]
 struct GpuWorker(gpu::runner::GpuRunner);
 
+#[cfg(feature = "gpu")]
 impl Worker for GpuWorker {
     fn run(&mut self, requests: Vec<BackendRequest>) -> Execution {
         self.0.run(&requests)
@@ -259,33 +321,8 @@ impl EncoderBackend {
                 .map_err(|e| e.context(format!("model '{}'", config.name)))?,
         );
         check_signature(config, &encoder)?;
-        let mut placements: Vec<Placement> = Vec::new();
         let mut devices: Vec<String> = Vec::new();
-        // One copy of the weights per GPU, shared by that GPU's instances.
-        let mut on_gpu: Vec<(u32, Arc<gpu::runner::GpuEncoder>)> = Vec::new();
-        for group in config
-            .instance_group
-            .iter()
-            .filter(|g| g.kind == InstanceKind::Gpu)
-        {
-            for ordinal in group.gpu_ordinals() {
-                let weights = match on_gpu.iter().find(|(o, _)| *o == ordinal) {
-                    Some((_, weights)) => weights.clone(),
-                    None => {
-                        let weights = Arc::new(
-                            load_on_gpu(&settings, ordinal, encoder.clone())
-                                .map_err(|e| e.context(format!("model '{}'", config.name)))?,
-                        );
-                        devices.push(weights.device.describe());
-                        on_gpu.push((ordinal, weights.clone()));
-                        weights
-                    }
-                };
-                for _ in 0..group.count {
-                    placements.push(Placement::Gpu(ordinal, weights.clone()));
-                }
-            }
-        }
+        let mut placements = gpu_placements(config, &settings, &encoder, &mut devices)?;
         placements.extend((0..cpu_instances).map(|_| Placement::Cpu));
         let threads = if settings.threads > 0 {
             settings.threads
@@ -298,6 +335,7 @@ impl EncoderBackend {
         }
         let placements = Arc::new(placements);
         let thread_names = placements.clone();
+        #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
         let (model, remove_padding, cuda_graphs) = (
             config.name.clone(),
             settings.remove_padding,
@@ -319,6 +357,7 @@ impl EncoderBackend {
                         runner: Runner::new(make_encoder.clone(), remove_padding, threads),
                     }))
                 }
+                #[cfg(feature = "gpu")]
                 Placement::Gpu(_, weights) => {
                     let mut runner =
                         gpu::runner::GpuRunner::new(weights.clone(), remove_padding, cuda_graphs)?;
@@ -334,6 +373,7 @@ impl EncoderBackend {
             thread_names.len(),
             |index| match &thread_names[index] {
                 Placement::Cpu => format!("encoder-{index}"),
+                #[cfg(feature = "gpu")]
                 Placement::Gpu(ordinal, _) => format!("encoder-gpu{ordinal}-{index}"),
             },
             Recycle::default(),
@@ -411,6 +451,7 @@ fn check_signature(config: &ModelConfig, encoder: &Encoder) -> Result<()> {
 }
 
 /// The model's fp16 weights on GPU `ordinal` (or on the CPU twins).
+#[cfg(feature = "gpu")]
 fn load_on_gpu(
     settings: &EncoderSettings,
     ordinal: u32,

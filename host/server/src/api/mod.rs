@@ -195,6 +195,24 @@ fn reserve_body(
     })
 }
 
+/// Bytes of a refused request body the server still reads (and drops) so the
+/// client can read the refusal.
+const DISCARD_LIMIT: usize = 4 << 20;
+
+/// Reads up to `limit` bytes of a body without keeping them, within `deadline`.
+async fn discard_body(mut body: Incoming, limit: usize, deadline: std::time::Duration) {
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(deadline, drain).await;
+}
+
 /// Reads the body within the cap and the deadline, and inflates gzip/deflate
 /// bodies within the same cap.
 async fn read_body(
@@ -578,7 +596,15 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
         }
         Route::Infer(m, v) => {
             let model = repo.get(m, v.map(parse_version).transpose()?)?;
-            let _reserved = reserve_body(state, req.headers())?;
+            let _reserved = match reserve_body(state, req.headers()) {
+                Ok(reserved) => reserved,
+                Err(e) => {
+                    // Read and discard a small body so the client sees the 503 rather
+                    // than a reset while it is still sending; larger ones close.
+                    discard_body(req.into_body(), DISCARD_LIMIT, state.body_timeout).await;
+                    return Err(e);
+                }
+            };
             let (parts, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
             let header_length = match parts.headers.get(HEADER_LENGTH) {
                 None => None,

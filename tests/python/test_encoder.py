@@ -11,6 +11,8 @@ tritonclient, against independent references:
 """
 
 import json
+import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -54,11 +56,19 @@ def encoder_config(checkpoint: Path, head: str, remove_padding: bool, instance_g
     if instance_group:
         lines.append(f"[[instance_group]]\n{instance_group}")
     lines.append(f"[dynamic_batching]\nmax_queue_delay_us = {max_queue_delay_us}\n")
+    # The checkpoint lives in the version folder (install_checkpoint): wisp refuses
+    # checkpoint paths that lead outside it.
     lines.append(
-        f"[parameters]\ncheckpoint = {json.dumps(str(checkpoint))}\n"
+        f"[parameters]\ncheckpoint = \"checkpoint\"\n"
         f"remove_padding = {'true' if remove_padding else 'false'}\n{parameters}"
     )
     return "\n".join(lines)
+
+
+def install_checkpoint(version_dir: Path, checkpoint: Path):
+    """Hard-links `checkpoint`'s files into `version_dir/checkpoint`, where encoder_config
+    points (links: no copies of the weights, and no symbolic link leading out)."""
+    shutil.copytree(checkpoint, version_dir / "checkpoint", copy_function=os.link)
 
 
 def model_name(arch, head, remove_padding):
@@ -84,6 +94,7 @@ def encoder_server(tmp_path_factory):
             for remove_padding in (True, False):
                 model = repo / model_name(arch, head, remove_padding)
                 (model / "1").mkdir(parents=True)
+                install_checkpoint(model / "1", ckpt)
                 (model / "config.toml").write_text(encoder_config(ckpt, head, remove_padding))
     with run_wisp(root, repository=repo) as server:
         server.checkpoints = checkpoints
@@ -240,6 +251,7 @@ def test_checkpoint_problems_fail_the_load_with_the_reason(tmp_path):
         if name == "good":
             ref.write_checkpoint(str(ckpt), "bert", "embedding", max_position=MAX_POSITION)
         (repo / name / "1").mkdir(parents=True)
+        install_checkpoint(repo / name / "1", ckpt)
         (repo / name / "config.toml").write_text(encoder_config(ckpt, "embedding", True))
     with run_wisp(tmp_path, mode="explicit", load_models=["good"], repository=repo) as server:
         with server.client() as client:

@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 import encoder_reference as ref
 from conftest import MODEL_REPOSITORY, _link_large, run_wisp, wisp_bin
 from test_encoder import (FIXTURE, LABELS, assert_matches_reference, encoder_config, infer_concurrently,
+                          install_checkpoint,
                           infer_encoder, random_rows, text_input)
 
 MAX_POSITION = 64
@@ -54,8 +55,9 @@ def gpu_config(checkpoint, head, remove_padding=True, precision="fp16", kind="gp
                           parameters=parameters, max_queue_delay_us=5000)
 
 
-def write_model(repo, name, config):
+def write_model(repo, name, config, checkpoint):
     (repo / name / "1").mkdir(parents=True)
+    install_checkpoint(repo / name / "1", checkpoint)
     (repo / name / "config.toml").write_text(config)
 
 
@@ -65,12 +67,12 @@ def test_gpu_instances_and_precision_are_checked_at_load(tmp_path):
     repo = tmp_path / "repository"
     ckpt = tmp_path / "ckpt"
     ref.write_checkpoint(str(ckpt), "bert", "embedding", hidden=64, heads=2, max_position=MAX_POSITION)
-    write_model(repo, "on_gpu", gpu_config(ckpt, "embedding"))
-    write_model(repo, "fp16_on_cpu", gpu_config(ckpt, "embedding", kind="cpu"))
-    write_model(repo, "fp32_on_gpu", gpu_config(ckpt, "embedding", precision="fp32"))
-    write_model(repo, "bad_precision", gpu_config(ckpt, "embedding", precision="int3"))
-    write_model(repo, "gpus_on_cpu", gpu_config(ckpt, "embedding", kind="cpu", precision="fp32", gpus=[0]))
-    write_model(repo, "two_twins", gpu_config(ckpt, "embedding", runtime="twin", gpus=[0, 1]))
+    write_model(repo, "on_gpu", gpu_config(ckpt, "embedding"), ckpt)
+    write_model(repo, "fp16_on_cpu", gpu_config(ckpt, "embedding", kind="cpu"), ckpt)
+    write_model(repo, "fp32_on_gpu", gpu_config(ckpt, "embedding", precision="fp32"), ckpt)
+    write_model(repo, "bad_precision", gpu_config(ckpt, "embedding", precision="int3"), ckpt)
+    write_model(repo, "gpus_on_cpu", gpu_config(ckpt, "embedding", kind="cpu", precision="fp32", gpus=[0]), ckpt)
+    write_model(repo, "two_twins", gpu_config(ckpt, "embedding", runtime="twin", gpus=[0, 1]), ckpt)
     info = gpu_info()
     with run_wisp(tmp_path, mode="explicit", load_models=[], repository=repo) as server:
         with server.client() as client:
@@ -118,7 +120,7 @@ def gpu_server(request, tmp_path_factory):
             checkpoints[(arch, head)] = ckpt
             for packed in (True, False):
                 name = f"{arch}_{head}_{'packed' if packed else 'padded'}"
-                write_model(repo, name, gpu_config(ckpt, head, remove_padding=packed, runtime=runtime))
+                write_model(repo, name, gpu_config(ckpt, head, remove_padding=packed, runtime=runtime), ckpt)
     with run_wisp(root, repository=repo) as server:
         server.checkpoints = checkpoints
         yield server

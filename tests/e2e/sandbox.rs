@@ -243,7 +243,7 @@ fn empty_tensors_are_charged_against_the_output_budget() {
     repo.simple();
     let config = hostile_config("empty_flood", "").replace(
         "execution_timeout_ms = 500",
-        "execution_timeout_ms = 60000\nmax_output_mib = 1",
+        "execution_timeout_ms = 20000\nmax_output_mib = 1",
     );
     repo.add("empty_flood", &config, "wisp_test_hostile", &[1]);
     let server = Server::start(repo.path(), &[]);

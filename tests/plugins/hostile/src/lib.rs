@@ -81,8 +81,9 @@ impl Hostile {
                 leak("flooded".into())
             }
             "empty_flood" => {
-                // Empty tensors cost the host a record each: ten million of them,
-                // ignoring every refusal, must still run into the output budget.
+                // Empty tensors cost the host a record each: 200,000 of them (25 MiB
+                // of records at the host's charge), ignoring every refusal, must run
+                // into a 1 MiB output budget.
                 let empty = Tensor {
                     name: "OUTPUT0".into(),
                     datatype: wisp_plugin_sdk::Datatype::Uint8,
@@ -90,7 +91,7 @@ impl Hostile {
                     data: Vec::new(),
                 };
                 let mut refused = false;
-                for _ in 0..10_000_000 {
+                for _ in 0..200_000 {
                     refused |=
                         wisp_plugin_sdk::bindings::wisp::plugin::output::emit(0, &empty).is_err();
                 }

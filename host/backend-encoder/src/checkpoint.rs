@@ -117,12 +117,18 @@ fn optional_usize(config: &Value, key: &str, default: usize, file: &Path) -> Res
 }
 
 impl Dimensions {
+    /// The dimensions in `folder/config.json`.
     pub fn read(folder: &Path) -> Result<Dimensions> {
         let file = folder.join("config.json");
         let text = read_small_file(&file)?;
-        let config: Value = serde_json::from_str(&text)
+        Dimensions::parse(&text, &file)
+    }
+
+    /// The dimensions in the text of a config.json; `file` only names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Dimensions> {
+        let config: Value = serde_json::from_str(text)
             .map_err(|e| Error::invalid(format!("{} is not valid JSON: {e}", file.display())))?;
-        let model_type = field(&config, "model_type", &file)?
+        let model_type = field(&config, "model_type", file)?
             .as_str()
             .unwrap_or_default();
         let family = match model_type {
@@ -174,17 +180,17 @@ impl Dimensions {
                     0
                 }
             }
-            Some(v) => bounded(v, "pad_token_id", &file)? as u32,
+            Some(v) => bounded(v, "pad_token_id", file)? as u32,
         };
         let dims = if family == Family::DistilBert {
             Dimensions {
                 family,
-                hidden: usize_field(&config, "dim", &file)?,
-                layers: usize_field(&config, "n_layers", &file)?,
-                heads: usize_field(&config, "n_heads", &file)?,
-                intermediate: usize_field(&config, "hidden_dim", &file)?,
-                vocab: usize_field(&config, "vocab_size", &file)?,
-                max_positions: usize_field(&config, "max_position_embeddings", &file)?,
+                hidden: usize_field(&config, "dim", file)?,
+                layers: usize_field(&config, "n_layers", file)?,
+                heads: usize_field(&config, "n_heads", file)?,
+                intermediate: usize_field(&config, "hidden_dim", file)?,
+                vocab: usize_field(&config, "vocab_size", file)?,
+                max_positions: usize_field(&config, "max_position_embeddings", file)?,
                 type_vocab: 0,
                 layer_norm_eps: 1e-12,
                 activation,
@@ -195,13 +201,13 @@ impl Dimensions {
         } else {
             Dimensions {
                 family,
-                hidden: usize_field(&config, "hidden_size", &file)?,
-                layers: usize_field(&config, "num_hidden_layers", &file)?,
-                heads: usize_field(&config, "num_attention_heads", &file)?,
-                intermediate: usize_field(&config, "intermediate_size", &file)?,
-                vocab: usize_field(&config, "vocab_size", &file)?,
-                max_positions: usize_field(&config, "max_position_embeddings", &file)?,
-                type_vocab: optional_usize(&config, "type_vocab_size", 2, &file)?,
+                hidden: usize_field(&config, "hidden_size", file)?,
+                layers: usize_field(&config, "num_hidden_layers", file)?,
+                heads: usize_field(&config, "num_attention_heads", file)?,
+                intermediate: usize_field(&config, "intermediate_size", file)?,
+                vocab: usize_field(&config, "vocab_size", file)?,
+                max_positions: usize_field(&config, "max_position_embeddings", file)?,
+                type_vocab: optional_usize(&config, "type_vocab_size", 2, file)?,
                 layer_norm_eps: config
                     .get("layer_norm_eps")
                     .and_then(Value::as_f64)
@@ -354,6 +360,24 @@ impl FileBytes {
             )));
         }
         let len = size as usize;
+        let mut bytes = FileBytes::zeroed(len, file)?;
+        handle.read_exact(bytes.as_mut()).map_err(|e| {
+            Error::invalid(format!(
+                "cannot read {} ({size} bytes; was it changed while loading?): {e}",
+                file.display()
+            ))
+        })?;
+        Ok(bytes)
+    }
+
+    /// A copy of `data`, 8-byte aligned like a file read; `file` only names it in errors.
+    pub fn copy_from(data: &[u8], file: &Path) -> Result<FileBytes> {
+        let mut bytes = FileBytes::zeroed(data.len(), file)?;
+        bytes.as_mut().copy_from_slice(data);
+        Ok(bytes)
+    }
+
+    fn zeroed(len: usize, file: &Path) -> Result<FileBytes> {
         let mut words = Vec::new();
         words.try_reserve_exact(len.div_ceil(8)).map_err(|_| {
             Error::unavailable(format!(
@@ -362,14 +386,7 @@ impl FileBytes {
             ))
         })?;
         words.resize(len.div_ceil(8), 0u64);
-        let mut bytes = FileBytes { words, len };
-        handle.read_exact(bytes.as_mut()).map_err(|e| {
-            Error::invalid(format!(
-                "cannot read {} ({size} bytes; was it changed while loading?): {e}",
-                file.display()
-            ))
-        })?;
-        Ok(bytes)
+        Ok(FileBytes { words, len })
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
@@ -429,9 +446,17 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The tensors of `folder/model.safetensors`.
     pub fn open(folder: &Path) -> Result<Checkpoint> {
         let file = folder.join("model.safetensors");
-        let map = Arc::new(FileBytes::read(&file)?);
+        let bytes = FileBytes::read(&file)?;
+        Checkpoint::from_bytes(bytes, file)
+    }
+
+    /// Indexes the bytes of a safetensors file (see [`FileBytes::copy_from`] for
+    /// bytes not read from a file); `file` names it in errors.
+    pub fn from_bytes(bytes: FileBytes, file: PathBuf) -> Result<Checkpoint> {
+        let map = Arc::new(bytes);
         let tensors = SafeTensors::deserialize(&map).map_err(|e| {
             Error::invalid(format!("{} is not a safetensors file: {e}", file.display()))
         })?;
@@ -463,6 +488,11 @@ impl Checkpoint {
         self.index
             .get(name)
             .map(|(_, shape, _, _)| shape.as_slice())
+    }
+
+    /// The names of all tensors, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -549,5 +579,74 @@ impl Checkpoint {
                     family.as_str()
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file: `a` (F32 [2, 2]) and `b` (F16 [2]).
+    fn safetensors() -> Vec<u8> {
+        let header = br#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[2],"data_offsets":[16,20]}}"#;
+        let mut header = header.to_vec();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        for v in [1.0f32, 2.0, 3.0, 4.0] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [0.5f32, -2.0] {
+            bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn bytes_in_memory_index_like_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), safetensors()).unwrap();
+        let from_file = Checkpoint::open(dir.path()).unwrap();
+        let file = PathBuf::from("model.safetensors");
+        let bytes = FileBytes::copy_from(&safetensors(), &file).unwrap();
+        let from_memory = Checkpoint::from_bytes(bytes, file).unwrap();
+        for checkpoint in [&from_file, &from_memory] {
+            assert_eq!(checkpoint.names().collect::<Vec<_>>(), ["a", "b"]);
+            let a = checkpoint.get("a", &[2, 2]).unwrap();
+            assert!(a.is_mapped());
+            assert_eq!(a.data(), [1.0, 2.0, 3.0, 4.0]);
+            assert_eq!(checkpoint.get("b", &[2]).unwrap().data(), [0.5, -2.0]);
+            let wrong = checkpoint.get("a", &[4]).err().unwrap().message;
+            assert!(wrong.contains("model.safetensors: tensor 'a' has shape [2, 2]"));
+        }
+        let error = Checkpoint::from_bytes(
+            FileBytes::copy_from(b"\xff", Path::new("x")).unwrap(),
+            PathBuf::from("dir/model.safetensors"),
+        )
+        .err()
+        .unwrap()
+        .message;
+        assert!(error.starts_with("dir/model.safetensors is not a safetensors file"));
+    }
+
+    #[test]
+    fn config_text_parses_like_the_file() {
+        let text = r#"{"model_type": "distilbert", "architectures": ["DistilBertForSequenceClassification"],
+            "dim": 8, "n_layers": 2, "n_heads": 2, "hidden_dim": 16, "vocab_size": 10,
+            "max_position_embeddings": 4, "id2label": {"1": "POSITIVE", "0": "NEGATIVE"}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), text).unwrap();
+        let read = Dimensions::read(dir.path()).unwrap();
+        let parsed = Dimensions::parse(text, Path::new("config.json")).unwrap();
+        for dims in [read, parsed] {
+            assert_eq!(dims.family, Family::DistilBert);
+            assert_eq!((dims.hidden, dims.layers, dims.heads), (8, 2, 2));
+            assert_eq!(dims.labels, ["NEGATIVE", "POSITIVE"]);
+        }
+        let error = Dimensions::parse(r#"{"model_type": "bert"}"#, Path::new("m/config.json"))
+            .err()
+            .unwrap()
+            .message;
+        assert_eq!(error, "m/config.json: missing key 'hidden_size'");
     }
 }

@@ -1,7 +1,9 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
-use commands::{gpu, import, perf};
+use commands::perf;
+#[cfg(feature = "encoder")]
+use commands::{gpu, import};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,9 +24,11 @@ enum Command {
     Perf(perf::PerfArgs),
     /// Turn a Hugging Face checkpoint folder into model repository entries
     /// (tokenizer, encoder and pipeline), ready to serve.
+    #[cfg(feature = "encoder")]
     Import(import::ImportArgs),
     /// GPU encoder checks and benchmarks: kernels against their CPU twins, models
     /// against the CPU encoder, throughput and latency.
+    #[cfg(feature = "encoder")]
     Gpu(gpu::GpuArgs),
 }
 
@@ -51,7 +55,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(wisp::server::serve(args)),
         Command::Perf(args) => runtime.block_on(perf::run(args)),
+        #[cfg(feature = "encoder")]
         Command::Import(args) => import::run(args),
+        #[cfg(feature = "encoder")]
         Command::Gpu(args) => gpu::run(args).map_err(anyhow::Error::from),
     };
     // Do not wait on blocking tasks (a model still loading) past shutdown.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+#[cfg(feature = "wasm")]
 use wisp_backend_wasm::{WasmFactory, WasmRuntime};
 use wisp_core::backend::BackendRegistry;
 use wisp_serving::metrics::Metrics;
@@ -34,26 +35,33 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Every backend this server binary has, by the name a config's `backend` uses.
-pub fn backends(runtime: WasmRuntime) -> BackendRegistry {
+/// Every backend this server binary has, by the name a config's `backend` uses:
+/// those of the crate features `wasm` and `encoder` (both on by default).
+pub fn backends() -> anyhow::Result<BackendRegistry> {
+    #[cfg_attr(not(any(feature = "wasm", feature = "encoder")), allow(unused_mut))]
     let mut registry = BackendRegistry::new();
-    registry.register("wasm", Arc::new(WasmFactory::new(runtime)));
+    #[cfg(feature = "wasm")]
+    {
+        let runtime = WasmRuntime::new().map_err(|e| anyhow::anyhow!(e.message))?;
+        registry.register("wasm", Arc::new(WasmFactory::new(runtime)));
+    }
+    #[cfg(feature = "encoder")]
     registry.register("encoder", Arc::new(wisp_backend_encoder::EncoderFactory));
-    registry
+    Ok(registry)
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    #[cfg(feature = "encoder")]
     if let Some(gpus) = wisp_backend_encoder::gpu::monitor::GpuMetrics::open() {
         metrics
             .register(Box::new(gpus))
             .map_err(anyhow::Error::msg)?;
     }
-    let runtime = WasmRuntime::new().map_err(|e| anyhow::anyhow!(e.message))?;
     let repository = Repository::new(
         args.model_repository.clone(),
         args.model_control_mode,
-        backends(runtime),
+        backends()?,
         metrics.clone(),
     )
     .map_err(|e| anyhow::anyhow!(e.message))?;

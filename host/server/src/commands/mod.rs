@@ -1,5 +1,7 @@
 //! The subcommands besides `serve`.
 
+#[cfg(feature = "encoder")]
 pub mod gpu;
+#[cfg(feature = "encoder")]
 pub mod import;
 pub mod perf;

@@ -1,0 +1,65 @@
+//! A Hugging Face checkpoint folder's config.json and model.safetensors, then the
+//! encoder built from them, as `wisp import` and the encoder backend load it.
+//! Input: two bytes of config.json length (little-endian, at most what follows),
+//! the config.json text, then the bytes of model.safetensors.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::path::{Path, PathBuf};
+use wisp_backend_encoder::checkpoint::{Checkpoint, Dimensions, FileBytes, Pooling};
+use wisp_backend_encoder::model::{Encoder, HeadKind};
+
+fuzz_target!(|data: &[u8]| {
+    let [a, b, rest @ ..] = data else {
+        return;
+    };
+    let split = usize::from(u16::from_le_bytes([*a, *b])).min(rest.len());
+    let (config, safetensors) = rest.split_at(split);
+
+    let dims = std::str::from_utf8(config)
+        .map_err(|e| e.to_string())
+        .and_then(|text| Dimensions::parse(text, Path::new("config.json")).map_err(|e| e.message));
+    wisp_fuzz::debug("config.json", &dims);
+    let file = PathBuf::from("model.safetensors");
+    let Ok(bytes) = FileBytes::copy_from(safetensors, &file) else {
+        return;
+    };
+    let checkpoint = Checkpoint::from_bytes(bytes, file);
+    wisp_fuzz::debug("model.safetensors", &checkpoint);
+    let Ok(checkpoint) = checkpoint else {
+        return;
+    };
+    let names: Vec<String> = checkpoint.names().map(str::to_string).collect();
+    for name in &names {
+        let shape = checkpoint
+            .shape(name)
+            .expect("a listed tensor has a shape")
+            .to_vec();
+        if let Ok(weight) = checkpoint.get(name, &shape) {
+            let elements: usize = shape.iter().product();
+            assert_eq!(weight.data().len(), elements, "tensor '{name}'");
+            // Reads every value (in bounds, and initialised for the sanitizer).
+            let _ = std::hint::black_box(
+                weight
+                    .data()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .fold(0u32, u32::wrapping_add),
+            );
+        }
+        let mut wrong = shape.clone();
+        wrong.push(1);
+        assert!(checkpoint.get(name, &wrong).is_err());
+    }
+    let Ok(dims) = dims else {
+        return;
+    };
+    let head = HeadKind::from_architecture(&dims.architecture);
+    for kind in [head, HeadKind::Embedding] {
+        let encoder = Encoder::load(dims.clone(), &checkpoint, kind, Pooling::Mean, true);
+        wisp_fuzz::debug(&format!("encoder ({kind:?} head)"), &encoder);
+        if let Ok(encoder) = encoder {
+            let _ = encoder.head_width();
+        }
+    }
+});

@@ -8,7 +8,10 @@
 //!     scripts/build-plugins.sh && cargo bench --bench http
 //!
 //! Environment: WISP_BENCH_SECS (measured seconds per step, default 5),
-//! WISP_BENCH_CONCURRENCY (default "1,64").
+//! WISP_BENCH_CONCURRENCY (default "1,64"), WISP_BENCH_ROUNDS (default 1: rounds of
+//! every step, alternating the servers), WISP_BENCH_BASELINE (the path of another
+//! `wisp` binary, e.g. a build of an earlier commit, measured side by side in the
+//! same rounds: a regression check on the same noisy machine).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -61,7 +64,18 @@ fn main() {
     .unwrap();
     std::fs::copy(&component, repo.path().join("simple/1/model.wasm")).unwrap();
 
+    let rounds: usize = std::env::var("WISP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let (mut wisp, wisp_addr) = support::start_wisp(repo.path());
+    let mut servers = vec![("wisp simple".to_string(), wisp_addr.clone())];
+    let mut baseline = std::env::var_os("WISP_BENCH_BASELINE").map(|binary| {
+        let (child, addr) = support::start_wisp_binary(Path::new(&binary), repo.path());
+        servers.push(("wisp baseline".to_string(), addr));
+        child
+    });
     let (mut echo, echo_addr) = spawn(
         Command::new(std::env::current_exe().unwrap()).arg("echo-server"),
         "echo=",
@@ -72,8 +86,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // Check both answer with a 200 and the same-sized body before measuring.
-    for addr in [&wisp_addr, &echo_addr] {
+    servers.push(("bare hyper echo".to_string(), echo_addr.clone()));
+    // Check each answers with a 200 and the same-sized body before measuring.
+    for (_, addr) in &servers {
         let r = runtime.block_on(run_load(
             addr,
             &body,
@@ -92,40 +107,54 @@ fn main() {
     println!("| server | concurrency | requests | throughput (req/s) | p50 (µs) | p90 (µs) | p99 (µs) | errors |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for &c in &levels {
-        for (name, addr) in [("wisp simple", &wisp_addr), ("bare hyper echo", &echo_addr)] {
-            let r = runtime.block_on(run_load(
-                addr,
-                &body,
-                header_len,
-                c,
-                Duration::from_secs(secs),
-                Duration::from_secs(1),
-            ));
-            let row = r.summary(name, c);
-            println!(
-                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
-                name,
-                c,
-                row.requests,
-                row.throughput,
-                row.p50_us,
-                row.p90_us,
-                row.p99_us,
-                row.errors
-            );
-            rows.push(row);
+    for _ in 0..rounds {
+        for &c in &levels {
+            for (name, addr) in &servers {
+                let r = runtime.block_on(run_load(
+                    addr,
+                    &body,
+                    header_len,
+                    c,
+                    Duration::from_secs(secs),
+                    Duration::from_secs(1),
+                ));
+                let row = r.summary(name, c);
+                println!(
+                    "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                    name,
+                    c,
+                    row.requests,
+                    row.throughput,
+                    row.p50_us,
+                    row.p90_us,
+                    row.p99_us,
+                    row.errors
+                );
+                rows.push(row);
+            }
         }
     }
     println!();
-    for pair in rows.chunks(2) {
-        let (w, e) = (&pair[0], &pair[1]);
-        println!(
+    for group in rows.chunks(servers.len()) {
+        let (w, e) = (&group[0], &group[group.len() - 1]);
+        print!(
             "concurrency {}: wisp/echo throughput {:.2}, p50 latency wisp/echo {:.2}",
             w.concurrency,
             w.throughput / e.throughput,
             w.p50_us / e.p50_us
         );
+        if group.len() == 3 {
+            let b = &group[1];
+            print!(
+                "; wisp/baseline throughput {:.3}, p50 latency wisp/baseline {:.3}",
+                w.throughput / b.throughput,
+                w.p50_us / b.p50_us
+            );
+        }
+        println!();
+    }
+    if let Some(baseline) = baseline.as_mut() {
+        let _ = baseline.kill();
     }
     let _ = wisp.kill();
     let _ = echo.kill();

@@ -1,8 +1,8 @@
 //! Prometheus metrics, in Triton's names where Triton has them so dashboards carry over.
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -140,6 +140,25 @@ impl Metrics {
             .map_err(|e| format!("cannot register metrics: {e}"))
     }
 
+    /// The series of one model version, resolved once: looking a series up by its
+    /// labels hashes them under a lock, nine times per request otherwise.
+    pub fn series(&self, model: &str, version: &str) -> ModelSeries {
+        let labels = [model, version];
+        ModelSeries {
+            request_success: self.request_success.with_label_values(&labels),
+            inference_count: self.inference_count.with_label_values(&labels),
+            execution_count: self.execution_count.with_label_values(&labels),
+            request_duration_us: self.request_duration_us.with_label_values(&labels),
+            queue_duration_us: self.queue_duration_us.with_label_values(&labels),
+            compute_input_duration_us: self.compute_input_duration_us.with_label_values(&labels),
+            compute_infer_duration_us: self.compute_infer_duration_us.with_label_values(&labels),
+            compute_output_duration_us: self.compute_output_duration_us.with_label_values(&labels),
+            request_latency: self.request_latency.with_label_values(&labels),
+            queue_latency: self.queue_latency.with_label_values(&labels),
+            compute_latency: self.compute_latency.with_label_values(&labels),
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -148,6 +167,21 @@ impl Metrics {
             .expect("text encoding of gathered metrics");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
+}
+
+/// One model version's series (failures, labelled by reason too, stay in [`Metrics`]).
+pub struct ModelSeries {
+    pub request_success: IntCounter,
+    pub inference_count: IntCounter,
+    pub execution_count: IntCounter,
+    pub request_duration_us: Counter,
+    pub queue_duration_us: Counter,
+    pub compute_input_duration_us: Counter,
+    pub compute_infer_duration_us: Counter,
+    pub compute_output_duration_us: Counter,
+    pub request_latency: Histogram,
+    pub queue_latency: Histogram,
+    pub compute_latency: Histogram,
 }
 
 impl Default for Metrics {

@@ -1,7 +1,7 @@
 //! A loaded model version: its config, its backend, its statistics, and the
 //! checks every request passes before it reaches the backend.
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelSeries};
 use crate::scheduler::Scheduler;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -95,6 +95,7 @@ pub struct LoadedModel {
     scheduler: Scheduler,
     pub stats: ModelStats,
     metrics: Arc<Metrics>,
+    series: ModelSeries,
     version_label: String,
 }
 
@@ -114,8 +115,10 @@ impl LoadedModel {
             &config,
             &format!("{}:{version}", config.name),
         );
+        let version_label = version.to_string();
         LoadedModel {
-            version_label: version.to_string(),
+            series: metrics.series(&config.name, &version_label),
+            version_label,
             config,
             version,
             scheduler,
@@ -271,31 +274,21 @@ impl LoadedModel {
         let started = Instant::now();
         let result = self.run(request).await;
         let elapsed = started.elapsed().as_nanos() as u64;
-        let labels = [self.config.name.as_str(), self.version_label.as_str()];
         match &result {
             Ok(_) => {
                 self.stats.success.add(elapsed);
-                self.metrics
-                    .request_success
-                    .with_label_values(&labels)
-                    .inc();
+                self.series.request_success.inc();
             }
             Err(e) => {
                 self.stats.fail.add(elapsed);
                 self.metrics
                     .request_failure
-                    .with_label_values(&[labels[0], labels[1], e.reason()])
+                    .with_label_values(&[self.name(), &self.version_label, e.reason()])
                     .inc();
             }
         }
-        self.metrics
-            .request_duration_us
-            .with_label_values(&labels)
-            .inc_by(elapsed as f64 / 1e3);
-        self.metrics
-            .request_latency
-            .with_label_values(&labels)
-            .observe(elapsed as f64 / 1e9);
+        self.series.request_duration_us.inc_by(elapsed as f64 / 1e3);
+        self.series.request_latency.observe(elapsed as f64 / 1e9);
         result
     }
 
@@ -324,11 +317,7 @@ impl LoadedModel {
             b.infer_ns += t.compute_infer_ns;
             b.output_ns += t.compute_output_ns;
         }
-        let labels = [self.config.name.as_str(), self.version_label.as_str()];
-        self.metrics
-            .execution_count
-            .with_label_values(&labels)
-            .inc();
+        self.series.execution_count.inc();
     }
 
     /// One successful request of `batch_size` inferences, with its queue time
@@ -345,29 +334,17 @@ impl LoadedModel {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         s.last_inference_ms.store(now_ms, Ordering::Relaxed);
-        let labels = [self.config.name.as_str(), self.version_label.as_str()];
-        let m = &self.metrics;
-        m.inference_count
-            .with_label_values(&labels)
-            .inc_by(batch_size);
-        m.queue_duration_us
-            .with_label_values(&labels)
-            .inc_by(queue_ns as f64 / 1e3);
+        let m = &self.series;
+        m.inference_count.inc_by(batch_size);
+        m.queue_duration_us.inc_by(queue_ns as f64 / 1e3);
         m.compute_input_duration_us
-            .with_label_values(&labels)
             .inc_by(t.compute_input_ns as f64 / 1e3);
         m.compute_infer_duration_us
-            .with_label_values(&labels)
             .inc_by(t.compute_infer_ns as f64 / 1e3);
         m.compute_output_duration_us
-            .with_label_values(&labels)
             .inc_by(t.compute_output_ns as f64 / 1e3);
-        m.queue_latency
-            .with_label_values(&labels)
-            .observe(queue_ns as f64 / 1e9);
+        m.queue_latency.observe(queue_ns as f64 / 1e9);
         let compute = t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns;
-        m.compute_latency
-            .with_label_values(&labels)
-            .observe(compute as f64 / 1e9);
+        m.compute_latency.observe(compute as f64 / 1e9);
     }
 }

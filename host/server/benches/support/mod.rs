@@ -7,8 +7,14 @@ use std::time::Duration;
 
 /// Starts the release `wisp` over `repo` and returns it with its HTTP address,
 /// once startup loading has finished.
+#[allow(dead_code)] // each bench uses one of the two
 pub fn start_wisp(repo: &Path) -> (Child, String) {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_wisp"))
+    start_wisp_binary(Path::new(env!("CARGO_BIN_EXE_wisp")), repo)
+}
+
+/// Starts the `wisp` binary at `binary` (another build, to compare side by side).
+pub fn start_wisp_binary(binary: &Path, repo: &Path) -> (Child, String) {
+    let mut server = Command::new(binary)
         .args([
             "serve",
             "--http-address",

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::cell::Cell;
 use std::fmt;
 use wisp_core::backend::{BackendRequest, BackendResponse};
@@ -63,6 +63,48 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
+/// A map key, borrowed from the request text when it has no escapes (most keys:
+/// no allocation per key).
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl std::ops::Deref for Key<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
 impl<'de> Deserialize<'de> for Params {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct ParamsVisitor;
@@ -76,13 +118,13 @@ impl<'de> Deserialize<'de> for Params {
                 mut map: A,
             ) -> std::result::Result<Params, A::Error> {
                 let mut params = Map::new();
-                while let Some(key) = map.next_key::<String>()? {
+                while let Some(key) = map.next_key::<Key>()? {
                     let value = map.next_value::<Scalar>().map_err(|e| {
                         de::Error::custom(format!(
                             "parameter '{key}' must be a bool, number or string ({e})"
                         ))
                     })?;
-                    params.insert(key, value.0);
+                    params.insert(key.0.into_owned(), value.0);
                 }
                 Ok(Params(params))
             }
@@ -498,8 +540,8 @@ impl<'de> Visitor<'de> for RequestSeed<'_, '_> {
         let mut parameters = None;
         let mut inputs = None;
         let mut outputs = None;
-        while let Some(key) = map.next_key::<String>()? {
-            match key.as_str() {
+        while let Some(key) = map.next_key::<Key>()? {
+            match &*key {
                 "id" => set(&mut id, "id", map.next_value::<Scalar>()?.0)?,
                 "parameters" => set(&mut parameters, "parameters", map.next_value::<Params>()?.0)?,
                 "inputs" => {
@@ -592,8 +634,8 @@ impl<'de> Visitor<'de> for InputSeed<'_, '_> {
         let mut datatype: Option<String> = None;
         let mut parameters: Option<Map<String, Value>> = None;
         let mut data: Option<DataField> = None;
-        while let Some(key) = map.next_key::<String>()? {
-            match key.as_str() {
+        while let Some(key) = map.next_key::<Key>()? {
+            match &*key {
                 "name" => set(&mut name, "name", map.next_value()?)?,
                 "shape" => set(&mut shape, "shape", map.next_value()?)?,
                 "datatype" => set(&mut datatype, "datatype", map.next_value()?)?,
@@ -901,8 +943,8 @@ impl<'de> Visitor<'de> for DeferredSeed<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "inputs" {
+        while let Some(key) = map.next_key::<Key>()? {
+            if &*key == "inputs" {
                 map.next_value_seed(DeferredInputs {
                     ctx: self.ctx,
                     inputs: &mut *self.inputs,
@@ -971,8 +1013,8 @@ impl<'de> Visitor<'de> for DeferredData<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "data" {
+        while let Some(key) = map.next_key::<Key>()? {
+            if &*key == "data" {
                 // The first pass counted the elements against the shape.
                 self.builder.reserve(self.builder.expected());
                 map.next_value_seed(DataSeed {
@@ -1099,6 +1141,7 @@ fn parse_raw(body: Bytes, config: &ModelConfig) -> Result<InferRequest> {
 }
 
 /// An encoded response body and, when it carries binary tensors, the JSON header's length.
+#[derive(Debug)]
 pub struct EncodedResponse {
     pub body: Vec<u8>,
     pub header_length: Option<usize>,
@@ -1110,56 +1153,61 @@ pub fn encode_response(
     request: &InferRequest,
     response: BackendResponse,
 ) -> Result<EncodedResponse> {
-    let outputs = response.outputs;
-    let mut json_outputs = Vec::with_capacity(outputs.len());
-    let mut binary_parts: Vec<Bytes> = Vec::new();
-    for tensor in outputs {
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    for tensor in response.outputs {
         let wanted = request.outputs.iter().find(|o| o.name == tensor.name);
         let binary = wanted.map(|o| o.binary).unwrap_or(request.binary_default);
         let tensor = match wanted.and_then(|o| o.classification.as_ref()) {
             Some(classification) => classify(&tensor, classification)?,
             None => tensor,
         };
-        let mut out = json!({
-            "name": tensor.name,
-            "datatype": tensor.datatype.as_str(),
-            "shape": tensor.shape,
-        });
-        if binary {
-            out["parameters"] = json!({"binary_data_size": tensor.data.len()});
-            binary_parts.push(tensor.data);
-        } else {
-            out["data"] = tensor.to_json()?;
+        if !binary && tensor.datatype == DataType::Bytes {
+            check_utf8(&tensor)?;
         }
-        json_outputs.push(out);
+        outputs.push((tensor, binary));
     }
-    let mut header = json!({
-        "model_name": model,
-        "model_version": version.to_string(),
-        "outputs": json_outputs,
-    });
-    if let Some(id) = &request.id {
-        header["id"] = id.clone();
-    }
-    if !response.parameters.is_empty() {
-        let parameters: Map<String, Value> = response
-            .parameters
+    let parameters: std::collections::BTreeMap<&str, ScalarOut> = response
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.as_str(), ScalarOut(v)))
+        .collect();
+    // Serialized straight from the tensors: no intermediate `Value` tree (it was
+    // most of the cost of a small response). Keys in the order serde_json's map sorts them.
+    let header = ResponseHeader {
+        id: request.id.as_ref(),
+        model_name: model,
+        model_version: version.to_string(),
+        outputs: outputs
             .iter()
-            .map(|(k, v)| (k.clone(), v.to_json()))
-            .collect();
-        header["parameters"] = Value::Object(parameters);
-    }
+            .map(|(tensor, binary)| OutputHeader {
+                data: (!binary).then_some(JsonData(tensor)),
+                datatype: tensor.datatype.as_str(),
+                name: &tensor.name,
+                parameters: binary.then(|| BinarySize {
+                    binary_data_size: tensor.data.len(),
+                }),
+                shape: &tensor.shape,
+            })
+            .collect(),
+        parameters: (!parameters.is_empty()).then_some(parameters),
+    };
     let mut body = serde_json::to_vec(&header).map_err(|e| Error::internal(e.to_string()))?;
-    if binary_parts.is_empty() {
+    drop(header);
+    let binary_bytes: usize = outputs
+        .iter()
+        .filter(|(_, binary)| *binary)
+        .map(|(t, _)| t.data.len())
+        .sum();
+    if !outputs.iter().any(|(_, binary)| *binary) {
         return Ok(EncodedResponse {
             body,
             header_length: None,
         });
     }
     let header_length = body.len();
-    body.reserve(binary_parts.iter().map(|b| b.len()).sum());
-    for part in binary_parts {
-        body.extend_from_slice(&part);
+    body.reserve(binary_bytes);
+    for (tensor, _) in outputs.iter().filter(|(_, binary)| *binary) {
+        body.extend_from_slice(&tensor.data);
     }
     Ok(EncodedResponse {
         body,
@@ -1167,9 +1215,138 @@ pub fn encode_response(
     })
 }
 
+/// BYTES outputs sent as JSON must be text.
+fn check_utf8(tensor: &Tensor) -> Result<()> {
+    for element in wisp_core::tensor::bytes_elements(&tensor.data)? {
+        std::str::from_utf8(element).map_err(|_| {
+            Error::invalid(format!(
+                "output '{}' holds BYTES that are not UTF-8; request it with the \
+                 'binary_data' parameter",
+                tensor.name
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct ResponseHeader<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+    model_name: &'a str,
+    model_version: String,
+    outputs: Vec<OutputHeader<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<std::collections::BTreeMap<&'a str, ScalarOut<'a>>>,
+}
+
+#[derive(serde::Serialize)]
+struct OutputHeader<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+    datatype: &'a str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    shape: &'a [i64],
+}
+
+#[derive(serde::Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+struct ScalarOut<'a>(&'a ParameterValue);
+
+impl serde::Serialize for ScalarOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            ParameterValue::Bool(b) => s.serialize_bool(*b),
+            ParameterValue::Int(i) => s.serialize_i64(*i),
+            ParameterValue::Float(f) => serialize_float(*f, s),
+            ParameterValue::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+/// Non-finite floats have no JSON form: `null`, as serde_json's `Value` writes them.
+fn serialize_float<S: serde::Serializer>(v: f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(v)
+    } else {
+        s.serialize_unit()
+    }
+}
+
+/// A tensor's elements as a flat JSON array (BYTES already checked to be UTF-8).
+struct JsonData<'a>(&'a Tensor);
+
+impl serde::Serialize for JsonData<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeSeq};
+        let tensor = self.0;
+        let Some(size) = tensor.datatype.element_size() else {
+            let elements = wisp_core::tensor::bytes_elements(&tensor.data)
+                .map_err(|e| S::Error::custom(e.message))?;
+            let mut seq = s.serialize_seq(Some(elements.len()))?;
+            for element in elements {
+                seq.serialize_element(
+                    std::str::from_utf8(element).map_err(|e| S::Error::custom(e.to_string()))?,
+                )?;
+            }
+            return seq.end();
+        };
+        let mut seq = s.serialize_seq(Some(tensor.data.len() / size))?;
+        for b in tensor.data.chunks_exact(size) {
+            match tensor.datatype {
+                DataType::Bool => seq.serialize_element(&(b[0] != 0))?,
+                DataType::Uint8 => seq.serialize_element(&b[0])?,
+                DataType::Uint16 => seq.serialize_element(&u16::from_le_bytes([b[0], b[1]]))?,
+                DataType::Uint32 => {
+                    seq.serialize_element(&u32::from_le_bytes(b.try_into().unwrap()))?
+                }
+                DataType::Uint64 => {
+                    seq.serialize_element(&u64::from_le_bytes(b.try_into().unwrap()))?
+                }
+                DataType::Int8 => seq.serialize_element(&(b[0] as i8))?,
+                DataType::Int16 => seq.serialize_element(&i16::from_le_bytes([b[0], b[1]]))?,
+                DataType::Int32 => {
+                    seq.serialize_element(&i32::from_le_bytes(b.try_into().unwrap()))?
+                }
+                DataType::Int64 => {
+                    seq.serialize_element(&i64::from_le_bytes(b.try_into().unwrap()))?
+                }
+                DataType::Fp16 => seq.serialize_element(&JsonFloat(
+                    half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
+                ))?,
+                DataType::Bf16 => seq.serialize_element(&JsonFloat(
+                    half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+                ))?,
+                DataType::Fp32 => seq.serialize_element(&JsonFloat(f64::from(
+                    f32::from_le_bytes(b.try_into().unwrap()),
+                )))?,
+                DataType::Fp64 => {
+                    seq.serialize_element(&JsonFloat(f64::from_le_bytes(b.try_into().unwrap())))?
+                }
+                DataType::Bytes => unreachable!("BYTES has no fixed element size"),
+            }
+        }
+        seq.end()
+    }
+}
+
+struct JsonFloat(f64);
+
+impl serde::Serialize for JsonFloat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_float(self.0, s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// A model with one input per `(name, datatype, dims)`.
     fn config(max_batch_size: u32, inputs: &[(&str, DataType, &str)]) -> ModelConfig {
@@ -1738,5 +1915,87 @@ mod tests {
         }
         let ok = r#"{"id": "r1", "parameters": {"p": 1, "q": "x", "r": true}, "inputs": [{"name": "INPUT0", "shape": [1], "datatype": "INT32", "data": [3]}]}"#;
         parse_request(Bytes::from(ok), None, &config).unwrap();
+    }
+
+    fn tensor(name: &str, datatype: DataType, shape: Vec<i64>, data: Vec<u8>) -> Tensor {
+        Tensor {
+            name: name.into(),
+            datatype,
+            shape,
+            data: Bytes::from(data),
+        }
+    }
+
+    /// The response header is written straight from the tensors: the same JSON a
+    /// `serde_json::Value` of it gives, every datatype, non-finite floats as null.
+    #[test]
+    fn responses_encode_every_datatype_and_the_binary_extension() {
+        let f32s: Vec<u8> = [1.5f32, f32::NAN, -0.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let outputs = vec![
+            tensor("I32", DataType::Int32, vec![1, 2], le_i32(&[-7, 9])),
+            tensor("F32", DataType::Fp32, vec![3], f32s),
+            tensor("B", DataType::Bool, vec![2], vec![1, 0]),
+            Tensor::from_strings("S", vec![2], &["ü".into(), "\"q\"".into()]),
+            tensor("RAW", DataType::Uint8, vec![2], vec![5, 6]),
+        ];
+        let request = InferRequest {
+            id: Some(json!("r1")),
+            backend: BackendRequest::default(),
+            outputs: vec![OutputRequest {
+                name: "RAW".into(),
+                binary: true,
+                classification: None,
+            }],
+            binary_default: false,
+        };
+        let response = BackendResponse {
+            outputs,
+            parameters: vec![
+                ("z".into(), ParameterValue::Float(0.5)),
+                ("a".into(), ParameterValue::Text("t".into())),
+            ],
+        };
+        let encoded = encode_response("m", 3, &request, response).unwrap();
+        let header_length = encoded.header_length.expect("one binary output");
+        assert_eq!(&encoded.body[header_length..], &[5, 6]);
+        let header: Value = serde_json::from_slice(&encoded.body[..header_length]).unwrap();
+        assert_eq!(
+            header,
+            json!({
+                "id": "r1",
+                "model_name": "m",
+                "model_version": "3",
+                "parameters": {"a": "t", "z": 0.5},
+                "outputs": [
+                    {"name": "I32", "datatype": "INT32", "shape": [1, 2], "data": [-7, 9]},
+                    {"name": "F32", "datatype": "FP32", "shape": [3], "data": [1.5, null, -0.25]},
+                    {"name": "B", "datatype": "BOOL", "shape": [2], "data": [true, false]},
+                    {"name": "S", "datatype": "BYTES", "shape": [2], "data": ["ü", "\"q\""]},
+                    {"name": "RAW", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}},
+                ],
+            })
+        );
+
+        // BYTES that are not text cannot go as JSON: a clear error, not a broken body.
+        let response = BackendResponse {
+            outputs: vec![tensor(
+                "S",
+                DataType::Bytes,
+                vec![1],
+                vec![1, 0, 0, 0, 0xff],
+            )],
+            parameters: Vec::new(),
+        };
+        let request = InferRequest {
+            id: None,
+            backend: BackendRequest::default(),
+            outputs: Vec::new(),
+            binary_default: false,
+        };
+        let e = encode_response("m", 1, &request, response).unwrap_err();
+        assert!(e.message.contains("not UTF-8"), "{e}");
     }
 }

@@ -43,6 +43,9 @@ pub struct EncoderSettings {
     pub normalize: Option<bool>,
     /// Threads per instance; 0 = the machine's cores shared among instances.
     pub threads: usize,
+    /// Linux niceness of the compute threads (0–19): above 0, the HTTP front, refusals and
+    /// lighter models keep the CPU when encoders saturate it.
+    pub nice: u8,
     /// false runs every sequence padded to the batch's longest, as padded engines do
     /// (for comparison and tests; results are the same).
     pub remove_padding: bool,
@@ -77,6 +80,7 @@ impl EncoderSettings {
             pooling: None,
             normalize: None,
             threads: 0,
+            nice: DEFAULT_NICE,
             remove_padding: true,
             precision: None,
             cuda_graphs: true,
@@ -117,6 +121,12 @@ impl EncoderSettings {
         if let Some(threads) = p.threads {
             settings.threads = threads;
         }
+        if let Some(nice) = p.nice {
+            if nice > 19 {
+                return Err(bad("nice", "between 0 and 19 (Linux niceness)"));
+            }
+            settings.nice = nice;
+        }
         if let Some(remove_padding) = p.remove_padding {
             settings.remove_padding = remove_padding;
         }
@@ -149,6 +159,7 @@ struct EncoderParameters {
     /// Bounded: each is an OS thread.
     #[serde(default, deserialize_with = "threads")]
     threads: Option<usize>,
+    nice: Option<u8>,
     remove_padding: Option<bool>,
     precision: Option<String>,
     cuda_graphs: Option<bool>,
@@ -164,6 +175,34 @@ fn threads<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option
         )));
     }
     Ok(Some(n as usize))
+}
+
+/// The compute threads' default niceness: a batch of encoder work yields the CPU to
+/// request handling and light models, which need it for microseconds at a time.
+pub const DEFAULT_NICE: u8 = 10;
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux: per thread).
+fn lower_thread_priority(nice: u8) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: plain syscalls on the calling thread, no pointers.
+        let result = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            // Already at least this nice (the whole server runs under `nice`): keep it.
+            if libc::getpriority(libc::PRIO_PROCESS, tid) >= libc::c_int::from(nice) {
+                return;
+            }
+            libc::setpriority(libc::PRIO_PROCESS, tid, libc::c_int::from(nice))
+        };
+        if result != 0 {
+            tracing::warn!(
+                "cannot lower the encoder thread's priority to nice {nice}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// Loads the encoder described by `settings` from `version_dir`.
@@ -336,10 +375,11 @@ impl EncoderBackend {
         let placements = Arc::new(placements);
         let thread_names = placements.clone();
         #[cfg_attr(not(feature = "gpu"), allow(unused_variables))]
-        let (model, remove_padding, cuda_graphs) = (
+        let (model, remove_padding, cuda_graphs, nice) = (
             config.name.clone(),
             settings.remove_padding,
             settings.cuda_graphs,
+            settings.nice,
         );
         let make_encoder = encoder.clone();
         let make = move |index: usize| -> Result<Box<dyn Worker>> {
@@ -348,6 +388,7 @@ impl EncoderBackend {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)
                         .thread_name(move |t| format!("encoder-{index}-{t}"))
+                        .start_handler(move |_| lower_thread_priority(nice))
                         .build()
                         .map_err(|e| {
                             Error::internal(format!("cannot start encoder threads: {e}"))
@@ -871,5 +912,28 @@ mod settings_tests {
         assert!(e.message.contains("'threads' is 100000"), "{e:?}");
         let e = settings("precision = \"int3\"").unwrap_err();
         assert!(e.message.contains("parameter 'precision' must be"), "{e:?}");
+        assert_eq!(settings("").unwrap().nice, DEFAULT_NICE);
+        assert_eq!(settings("nice = 0").unwrap().nice, 0);
+        let e = settings("nice = 25").unwrap_err();
+        assert!(e.message.contains("parameter 'nice' must be"), "{e:?}");
+    }
+
+    /// Compute threads lower their own priority only (Linux niceness is per thread).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn compute_threads_lower_their_own_priority() {
+        let nice_of_this_thread = || unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        };
+        let before = nice_of_this_thread();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .start_handler(|_| lower_thread_priority(7))
+            .build()
+            .unwrap();
+        let inside: Vec<i32> = pool.broadcast(|_| nice_of_this_thread());
+        assert_eq!(inside, vec![before.max(7); 2]);
+        assert_eq!(nice_of_this_thread(), before, "the caller's priority is unchanged");
     }
 }

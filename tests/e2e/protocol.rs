@@ -629,6 +629,16 @@ fn statistics_and_metrics() {
     assert!(text.contains(
         "wisp_inference_queue_duration_seconds_bucket{model=\"simple\",version=\"1\",le=\"0.001\"}"
     ));
+    // Every answer of the HTTP port is timed by status code (the metrics port's own are not).
+    let answered = |code: &str| -> u64 {
+        let prefix = format!("wisp_http_request_duration_seconds_count{{code=\"{code}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(answered("200") >= 8, "{text}");
+    assert!(answered("400") >= 1 && answered("404") >= 1, "{text}");
 }
 
 #[test]

@@ -77,6 +77,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         inflight_limit_bytes: args.http_max_inflight_bytes,
         ready: false.into(),
         strict_readiness: args.strict_readiness,
+        http_metrics: api::HttpMetrics::register(&metrics).map_err(anyhow::Error::msg)?,
     });
 
     let http = TcpListener::bind((args.http_address.as_str(), args.http_port))

@@ -115,6 +115,55 @@ pub struct ServerState {
     pub ready: AtomicBool,
     /// Ready also requires every model that should be loaded to be ready (Triton's default).
     pub strict_readiness: bool,
+    pub http_metrics: HttpMetrics,
+}
+
+/// How long the server takes to answer, by status code: from the parsed request
+/// head to the response (body read and parse included; writing it out not).
+/// Shows, for example, that refusals under overload stay fast.
+pub struct HttpMetrics {
+    durations: prometheus::HistogramVec,
+    /// The codes the API answers, resolved once (a label lookup hashes under a lock).
+    common: Vec<(StatusCode, prometheus::Histogram)>,
+}
+
+impl HttpMetrics {
+    /// Creates the histogram and registers it with `metrics`.
+    pub fn register(metrics: &Metrics) -> std::result::Result<HttpMetrics, String> {
+        let durations = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "wisp_http_request_duration_seconds",
+                "Time from a request's head to its response, by HTTP status code",
+            )
+            // Fine around a few milliseconds, where fast refusals and small requests fall.
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["code"],
+        )
+        .map_err(|e| e.to_string())?;
+        metrics.register(Box::new(durations.clone()))?;
+        let common = [200u16, 400, 404, 408, 413, 429, 500, 503]
+            .into_iter()
+            .map(|code| {
+                let status = StatusCode::from_u16(code).expect("valid status code");
+                let histogram = durations.with_label_values(&[status.as_str()]);
+                (status, histogram)
+            })
+            .collect();
+        Ok(HttpMetrics { durations, common })
+    }
+
+    fn observe(&self, status: StatusCode, seconds: f64) {
+        match self.common.iter().find(|(s, _)| *s == status) {
+            Some((_, histogram)) => histogram.observe(seconds),
+            None => self
+                .durations
+                .with_label_values(&[status.as_str()])
+                .observe(seconds),
+        }
+    }
 }
 
 pub type Body = Full<Bytes>;
@@ -407,10 +456,14 @@ pub async fn handle(
     state: Arc<ServerState>,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Body>, std::convert::Infallible> {
+    let started = std::time::Instant::now();
     let response = match dispatch(&state, req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
+    state
+        .http_metrics
+        .observe(response.status(), started.elapsed().as_secs_f64());
     Ok(response)
 }
 

@@ -20,7 +20,8 @@ latency, p50/p99 of successful requests per --window (30 s), the server's RSS (V
 every window and end, and whether the issue's goals are met:
 
   steady:   0 errors; RSS growth < 5 % over the phase
-  overload: the excess refused with 503 fast (p99 of refusals < 5 ms), no other errors,
+  overload: the excess refused with 503 fast (p99 of refusals < 5 ms, by the server's own clock:
+            its wisp_http_request_duration_seconds histogram; the client's view is reported too), no other errors,
             and the p99 of successful requests within --p99-tolerance of the steady phase's
 
 An "operation" is one request, except a sequence, which is 2..5 requests sent one after the other
@@ -508,6 +509,36 @@ def summarize(results, rate_window=None):
 # ----------------------------------------------------------------------------- the benchmark
 
 
+
+def server_refusal_quantiles(before, after):
+    """The server's own timing of its 503 answers between two snapshots of
+    wisp_http_request_duration_seconds (request head to response): count, and the upper
+    bound of the bucket holding p50 and p99 (conservative: the true value is at most that)."""
+    if before is None or after is None:
+        return None
+    def buckets(snap):
+        out = {}
+        for name, value in snap.items():
+            m = re.match(r'wisp_http_request_duration_seconds_bucket\{code="503",le="([^"]+)"\}', name)
+            if m:
+                out[float(m.group(1))] = value
+        return out
+    b, a = buckets(before), buckets(after)
+    if not a:
+        return None
+    cumulative = sorted((le, a[le] - b.get(le, 0.0)) for le in a)
+    total = cumulative[-1][1]
+    if total <= 0:
+        return {"count": 0}
+    def bound(q):
+        for le, n in cumulative:
+            if n >= q * total:
+                return None if math.isinf(le) else round(le * 1000, 3)
+        return None
+    return {"count": int(total), "p50_le_ms": bound(0.50), "p99_le_ms": bound(0.99),
+            "buckets_ms": [[None if math.isinf(le) else round(le * 1000, 3), int(n)] for le, n in cumulative]}
+
+
 class Soak:
     def __init__(self, args, server, workload, machine):
         self.args, self.server, self.workload = args, server, workload
@@ -630,6 +661,7 @@ class Soak:
         shed = shed_late = 0
         lags = []  # (scheduled time, lag)
         rss_start = self.rss()
+        metrics_start = await self.metrics_snapshot()
         t0 = loop.time()
         phase_counters = cpu_counters(self.server.proc.pid)
         end = t0 + duration
@@ -729,6 +761,7 @@ class Soak:
             window_stats(w)
         rss_end = self.rss()
         rss_samples.append((round(loop.time() - t0, 1), rss_end["VmRSS"]))
+        server_refusals = server_refusal_quantiles(metrics_start, await self.metrics_snapshot())
         s = summarize(results, rate_window=duration)
         all_lags = [lag for _, lag in lags]
         phase = {
@@ -746,6 +779,7 @@ class Soak:
             "achieved_ops_per_s": round(ops[0] / duration, 2),
             "drained": drained,
             "drain_s": drain_s,
+            "server_refusals": server_refusals,
             "cpu_cores": cpu_use(phase_counters, cpu_counters(self.server.proc.pid), loop.time() - t0),
             "schedule_lag_p50_ms": ms(pct(all_lags, 50)),
             "schedule_lag_p99_ms": ms(pct(all_lags, 99)),
@@ -816,10 +850,12 @@ class Soak:
             return None
         keep = {}
         for line in text.splitlines():
-            if line.startswith(("nv_inference_request_success", "nv_inference_request_failure")):
+            if line.startswith(("nv_inference_request_success", "nv_inference_request_failure",
+                                'wisp_http_request_duration_seconds_bucket{code="503"')):
                 name, _, value = line.rpartition(" ")
                 keep[name] = float(value)
         return keep
+
 
     async def run(self):
         a = self.args
@@ -908,12 +944,22 @@ def evaluate(report, args):
                       f"--max-inflight cap, {over['ops_shed_late']} skipped as late, "
                       f"{over['ops_started'] - over['ops_completed']} not completed)",
         }
-        goals["overload_refusals_p99_below_5ms"] = {
-            "met": p99 is not None and p99 < 5.0, "value": p99,
-            "detail": (f"p99 latency of the 503 answers {p99:.2f} ms (p50 {over['refused_p50_ms']:.2f} ms), measured "
-                       f"by the client, whose own event-loop lag p99 was {over['schedule_lag_p99_ms']} ms: an upper bound")
-                      if p99 is not None else "no 503 answers at all",
-        }
+        client = ((f"p99 latency of the 503 answers {p99:.2f} ms (p50 {over['refused_p50_ms']:.2f} ms), measured "
+                   f"by the client, whose own event-loop lag p99 was {over['schedule_lag_p99_ms']} ms: an upper bound")
+                  if p99 is not None else "no 503 answers at all")
+        srv = over.get("server_refusals") or {}
+        if srv.get("count"):
+            # The server's own clock (request head to response), read from its histogram: what the
+            # server controls, without the load generator's lag on the same two cores.
+            met = srv["p99_le_ms"] is not None and srv["p99_le_ms"] <= 5.0
+            goals["overload_refusals_p99_below_5ms"] = {
+                "met": met, "value": srv["p99_le_ms"], "client_p99_ms": p99,
+                "detail": (f"server-side: {srv['count']} refusals, p50 <= {srv['p50_le_ms']} ms, p99 <= "
+                           f"{srv['p99_le_ms']} ms (histogram bucket bounds); client-side: {client}"),
+            }
+        else:
+            goals["overload_refusals_p99_below_5ms"] = {"met": p99 is not None and p99 < 5.0, "value": p99,
+                                                        "detail": client}
         goals["overload_no_other_errors"] = {
             "met": over["failed"] == 0, "value": over["failed"],
             "detail": f"errors other than 503: {over['unexpected_errors_by_status']}",

@@ -403,7 +403,10 @@ fn tensor(kind: &str, name: &str, datatype: &str, dims: &str, extra: &str) -> St
     format!("[[{kind}]]\nname = \"{name}\"\ndatatype = \"{datatype}\"\ndims = {dims}\n{extra}\n")
 }
 
-/// The encoder's queue bound written by import: four full batches per instance.
+/// The encoder's queue bound written by import: two full batches per instance. Under
+/// overload every accepted request waits behind a full queue, so it is kept short
+/// (four batches kept requests 4 s in line at 2x a CPU's peak); one batch refused
+/// bursts at 80% of peak (bench/soak.sh, docs/MEASUREMENTS.md).
 fn queue_size(max_batch_size: u32, instances: u32) -> u32 {
-    (4 * max_batch_size.max(1)).saturating_mul(instances.max(1))
+    (2 * max_batch_size.max(1)).saturating_mul(instances.max(1))
 }

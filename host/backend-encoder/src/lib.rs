@@ -934,6 +934,10 @@ mod settings_tests {
             .unwrap();
         let inside: Vec<i32> = pool.broadcast(|_| nice_of_this_thread());
         assert_eq!(inside, vec![before.max(7); 2]);
-        assert_eq!(nice_of_this_thread(), before, "the caller's priority is unchanged");
+        assert_eq!(
+            nice_of_this_thread(),
+            before,
+            "the caller's priority is unchanged"
+        );
     }
 }

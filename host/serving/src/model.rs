@@ -131,6 +131,11 @@ impl LoadedModel {
         &self.config.name
     }
 
+    /// Whether the model's queue is full now (see [`Scheduler::is_full`]).
+    pub fn is_full(&self) -> bool {
+        self.scheduler.is_full()
+    }
+
     /// Checks a request against the model's config; returns its batch size.
     pub fn validate(&self, request: &BackendRequest) -> Result<u64> {
         let config = &self.config;

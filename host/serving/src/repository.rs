@@ -820,4 +820,110 @@ mod tests {
             .unwrap();
         assert_eq!(&reply.outputs[0].data[..], &5i32.to_le_bytes());
     }
+
+    /// Echoes once a permit is released: holds its batch until the test says so.
+    struct Gate(Arc<tokio::sync::Semaphore>);
+
+    impl Backend for Gate {
+        fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
+            Box::pin(async move {
+                self.0.acquire().await.unwrap().forget();
+                Echo.execute(requests).await
+            })
+        }
+    }
+
+    struct GateFactory(Arc<tokio::sync::Semaphore>);
+
+    impl wisp_core::backend::BackendFactory for GateFactory {
+        fn load(&self, _: &LoadContext<'_>) -> Result<Box<dyn Backend>> {
+            Ok(Box::new(Gate(self.0.clone())))
+        }
+    }
+
+    fn x(value: i32) -> BackendRequest {
+        BackendRequest {
+            inputs: vec![wisp_core::tensor::Tensor {
+                name: "X".into(),
+                datatype: wisp_core::tensor::DataType::Int32,
+                shape: vec![1],
+                data: value.to_le_bytes().to_vec().into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Under overload an ensemble used to run its first steps (tokenizing) for
+    /// requests its last step then refused; now a full step refuses at the door.
+    #[tokio::test]
+    async fn an_ensemble_refuses_at_once_when_a_step_queue_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "echo", ECHO);
+        write(
+            dir.path(),
+            "gate",
+            &format!(
+                "{}\n[dynamic_batching]\n[dynamic_batching.default_queue_policy]\nmax_queue_size = 1\n",
+                ECHO.replace("\"wasm\"", "\"encoder\"")
+            ),
+        );
+        write(
+            dir.path(),
+            "pipeline",
+            "backend = \"ensemble\"\nmax_batch_size = 0\n\
+             [[input]]\nname = \"X\"\ndatatype = \"INT32\"\ndims = [1]\n\
+             [[output]]\nname = \"Y\"\ndatatype = \"INT32\"\ndims = [1]\n\
+             [[step]]\nmodel = \"echo\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"M\" }\n\
+             [[step]]\nmodel = \"gate\"\ninput_map = { X = \"M\" }\noutput_map = { X = \"Y\" }\n",
+        );
+        let permits = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut backends = BackendRegistry::new();
+        backends.register("wasm", Arc::new(EchoFactory));
+        // The gated model stands in for the encoder behind a tokenizer.
+        backends.register("encoder", Arc::new(GateFactory(permits.clone())));
+        let repo = Repository::new(
+            dir.path().to_path_buf(),
+            ControlMode::Explicit,
+            backends,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        for name in ["echo", "gate", "pipeline"] {
+            repo.load(name).await.unwrap();
+        }
+        let gate = repo.get("gate", None).unwrap();
+        // One request runs (held by the gate), one waits: the queue of one is full.
+        let (running, waiting) = (gate.clone(), gate.clone());
+        let running = tokio::spawn(async move { running.infer(x(1)).await });
+        tokio::task::yield_now().await;
+        let waiting = tokio::spawn(async move { waiting.infer(x(2)).await });
+        while !gate.is_full() {
+            tokio::task::yield_now().await;
+        }
+        let echo_runs =
+            || repo.get("echo", None).unwrap().stats.to_json("echo", 1)["inference_count"].clone();
+        let before = echo_runs();
+        let e = repo
+            .get("pipeline", None)
+            .unwrap()
+            .infer(x(3))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, wisp_core::error::ErrorKind::Unavailable, "{e:?}");
+        assert!(
+            e.message.contains("the queue of model 'gate' is full"),
+            "{e:?}"
+        );
+        assert_eq!(echo_runs(), before, "the first step must not run");
+
+        permits.add_permits(3);
+        assert!(running.await.unwrap().is_ok() && waiting.await.unwrap().is_ok());
+        let reply = repo
+            .get("pipeline", None)
+            .unwrap()
+            .infer(x(4))
+            .await
+            .unwrap();
+        assert_eq!(&reply.outputs[0].data[..], &4i32.to_le_bytes());
+    }
 }

@@ -121,6 +121,20 @@ impl Scheduler {
         }
     }
 
+    /// Whether a request at the default priority would be refused now for a full
+    /// queue. An ensemble asks before its first step, so work bound for a full model
+    /// is refused at the door, not after the steps before it ran (a hint: the
+    /// queue may change before the request reaches it).
+    pub fn is_full(&self) -> bool {
+        match self {
+            Scheduler::Direct(direct) => {
+                direct.waiting.load(AtomicOrdering::Acquire) >= direct.limit
+            }
+            Scheduler::Dynamic(batcher) => batcher.default_level_is_full(),
+            Scheduler::Sequence(..) => false,
+        }
+    }
+
     /// Runs one request (of `batch_size` inferences) and waits for its outcome.
     pub async fn schedule(&self, mut request: BackendRequest, batch_size: u64) -> Result<Outcome> {
         if let Scheduler::Sequence(batcher, batched) = self {
@@ -220,6 +234,26 @@ impl DynamicBatcher {
         });
         let task = tokio::spawn(form_batches(shared.clone(), backend, instances.max(1)));
         DynamicBatcher { shared, task }
+    }
+
+    fn default_level_is_full(&self) -> bool {
+        let config = &self.shared.config;
+        let level = match config.priority_levels {
+            0 => 1,
+            _ => config.default_priority_level.max(1),
+        };
+        let policy = config.policy(if config.priority_levels == 0 {
+            0
+        } else {
+            level
+        });
+        let cap = match policy.max_queue_size {
+            0 => DEFAULT_MAX_QUEUE_SIZE,
+            n => n as usize,
+        };
+        let queues = self.shared.queues.lock();
+        let last = queues.levels.len() - 1;
+        queues.levels[((level - 1) as usize).min(last)].len() >= cap
     }
 
     async fn submit(

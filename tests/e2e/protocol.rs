@@ -637,7 +637,7 @@ fn statistics_and_metrics() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    assert!(answered("200") >= 8, "{text}");
+    assert!(answered("200") >= 7, "{text}"); // 4 inferences, 3 statistics requests
     assert!(answered("400") >= 1 && answered("404") >= 1, "{text}");
 }
 

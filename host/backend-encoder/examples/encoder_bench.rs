@@ -60,9 +60,10 @@ fn main() {
     let settings = EncoderSettings {
         threads,
         remove_padding: !padded,
-        ..EncoderSettings::new(model)
+        ..EncoderSettings::new(".")
     };
-    let encoder = Arc::new(load_encoder(&settings, std::path::Path::new(".")).expect("load"));
+    // The checkpoint is the model folder itself (paths are confined to the folder given).
+    let encoder = Arc::new(load_encoder(&settings, std::path::Path::new(&model)).expect("load"));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

@@ -136,10 +136,8 @@ fn check(device: Arc<CudaDevice>, checkpoints: &[PathBuf], min_cosine: f64) -> R
     }
     let device: Arc<dyn Device> = device;
     for folder in checkpoints {
-        let encoder = Arc::new(load_encoder(
-            &EncoderSettings::new(folder),
-            std::path::Path::new("."),
-        )?);
+        // The checkpoint is the folder itself (paths are confined to the folder given).
+        let encoder = Arc::new(load_encoder(&EncoderSettings::new("."), folder)?);
         let weights = Arc::new(GpuEncoder::load(device.clone(), encoder.clone())?);
         let mut runner = GpuRunner::new(weights, true, true)?;
         for (case, lengths) in [
@@ -246,10 +244,7 @@ fn bench(
     seconds: f64,
     graphs: bool,
 ) -> Result<()> {
-    let encoder = Arc::new(load_encoder(
-        &EncoderSettings::new(folder),
-        std::path::Path::new("."),
-    )?);
+    let encoder = Arc::new(load_encoder(&EncoderSettings::new("."), folder)?);
     let weights = Arc::new(GpuEncoder::load(device, encoder.clone())?);
     let mut runner = GpuRunner::new(weights, true, graphs)?;
     let layers = encoder.dims.layers;

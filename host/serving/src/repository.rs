@@ -806,18 +806,7 @@ mod tests {
         let held = repo.get("echo", None).unwrap();
         repo.unload("echo").await.unwrap();
         assert!(repo.get("echo", None).is_err());
-        let reply = held
-            .infer(BackendRequest {
-                inputs: vec![wisp_core::tensor::Tensor {
-                    name: "X".into(),
-                    datatype: wisp_core::tensor::DataType::Int32,
-                    shape: vec![1],
-                    data: 5i32.to_le_bytes().to_vec().into(),
-                }],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let reply = held.infer(x(5)).await.unwrap();
         assert_eq!(&reply.outputs[0].data[..], &5i32.to_le_bytes());
     }
 

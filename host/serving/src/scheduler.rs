@@ -212,6 +212,14 @@ impl Drop for DynamicBatcher {
     }
 }
 
+/// Requests one priority level may hold under `policy`.
+fn queue_cap(policy: &wisp_core::config::QueuePolicy) -> usize {
+    match policy.max_queue_size {
+        0 => DEFAULT_MAX_QUEUE_SIZE,
+        n => n as usize,
+    }
+}
+
 impl DynamicBatcher {
     fn start(
         backend: Arc<dyn Backend>,
@@ -242,15 +250,11 @@ impl DynamicBatcher {
             0 => 1,
             _ => config.default_priority_level.max(1),
         };
-        let policy = config.policy(if config.priority_levels == 0 {
+        let cap = queue_cap(config.policy(if config.priority_levels == 0 {
             0
         } else {
             level
-        });
-        let cap = match policy.max_queue_size {
-            0 => DEFAULT_MAX_QUEUE_SIZE,
-            n => n as usize,
-        };
+        }));
         let queues = self.shared.queues.lock();
         let last = queues.levels.len() - 1;
         queues.levels[((level - 1) as usize).min(last)].len() >= cap
@@ -308,10 +312,7 @@ impl DynamicBatcher {
             let mut queues = self.shared.queues.lock();
             let last = queues.levels.len() - 1;
             let queue = &mut queues.levels[((level - 1) as usize).min(last)];
-            let cap = match policy.max_queue_size {
-                0 => DEFAULT_MAX_QUEUE_SIZE,
-                n => n as usize,
-            };
+            let cap = queue_cap(policy);
             if queue.len() >= cap {
                 return Err(Error::unavailable(format!(
                     "the queue of model '{}' (priority level {level}) is full: {cap} requests wait (max_queue_size)",

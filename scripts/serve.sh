@@ -12,13 +12,6 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.so.0'; then
     elif command -v sudo >/dev/null; then sudo apt-get install -y -q libopenblas0-pthread >/dev/null || true
     fi
 fi
-# Debian 12's OpenBLAS (0.3.21) does not recognise newer AVX-512 Xeons (family 6 model 207) and
-# falls back to a generic kernel 3.5x slower than its SkylakeX one (docs/MEASUREMENTS.md): name
-# the kernel when the CPU has the AVX-512 subsets SkylakeX needs and the user has not chosen one.
-if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null \
-    && grep -qw avx512bw /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo && grep -qw avx512dq /proc/cpuinfo; then
-    export OPENBLAS_CORETYPE=SkylakeX
-fi
 ./scripts/build-plugins.sh
 cargo build --release -p wisp
 ./scripts/fetch-models.sh

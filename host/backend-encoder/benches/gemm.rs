@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use wisp_backend_encoder::linear::{matmul_transposed, Threads};
 
 fn main() {
+    // Before any thread exists (it sets an environment variable OpenBLAS reads).
+    wisp_backend_encoder::linear::choose_openblas_kernel();
     let threads = std::env::var("WISP_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -44,6 +44,8 @@ fn rows(case: &Value, key: &str) -> Option<Vec<Vec<i64>>> {
 }
 
 fn main() {
+    // Before any thread exists (it sets an environment variable OpenBLAS reads).
+    wisp_backend_encoder::linear::choose_openblas_kernel();
     let args: Vec<String> = std::env::args().collect();
     let model = arg(&args, "--model").expect("--model MODEL_DIR");
     let cases_path = arg(&args, "--cases").expect("--cases CASES.json");

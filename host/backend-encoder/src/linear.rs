@@ -6,6 +6,11 @@
 //! `libopenblas.so.0` (Debian: libopenblas0-pthread), and the pure-Rust `gemm` crate
 //! otherwise. OpenBLAS is faster on the large products; nothing is needed at build time
 //! and a machine without it still runs. `WISP_GEMM=gemm|openblas` forces one.
+//!
+//! OpenBLAS picks its kernel from the CPU model, and releases older than the CPU fall back
+//! to a generic one: Debian 12's 0.3.21 ran 3.5x slower on a family 6 model 207 Xeon
+//! (docs/MEASUREMENTS.md). [`choose_openblas_kernel`] names the AVX-512 kernel from the
+//! CPU's features instead, and the load logs the kernel OpenBLAS reports.
 
 use gemm::Parallelism;
 use std::sync::OnceLock;
@@ -30,6 +35,8 @@ type Sgemm = unsafe extern "C" fn(
 struct OpenBlas {
     sgemm: Sgemm,
     set_threads: unsafe extern "C" fn(i32),
+    /// The kernel OpenBLAS chose (`openblas_get_corename`), for logs and reports.
+    core: String,
     /// Keeps the library mapped for the function pointers above.
     _library: libloading::Library,
 }
@@ -65,10 +72,25 @@ fn load_openblas() -> Option<OpenBlas> {
                 .get::<unsafe extern "C" fn(i32)>(b"openblas_set_num_threads\0")
                 .ok()
                 .map(|f| *f);
+            let core = library
+                .get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(
+                    b"openblas_get_corename\0",
+                )
+                .ok()
+                .map(|corename| corename())
+                .filter(|name| !name.is_null())
+                .map(|name| {
+                    std::ffi::CStr::from_ptr(name)
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_else(|| "unknown".to_string());
             if let (Some(sgemm), Some(set_threads)) = (sgemm, set_threads) {
+                warn_if_kernel_lacks_avx512(&core);
                 return Some(OpenBlas {
                     sgemm,
                     set_threads,
+                    core,
                     _library: library,
                 });
             }
@@ -77,12 +99,75 @@ fn load_openblas() -> Option<OpenBlas> {
     None
 }
 
-/// Which engine runs the large GEMMs, for logs and benchmark reports.
-pub fn engine() -> &'static str {
-    if openblas().is_some() {
-        "openblas"
-    } else {
-        "gemm"
+/// Which engine runs the large GEMMs, for logs and benchmark reports: `gemm`, or
+/// `openblas` with the kernel it runs (`openblas/SkylakeX`).
+pub fn engine() -> String {
+    match openblas() {
+        Some(blas) => format!("openblas/{}", blas.core),
+        None => "gemm".to_string(),
+    }
+}
+
+/// The OpenBLAS kernel to name for a CPU with these features when the user named none:
+/// SkylakeX (the AVX-512 sgemm kernel, which OpenBLAS's Cooper Lake, Sapphire Rapids and
+/// Zen 4 targets also use for sgemm) when the CPU has the AVX-512 subsets it needs.
+/// `None` leaves OpenBLAS's own detection, which is right for the CPUs it knows.
+pub fn openblas_kernel_for(
+    has_avx512_skylake_subsets: bool,
+    user_coretype: Option<&str>,
+    user_engine: Option<&str>,
+) -> Option<&'static str> {
+    let user_chose = user_coretype.is_some_and(|v| !v.is_empty());
+    if !has_avx512_skylake_subsets || user_chose || user_engine == Some("gemm") {
+        return None;
+    }
+    Some("SkylakeX")
+}
+
+fn cpu_has_avx512_skylake_subsets() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Sets `OPENBLAS_CORETYPE` (read once, when OpenBLAS is loaded) to the kernel
+/// [`openblas_kernel_for`] picks for this CPU, and returns it.
+///
+/// Call it first thing in `main`, before any other thread exists: changing the
+/// environment while another thread reads it is undefined behaviour in libc.
+pub fn choose_openblas_kernel() -> Option<&'static str> {
+    let coretype = std::env::var("OPENBLAS_CORETYPE").ok();
+    let engine = std::env::var("WISP_GEMM").ok();
+    let kernel = openblas_kernel_for(
+        cpu_has_avx512_skylake_subsets(),
+        coretype.as_deref(),
+        engine.as_deref(),
+    )?;
+    std::env::set_var("OPENBLAS_CORETYPE", kernel);
+    Some(kernel)
+}
+
+/// A CPU with AVX-512 running a kernel without it loses up to 3.5x on the encoder's
+/// products; say so once, with the way out.
+fn warn_if_kernel_lacks_avx512(core: &str) {
+    let avx512_kernel = ["skylakex", "cooperlake", "sapphirerapids"]
+        .iter()
+        .any(|k| core.eq_ignore_ascii_case(k));
+    if cpu_has_avx512_skylake_subsets() && !avx512_kernel {
+        tracing::warn!(
+            openblas_kernel = core,
+            "this CPU has AVX-512 but OpenBLAS runs its {core} kernel; the encoder's products \
+             can run up to 3.5x slower. Set OPENBLAS_CORETYPE=SkylakeX (wisp does when it is unset) or \
+             install an OpenBLAS built with DYNAMIC_ARCH"
+        );
     }
 }
 
@@ -311,6 +396,20 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn the_avx512_kernel_is_named_only_where_the_cpu_has_it_and_the_user_chose_none() {
+        assert_eq!(openblas_kernel_for(true, None, None), Some("SkylakeX"));
+        assert_eq!(openblas_kernel_for(true, Some(""), None), Some("SkylakeX"));
+        assert_eq!(openblas_kernel_for(false, None, None), None);
+        // The user's choice wins, and no kernel is named when OpenBLAS is not used.
+        assert_eq!(openblas_kernel_for(true, Some("Haswell"), None), None);
+        assert_eq!(openblas_kernel_for(true, None, Some("gemm")), None);
+        assert_eq!(
+            openblas_kernel_for(true, None, Some("openblas")),
+            Some("SkylakeX")
+        );
     }
 
     #[test]

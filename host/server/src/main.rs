@@ -33,6 +33,9 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread exists: it sets an environment variable OpenBLAS reads at load.
+    #[cfg(feature = "encoder")]
+    let openblas_kernel = wisp_backend_encoder::linear::choose_openblas_kernel();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WISP_LOG")
@@ -41,6 +44,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    #[cfg(feature = "encoder")]
+    if let Some(kernel) = openblas_kernel {
+        tracing::debug!(kernel, "OPENBLAS_CORETYPE set for this CPU's AVX-512");
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

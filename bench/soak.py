@@ -29,9 +29,12 @@ An "operation" is one request, except a sequence, which is 2..5 requests sent on
 Latency is measured from the moment a request is sent; the open loop's own lag behind its
 schedule is reported separately (if it falls behind, the report says so instead of blaming the
 server). The load generator shares the CPUs with the server: its CPU use is reported per window.
+It is kept small: standard library only, with its own keep-alive HTTP/1.1 client
+(bench/loopback_http.py, about half aiohttp's CPU per request), and the results it keeps are
+frozen out of the garbage collector's scans.
 
     bench/soak.sh [--duration 600] [--overload-duration 120] [--json bench-results/soak.json] ...
-    .venv-bench/bin/python bench/soak.py --duration 40 --overload-duration 20   # a smoke run
+    python3 bench/soak.py --duration 40 --overload-duration 20   # a smoke run
 
 The binary is $WISP_BIN, else target/release/wisp, else target/debug/wisp (or --wisp-bin).
 Only 127.0.0.1 is ever contacted. Exit status: 0 when it ran (goals met or not; see the report),
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -56,10 +60,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-try:
-    import aiohttp
-except ImportError:  # pragma: no cover
-    sys.exit("bench/soak.py needs aiohttp: use bench/soak.sh, or pip install -r bench/requirements.txt")
+from loopback_http import Client, NoAnswer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 HOST = "127.0.0.1"
@@ -354,13 +355,11 @@ class Workload:
 
     async def post(self, session, kind, model, body, check, results, loop):
         """Sends one request; appends its Result. Returns the parsed body when it succeeded."""
-        url = f"{self.base}/v2/models/{model}/infer"
+        path = f"/v2/models/{model}/infer"
         t0 = loop.time()
         status, detail, category, parsed = 0, "", "failed", None
         try:
-            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
-                status = resp.status
-                raw = await resp.read()
+            status, raw = await session.request("POST", path, body)
             if status == 200:
                 parsed = json.loads(raw)
                 check(parsed)
@@ -375,7 +374,7 @@ class Workload:
             parsed = None
         except asyncio.TimeoutError:
             detail = "client timeout"
-        except aiohttp.ClientError as e:
+        except (NoAnswer, OSError) as e:
             detail = f"{type(e).__name__}: {e}"[:300]
         except ValueError as e:  # JSON
             detail = f"bad response body: {e}"[:300]
@@ -545,6 +544,7 @@ class Soak:
         self.report = {"machine": machine}
         self.loop = None
         self.session = None
+        self.metrics_client = None
         self.inflight = 0
         self.tasks = set()
 
@@ -662,6 +662,11 @@ class Soak:
         lags = []  # (scheduled time, lag)
         rss_start = self.rss()
         metrics_start = await self.metrics_snapshot()
+        # The phase keeps every result (hundreds of thousands of objects); a full collection
+        # scans them all, and its pause grew with the run (schedule lag p99 9 -> 440 ms over
+        # 10 minutes), firing the late arrivals as bursts. Frozen objects are not scanned.
+        gc.collect()
+        gc.freeze()
         t0 = loop.time()
         phase_counters = cpu_counters(self.server.proc.pid)
         end = t0 + duration
@@ -716,6 +721,7 @@ class Soak:
                   f"{(w['cpu_cores'] or {}).get('other', 0):>6.2f}", flush=True)
             win_start, win_idx, win_cpu = w_end, win_idx + 1, cpu
             win_cpu_t[0] = loop.time()
+            gc.freeze()
 
         lag_from, win_cpu_t, win_counters = [0], [t0], [cpu_counters(self.server.proc.pid)]
         while True:
@@ -832,11 +838,10 @@ class Soak:
 
                 async def one(text):
                     body = json.dumps({"inputs": [tensor("TEXT", "BYTES", [1, 1], [text])]}).encode()
-                    async with self.session.post(f"{self.server.url}/v2/models/minilm_embed/infer", data=body,
-                                                 headers={"Content-Type": "application/json"}) as r:
-                        if r.status != 200:
-                            raise SetupError(f"reference embedding: HTTP {r.status}: {(await r.text())[:300]}")
-                        out = first_output(await r.json(content_type=None), "EMBEDDING")["data"]
+                    status, raw = await self.session.request("POST", "/v2/models/minilm_embed/infer", body)
+                    if status != 200:
+                        raise SetupError(f"reference embedding: HTTP {status}: {raw[:300].decode('utf-8', 'replace')}")
+                    out = first_output(json.loads(raw), "EMBEDDING")["data"]
                     norm = math.sqrt(sum(v * v for v in out)) or 1.0
                     wl.references[text] = [v / norm for v in out]
 
@@ -844,10 +849,12 @@ class Soak:
 
     async def metrics_snapshot(self):
         try:
-            async with self.session.get(self.server.metrics_url) as r:
-                text = await r.text()
-        except aiohttp.ClientError:
+            status, raw = await self.metrics_client.request("GET", "/metrics")
+        except (NoAnswer, OSError, asyncio.TimeoutError):
             return None
+        if status != 200:
+            return None
+        text = raw.decode("utf-8", "replace")
         keep = {}
         for line in text.splitlines():
             if line.startswith(("nv_inference_request_success", "nv_inference_request_failure",
@@ -860,13 +867,11 @@ class Soak:
     async def run(self):
         a = self.args
         self.loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(limit=a.max_inflight + 16, limit_per_host=0, force_close=False,
-                                         keepalive_timeout=60, ttl_dns_cache=None, use_dns_cache=False)
-        timeout = aiohttp.ClientTimeout(total=a.request_timeout)
         # No Accept-Encoding: plain JSON answers (as tritonclient gets them), no gzip on either side.
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                         skip_auto_headers=("Accept-Encoding",)) as session:
-            self.session = session
+        # Connections are bounded by --max-inflight (one request at a time on each).
+        self.session = Client(HOST, self.server.http_port, a.request_timeout)
+        self.metrics_client = Client(HOST, self.server.metrics_port, 10.0)
+        try:
             await self.warmup()
             self.report["rss_after_warmup_kib"] = self.rss()["VmRSS"]
             peak = await self.phase_peak()
@@ -880,6 +885,9 @@ class Soak:
                 over["server_metrics_after"] = await self.metrics_snapshot()
                 self.report["phases"].append(over)
             self.report["rss_end_kib"] = self.rss()["VmRSS"]
+        finally:
+            self.session.close()
+            self.metrics_client.close()
 
 
 class SetupError(Exception):
@@ -1061,31 +1069,36 @@ def load_sentences(args):
 async def wait_ready(server, timeout):
     """Waits for /v2/health/ready; on a timeout, returns the repository index (models and reasons)."""
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+    client = Client(HOST, server.http_port, 5.0)
+    try:
         while time.monotonic() < deadline:
             if not server.alive():
                 raise ServerDied(server)
             try:
-                async with s.get(f"{server.url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return None
-            except aiohttp.ClientError:
+                status, _ = await client.request("GET", "/v2/health/ready")
+                if status == 200:
+                    return None
+            except (NoAnswer, OSError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(0.25)
         try:
-            async with s.post(f"{server.url}/v2/repository/index", data=b"{}") as r:
-                return await r.json(content_type=None)
-        except (aiohttp.ClientError, ValueError):
+            status, raw = await client.request("POST", "/v2/repository/index", b"{}")
+            return json.loads(raw)
+        except (NoAnswer, OSError, asyncio.TimeoutError, ValueError):
             return "no answer"
+    finally:
+        client.close()
 
 
 async def model_ready(server, model):
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        try:
-            async with s.get(f"{server.url}/v2/models/{model}/ready") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
+    client = Client(HOST, server.http_port, 5.0)
+    try:
+        status, _ = await client.request("GET", f"/v2/models/{model}/ready")
+        return status == 200
+    except (NoAnswer, OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        client.close()
 
 
 def pick_binary(arg):

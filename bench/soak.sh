@@ -9,11 +9,5 @@
 # (scripts/build-plugins.sh) and the MiniLM weights (scripts/fetch-models.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=.venv-bench
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-if ! "$venv/bin/python" -c 'import aiohttp' 2>/dev/null; then
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r bench/requirements.txt
-fi
-exec "$venv/bin/python" bench/soak.py "$@"
+# Standard library only (its HTTP client is bench/loopback_http.py).
+exec python3 bench/soak.py "$@"

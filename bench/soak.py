@@ -227,6 +227,7 @@ class Server:
             "--http-address", HOST,
             "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port),
+            "--grpc-port", str(free_port()),
             "--exit-timeout-secs", "10",
             *self.extra_args,
         ]

@@ -90,6 +90,8 @@ pub struct Server {
     child: Child,
     pub base: String,
     pub metrics: String,
+    /// host:port of the gRPC port ("off" when started with --allow-grpc false).
+    pub grpc: String,
     log: Arc<Mutex<String>>,
 }
 
@@ -112,6 +114,8 @@ impl Server {
                 "--http-port",
                 "0",
                 "--metrics-port",
+                "0",
+                "--grpc-port",
                 "0",
             ])
             .args(extra)
@@ -144,6 +148,7 @@ impl Server {
         let server = Server {
             base: format!("http://{}", field("http")),
             metrics: format!("http://{}/metrics", field("metrics")),
+            grpc: field("grpc"),
             child,
             log,
         };

@@ -2,6 +2,7 @@
 //! The Wasm components come from scripts/build-plugins.sh.
 
 mod ensemble;
+mod grpc;
 mod harness;
 mod limits;
 mod protocol;

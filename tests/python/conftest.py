@@ -67,8 +67,10 @@ def _link_large(src, dst):
 
 
 class WispServer:
-    def __init__(self, proc: subprocess.Popen, http_port: int, metrics_port: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, http_port: int, metrics_port: int, log_path: Path,
+                 grpc_port: int):
         self.proc = proc
+        self.grpc_port = grpc_port
         self.http_port = http_port
         self.metrics_port = metrics_port
         self.log_path = log_path
@@ -77,6 +79,15 @@ class WispServer:
     def url(self) -> str:
         """host:port, as tritonclient.http wants it."""
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port of the gRPC port, as tritonclient.grpc wants it."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def grpc_client(self):
+        import tritonclient.grpc as grpcclient
+        return grpcclient.InferenceServerClient(url=self.grpc_url)
 
     def log(self) -> str:
         try:
@@ -128,15 +139,16 @@ def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path
     binary = wisp_bin()
     if repository is None:
         repository = copy_model_repository(workdir)
-    http_port, metrics_port = free_port(), free_port()
-    while metrics_port == http_port:
-        metrics_port = free_port()
+    http_port, metrics_port, grpc_port = free_port(), free_port(), free_port()
+    while len({http_port, metrics_port, grpc_port}) < 3:
+        metrics_port, grpc_port = free_port(), free_port()
     cmd = [
         str(binary), "serve",
         "--model-repository", str(repository),
         "--http-address", "127.0.0.1",
         "--http-port", str(http_port),
         "--metrics-port", str(metrics_port),
+        "--grpc-port", str(grpc_port),
         "--model-control-mode", mode,
     ]
     for name in load_models:
@@ -144,7 +156,7 @@ def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path
     log_path = workdir / "wisp.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    server = WispServer(proc, http_port, metrics_port, log_path)
+    server = WispServer(proc, http_port, metrics_port, log_path, grpc_port)
     try:
         _wait_ready(server)
     except BaseException:

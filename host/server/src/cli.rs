@@ -55,6 +55,24 @@ pub struct ServeArgs {
     /// HTTP/2 streams one connection may have open at once.
     #[arg(long, default_value_t = 256)]
     pub http2_max_concurrent_streams: u32,
+    /// Serve the gRPC protocol (Triton's GRPCInferenceService and grpc.health.v1).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_grpc: bool,
+    /// Address to bind the gRPC port on (default: --http-address).
+    #[arg(long)]
+    pub grpc_address: Option<String>,
+    #[arg(long, default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Restrict gRPC API groups to requests carrying a metadata key: `inference:KEY=VALUE`
+    /// (Triton's `--grpc-restricted-protocol`; the groups as --http-restricted-api). Repeatable.
+    #[arg(long = "grpc-restricted-protocol")]
+    pub grpc_restricted_protocol: Vec<Restriction>,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub grpc_max_message_bytes: usize,
+    /// Connections the gRPC port holds at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 1024)]
+    pub grpc_max_connections: usize,
     /// How long shutdown waits for in-flight requests before it gives up.
     #[arg(long, default_value_t = 30)]
     pub exit_timeout_secs: u64,

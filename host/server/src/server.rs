@@ -96,8 +96,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 args.http_address, args.metrics_port
             )
         })?;
+    let grpc = if args.allow_grpc {
+        let address = args.grpc_address.as_deref().unwrap_or(&args.http_address);
+        Some(
+            TcpListener::bind((address, args.grpc_port))
+                .await
+                .with_context(|| format!("binding the gRPC port {address}:{}", args.grpc_port))?,
+        )
+    } else {
+        None
+    };
     tracing::info!(
         http = %http.local_addr()?,
+        grpc = %grpc.as_ref().map(|l| l.local_addr().map(|a| a.to_string())).transpose()?.unwrap_or_else(|| "off".into()),
         metrics = %metrics_listener.local_addr()?,
         repository = %args.model_repository.display(),
         mode = ?args.model_control_mode,
@@ -109,6 +120,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         header_read_timeout: Duration::from_secs(args.http_header_read_timeout_secs.max(1)),
         idle_timeout: Duration::from_secs(args.http_idle_timeout_secs.max(1)),
         max_concurrent_streams: args.http2_max_concurrent_streams.max(1),
+        hold_during_body: false,
     };
     let metrics_task = tokio::spawn(serve_metrics(
         metrics_listener,
@@ -122,6 +134,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let connections = Arc::new(tokio::sync::Semaphore::new(
         args.http_max_connections.max(1),
     ));
+    let grpc_connections = Arc::new(tokio::sync::Semaphore::new(
+        args.grpc_max_connections.max(1),
+    ));
+    let grpc_routes = crate::grpc::routes(
+        state.clone(),
+        args.grpc_restricted_protocol.clone(),
+        args.grpc_max_message_bytes,
+    );
 
     // Models load while the server already answers health and index requests.
     let loader = {
@@ -171,6 +191,36 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     drop(permit);
                 });
             }
+            accepted = accept(grpc.as_ref()) => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!("gRPC accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = grpc_connections.clone().try_acquire_owned() else {
+                    tracing::debug!("connection limit reached (--grpc-max-connections); closing a new connection");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let routes = grpc_routes.clone();
+                let service = move |req: hyper::Request<hyper::body::Incoming>| {
+                    use tonic::codegen::Service;
+                    let mut routes = routes.clone();
+                    async move {
+                        let response = routes.call(req.map(tonic::body::Body::new)).await;
+                        Ok::<_, std::convert::Infallible>(response.unwrap_or_else(|never| match never {}))
+                    }
+                };
+                let watched = graceful.watcher();
+                tokio::spawn(async move {
+                    // A gRPC stream counts as activity until its last message is sent.
+                    serve_connection(stream, service, ConnectionLimits { hold_during_body: true, ..http_limits }, Some(watched)).await;
+                    drop(permit);
+                });
+            }
             _ = &mut signal => break,
         }
     }
@@ -178,6 +228,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     state.ready.store(false, Ordering::Release);
     drop(http);
+    drop(grpc);
     let _ = stop_tx.send(true);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -198,6 +249,43 @@ pub struct ConnectionLimits {
     /// A connection without a request in progress for this long is closed.
     pub idle_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// A response counts as a request in progress until its body is sent (gRPC streams),
+    /// not only until its head is ready (HTTP, where a client that stops reading a
+    /// response is idle).
+    pub hold_during_body: bool,
+}
+
+/// The next connection of an optional listener (never, without one).
+async fn accept(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A response body that holds its request's in-progress mark until it is done.
+struct TrackedBody<B> {
+    inner: B,
+    _in_progress: Option<InProgress>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Requests in progress on one connection and when the last one started or ended.
@@ -227,16 +315,19 @@ impl Drop for InProgress {
 /// pings and stream limit, and an idle timeout that closes a connection with no
 /// request in progress (an idle socket, an h2c connection that never sends, a
 /// client that stopped reading its response).
-async fn serve_connection<F, Fut>(
+async fn serve_connection<F, Fut, B>(
     stream: tokio::net::TcpStream,
     handler: F,
     limits: ConnectionLimits,
     graceful: Option<hyper_util::server::graceful::Watcher>,
 ) where
     F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<hyper::Response<Full<Bytes>>, std::convert::Infallible>>
+    Fut: std::future::Future<Output = Result<hyper::Response<B>, std::convert::Infallible>>
         + Send
         + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let activity = Arc::new(Activity::default());
     activity.touch();
@@ -248,10 +339,16 @@ async fn serve_connection<F, Fut>(
             activity.touch();
             let guard = InProgress(activity.clone());
             let response = handler(req);
+            let hold = limits.hold_during_body;
             async move {
                 let response = response.await;
-                drop(guard);
-                response
+                let guard = hold.then_some(guard);
+                response.map(|r| {
+                    r.map(|inner| TrackedBody {
+                        inner,
+                        _in_progress: guard,
+                    })
+                })
             }
         })
     };

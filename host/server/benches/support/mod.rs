@@ -24,6 +24,12 @@ pub fn start_wisp_binary(binary: &Path, repo: &Path) -> (Child, String) {
             "--metrics-port",
             "0",
         ])
+        // Builds before the gRPC front have no such flag (and no gRPC port to collide on).
+        .args(if binary == Path::new(env!("CARGO_BIN_EXE_wisp")) {
+            &["--grpc-port", "0"][..]
+        } else {
+            &[]
+        })
         .arg("--model-repository")
         .arg(repo)
         .env("WISP_LOG", "info")

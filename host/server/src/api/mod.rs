@@ -207,7 +207,7 @@ fn empty(status: StatusCode) -> Response<Body> {
 const INLINE_WORK_BYTES: usize = 64 << 10;
 
 /// Runs `f` inline for small inputs, on the blocking pool for large ones.
-async fn cpu_work<T: Send + 'static>(
+pub(crate) async fn cpu_work<T: Send + 'static>(
     size: usize,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -235,6 +235,15 @@ fn reserve_body(
         Some(len) if !compressed => len.min(state.max_body_bytes),
         _ => state.max_body_bytes,
     };
+    reserve_bytes(state, bytes)
+}
+
+/// Reserves `bytes` in the server-wide budget of request bytes in flight (both fronts),
+/// or refuses at once.
+pub(crate) fn reserve_bytes(
+    state: &ServerState,
+    bytes: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit> {
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
     state.inflight_kib.clone().try_acquire_many_owned(kib).map_err(|_| {
         Error::unavailable(format!(
@@ -514,14 +523,11 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
 
     match route {
         Route::Live => Ok(empty(StatusCode::OK)),
-        Route::Ready => Ok(empty(
-            if state.ready.load(Ordering::Acquire) && (!state.strict_readiness || repo.all_ready())
-            {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            },
-        )),
+        Route::Ready => Ok(empty(if server_ready(state) {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        })),
         Route::ServerMetadata => Ok(json_response(
             StatusCode::OK,
             &json!({"name": "wisp", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS}),
@@ -535,30 +541,16 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             }))
         }
         Route::ModelMetadata(m, v) => {
-            let model = repo.get(m, v.map(parse_version).transpose()?)?;
-            let config = &model.config;
-            let versions: Vec<String> = repo
-                .ready_models()
-                .iter()
-                .filter(|r| r.name() == m)
-                .map(|r| r.version.to_string())
-                .collect();
-            let tensor = |t: &wisp_core::config::TensorConfig| {
-                let shape: Vec<i64> = if config.max_batch_size > 0 {
-                    std::iter::once(-1).chain(t.dims.iter().copied()).collect()
-                } else {
-                    t.dims.clone()
-                };
-                json!({"name": t.name, "datatype": t.datatype.as_str(), "shape": shape})
-            };
+            let metadata = model_metadata(repo, m, v.map(parse_version).transpose()?)?;
+            let tensor = |t: &TensorMetadata| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape});
             Ok(json_response(
                 StatusCode::OK,
                 &json!({
-                    "name": config.name,
-                    "versions": versions,
-                    "platform": config.backend.as_str(),
-                    "inputs": config.inputs.iter().map(tensor).collect::<Vec<_>>(),
-                    "outputs": config.outputs.iter().map(tensor).collect::<Vec<_>>(),
+                    "name": metadata.name,
+                    "versions": metadata.versions,
+                    "platform": metadata.platform,
+                    "inputs": metadata.inputs.iter().map(tensor).collect::<Vec<_>>(),
+                    "outputs": metadata.outputs.iter().map(tensor).collect::<Vec<_>>(),
                 }),
             ))
         }
@@ -570,28 +562,8 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             ))
         }
         Route::Stats(m, v) => {
-            let version = v.map(parse_version).transpose()?;
-            let models = match m {
-                None => repo.ready_models(),
-                Some(m) => match version {
-                    Some(_) => vec![repo.get(m, version)?],
-                    None => {
-                        repo.get(m, None)?;
-                        repo.ready_models()
-                            .into_iter()
-                            .filter(|r| r.name() == m)
-                            .collect()
-                    }
-                },
-            };
-            let stats: Vec<Value> = models
-                .iter()
-                .map(|r| r.stats.to_json(r.name(), r.version))
-                .collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({ "model_stats": stats }),
-            ))
+            let stats = model_statistics(repo, m, v.map(parse_version).transpose()?)?;
+            Ok(json_response(StatusCode::OK, &stats))
         }
         Route::RepositoryIndex => {
             let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
@@ -611,40 +583,12 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             let is_load = matches!(route, Route::Load(_));
             let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
             let body = parse_json_body(&body)?;
-            if repo.mode() != ControlMode::Explicit {
-                return Err(Error::unavailable(format!(
-                    "explicit model load / unload is not allowed in --model-control-mode {}; \
-                     start wisp with --model-control-mode explicit",
-                    match repo.mode() {
-                        ControlMode::None => "none",
-                        ControlMode::Poll => "poll",
-                        ControlMode::Explicit => "explicit",
-                    }
-                )));
-            }
-            if let Some(params) = body.get("parameters").and_then(|p| p.as_object()) {
-                let unsupported: Vec<&String> = params
-                    .keys()
-                    .filter(|k| k.as_str() != "unload_dependents")
-                    .collect();
-                if !unsupported.is_empty() {
-                    return Err(Error::invalid(format!(
-                        "load/unload parameters {unsupported:?} are not supported; \
-                         change the files in the model repository instead"
-                    )));
-                }
-            }
-            // In a task of its own: a client that gives up must not cancel a load halfway.
-            let (repo, name) = (repo.clone(), m.to_string());
-            tokio::spawn(async move {
-                if is_load {
-                    repo.load(&name).await
-                } else {
-                    repo.unload(&name).await
-                }
-            })
-            .await
-            .map_err(|e| Error::internal(format!("the load task failed: {e}")))??;
+            let keys: Vec<&str> = body
+                .get("parameters")
+                .and_then(|p| p.as_object())
+                .map(|p| p.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            load_or_unload(repo, m, is_load, &keys).await?;
             Ok(empty(StatusCode::OK))
         }
         Route::Infer(m, v) => {
@@ -716,6 +660,128 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                 .expect("valid response"))
         }
     }
+}
+
+/// Ready: startup loading finished, not shutting down, and (with strict readiness)
+/// every model that should be loaded is.
+pub fn server_ready(state: &ServerState) -> bool {
+    state.ready.load(Ordering::Acquire) && (!state.strict_readiness || state.repository.all_ready())
+}
+
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+/// A model's metadata as both fronts answer it.
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+pub fn model_metadata(
+    repo: &Repository,
+    name: &str,
+    version: Option<u64>,
+) -> Result<ModelMetadata> {
+    let model = repo.get(name, version)?;
+    let config = &model.config;
+    let versions: Vec<String> = repo
+        .ready_models()
+        .iter()
+        .filter(|r| r.name() == name)
+        .map(|r| r.version.to_string())
+        .collect();
+    let tensor = |t: &wisp_core::config::TensorConfig| TensorMetadata {
+        name: t.name.clone(),
+        datatype: t.datatype.as_str(),
+        // Batched models take a leading batch dimension of any size.
+        shape: if config.max_batch_size > 0 {
+            std::iter::once(-1).chain(t.dims.iter().copied()).collect()
+        } else {
+            t.dims.clone()
+        },
+    };
+    Ok(ModelMetadata {
+        name: config.name.clone(),
+        versions,
+        platform: config.backend.as_str().to_string(),
+        inputs: config.inputs.iter().map(tensor).collect(),
+        outputs: config.outputs.iter().map(tensor).collect(),
+    })
+}
+
+/// Triton's statistics JSON (`{"model_stats": [...]}`) of every ready model, one
+/// model's versions, or one version.
+pub fn model_statistics(
+    repo: &Repository,
+    name: Option<&str>,
+    version: Option<u64>,
+) -> Result<Value> {
+    let models = match name {
+        None => repo.ready_models(),
+        Some(m) => match version {
+            Some(_) => vec![repo.get(m, version)?],
+            None => {
+                repo.get(m, None)?;
+                repo.ready_models()
+                    .into_iter()
+                    .filter(|r| r.name() == m)
+                    .collect()
+            }
+        },
+    };
+    let stats: Vec<Value> = models
+        .iter()
+        .map(|r| r.stats.to_json(r.name(), r.version))
+        .collect();
+    Ok(json!({ "model_stats": stats }))
+}
+
+/// Explicit load or unload (model control mode `explicit`); `parameters` are the
+/// request's parameter names (only `unload_dependents` is understood).
+pub async fn load_or_unload(
+    repo: &Arc<Repository>,
+    name: &str,
+    is_load: bool,
+    parameters: &[&str],
+) -> Result<()> {
+    if repo.mode() != ControlMode::Explicit {
+        return Err(Error::unavailable(format!(
+            "explicit model load / unload is not allowed in --model-control-mode {}; \
+             start wisp with --model-control-mode explicit",
+            match repo.mode() {
+                ControlMode::None => "none",
+                ControlMode::Poll => "poll",
+                ControlMode::Explicit => "explicit",
+            }
+        )));
+    }
+    let unsupported: Vec<&&str> = parameters
+        .iter()
+        .filter(|k| **k != "unload_dependents")
+        .collect();
+    if !unsupported.is_empty() {
+        return Err(Error::invalid(format!(
+            "load/unload parameters {unsupported:?} are not supported; \
+             change the files in the model repository instead"
+        )));
+    }
+    // In a task of its own: a client that gives up must not cancel a load halfway.
+    let (repo, name) = (repo.clone(), name.to_string());
+    tokio::spawn(async move {
+        if is_load {
+            repo.load(&name).await
+        } else {
+            repo.unload(&name).await
+        }
+    })
+    .await
+    .map_err(|e| Error::internal(format!("the load task failed: {e}")))?
 }
 
 fn compress(data: &[u8], gzip: bool) -> Vec<u8> {

@@ -1031,7 +1031,7 @@ impl<'de> Visitor<'de> for DeferredData<'_, '_> {
 
 /// Triton's classification extension: per batch row, the `k` largest values as
 /// `"value:index"` or `"value:index:label"` BYTES, best first.
-fn classify(tensor: &Tensor, classification: &Classification) -> Result<Tensor> {
+pub(crate) fn classify(tensor: &Tensor, classification: &Classification) -> Result<Tensor> {
     let values = tensor.to_f64()?;
     let (rows, lead) = match (classification.batched, tensor.shape.first()) {
         (true, Some(&b)) if b > 0 => (b as usize, vec![b]),

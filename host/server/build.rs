@@ -1,0 +1,19 @@
+//! Compiles Triton's gRPC protocol (proto/) into the server's gRPC types and service
+//! traits. protox parses the .proto files in Rust, so building wisp needs no `protoc`.
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/grpc_service.proto", "proto/health.proto"];
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(protos, ["proto"])?;
+    // The descriptors at run time too: the gRPC front converts Triton's JSON (model
+    // config, statistics, index) into these messages by reflection.
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("descriptors.bin"), descriptors.encode_to_vec())?;
+    tonic_prost_build::configure()
+        // Tensor payloads stay reference-counted slices of the received message.
+        .bytes(".")
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,242 @@
+"""End-to-end tests of wisp's gRPC front with the real `tritonclient[grpc]` package.
+
+The flows are those of Triton's gRPC client examples (simple_grpc_infer_client.py,
+simple_grpc_string_infer_client.py, simple_grpc_async_infer_client.py,
+simple_grpc_sequence_stream_infer_client.py, simple_grpc_health_metadata.py,
+simple_grpc_model_control.py), written for wisp's models and run against the real binary
+(see conftest.py).
+"""
+
+import queue
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+@pytest.fixture(scope="module")
+def gclient(wisp_server):
+    c = wisp_server.grpc_client()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def explicit_gclient(explicit_server):
+    c = explicit_server.grpc_client()
+    yield c
+    c.close()
+
+
+def simple_inputs(in0, in1):
+    inputs = [
+        grpcclient.InferInput("INPUT0", list(in0.shape), "INT32"),
+        grpcclient.InferInput("INPUT1", list(in1.shape), "INT32"),
+    ]
+    inputs[0].set_data_from_numpy(in0)
+    inputs[1].set_data_from_numpy(in1)
+    return inputs
+
+
+def simple_data(batch=1):
+    in0 = np.arange(16 * batch, dtype=np.int32).reshape(batch, 16)
+    in1 = np.full((batch, 16), 3, dtype=np.int32) - in0 // 2
+    return in0, in1
+
+
+def test_health_and_metadata(gclient):
+    assert gclient.is_server_live()
+    assert gclient.is_server_ready()
+    assert gclient.is_model_ready("simple")
+    assert not gclient.is_model_ready("no_such_model")
+    meta = gclient.get_server_metadata(as_json=True)
+    assert meta["name"] == "wisp"
+    assert "binary_tensor_data" in meta["extensions"]
+    model = gclient.get_model_metadata("simple", as_json=True)
+    assert model["name"] == "simple"
+    assert model["versions"] == ["1"]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in model["inputs"]] == [
+        ("INPUT0", "INT32", ["-1", "16"]),
+        ("INPUT1", "INT32", ["-1", "16"]),
+    ]
+
+
+def test_model_config_is_a_real_model_config(gclient):
+    config = gclient.get_model_config("simple").config
+    assert config.name == "simple"
+    assert config.max_batch_size > 0
+    assert [i.name for i in config.input] == ["INPUT0", "INPUT1"]
+    assert list(config.input[0].dims) == [16]
+    # An enum of the protocol, not a string: the message was decoded as Triton's ModelConfig.
+    assert config.input[0].data_type == grpcclient.model_config_pb2.TYPE_INT32
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_simple_infer(gclient, batch):
+    in0, in1 = simple_data(batch)
+    outputs = [grpcclient.InferRequestedOutput("OUTPUT0"), grpcclient.InferRequestedOutput("OUTPUT1")]
+    result = gclient.infer("simple", simple_inputs(in0, in1), outputs=outputs, request_id="req-1")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), in0 + in1)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), in0 - in1)
+    response = result.get_response()
+    assert response.id == "req-1"
+    assert response.model_name == "simple" and response.model_version == "1"
+
+
+def test_simple_infer_one_output_and_gzip(gclient):
+    in0, in1 = simple_data()
+    result = gclient.infer(
+        "simple",
+        simple_inputs(in0, in1),
+        outputs=[grpcclient.InferRequestedOutput("OUTPUT1")],
+        compression_algorithm="gzip",
+    )
+    assert result.as_numpy("OUTPUT0") is None
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), in0 - in1)
+
+
+def test_simple_string_infer(gclient):
+    in0 = np.arange(16, dtype=np.int32).reshape(1, 16) - 4
+    in1 = np.ones((1, 16), dtype=np.int32) * 7
+    inputs = [
+        grpcclient.InferInput("INPUT0", [1, 16], "BYTES"),
+        grpcclient.InferInput("INPUT1", [1, 16], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([str(x).encode() for x in in0.flatten()], dtype=np.object_).reshape(1, 16))
+    inputs[1].set_data_from_numpy(np.array([str(x).encode() for x in in1.flatten()], dtype=np.object_).reshape(1, 16))
+    result = gclient.infer("simple_string", inputs)
+    out0, out1 = result.as_numpy("OUTPUT0"), result.as_numpy("OUTPUT1")
+    for i in range(16):
+        assert int(out0[0][i]) == in0[0][i] + in1[0][i]
+        assert int(out1[0][i]) == in0[0][i] - in1[0][i]
+
+
+def test_async_infer(gclient):
+    in0, in1 = simple_data()
+    done = queue.Queue()
+    gclient.async_infer("simple", simple_inputs(in0, in1), callback=lambda result, error: done.put((result, error)))
+    result, error = done.get(timeout=10)
+    assert error is None, error
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), in0 + in1)
+
+
+def test_stream_infer_in_order_with_errors_in_the_stream(wisp_server):
+    client = wisp_server.grpc_client()
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for i in range(20):
+            in0 = np.full((1, 16), i, dtype=np.int32)
+            in1 = np.ones((1, 16), dtype=np.int32)
+            client.async_stream_infer("simple", simple_inputs(in0, in1), request_id=str(i))
+        # A bad request answers with an error in the stream; the stream goes on.
+        bad = grpcclient.InferInput("INPUT0", [1, 3], "INT32")
+        bad.set_data_from_numpy(np.zeros((1, 3), dtype=np.int32))
+        client.async_stream_infer("simple", [bad], request_id="bad")
+        in0, in1 = simple_data()
+        client.async_stream_infer("simple", simple_inputs(in0, in1), request_id="after")
+        seen = [results.get(timeout=10) for _ in range(22)]
+    finally:
+        client.stop_stream()
+        client.close()
+    for i, (result, error) in enumerate(seen[:20]):
+        assert error is None, error
+        assert result.get_response().id == str(i)
+        assert int(result.as_numpy("OUTPUT0")[0][0]) == i + 1
+    result, error = seen[20]
+    assert error is not None and "INPUT0" in str(error), error
+    result, error = seen[21]
+    assert error is None and result.get_response().id == "after"
+
+
+def test_sequences_over_a_stream(wisp_server):
+    """simple_grpc_sequence_stream_infer_client's flow: two interleaved sequences, one stream."""
+    client = wisp_server.grpc_client()
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    values = [11, 7, 5, 3, 2, 0, 1]
+    ids = (1000, 1001)
+    try:
+        for i, value in enumerate(values):
+            for sign, sid in zip((1, -1), ids):
+                inp = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+                inp.set_data_from_numpy(np.array([[sign * value]], dtype=np.int32))
+                client.async_stream_infer(
+                    "simple_sequence",
+                    [inp],
+                    request_id=f"{sid}-{i}",
+                    sequence_id=sid,
+                    sequence_start=(i == 0),
+                    sequence_end=(i == len(values) - 1),
+                )
+        seen = [results.get(timeout=10) for _ in range(2 * len(values))]
+    finally:
+        client.stop_stream()
+        client.close()
+    sums = {sid: 0 for sid in ids}
+    for i, value in enumerate(values):
+        for sign, sid in zip((1, -1), ids):
+            sums[sid] += sign * value
+            result, error = seen[2 * i + (0 if sid == ids[0] else 1)]
+            assert error is None, error
+            assert result.get_response().id == f"{sid}-{i}"
+            assert int(result.as_numpy("OUTPUT")[0][0]) == sums[sid]
+
+
+def test_errors_carry_grpc_codes_and_name_the_problem(gclient):
+    in0, in1 = simple_data()
+    with pytest.raises(InferenceServerException) as e:
+        gclient.infer("no_such_model", simple_inputs(in0, in1))
+    assert "no_such_model" in e.value.message()
+    assert e.value.status() == "StatusCode.NOT_FOUND"
+    bad = grpcclient.InferInput("INPUT0", [1, 3], "INT32")
+    bad.set_data_from_numpy(np.zeros((1, 3), dtype=np.int32))
+    with pytest.raises(InferenceServerException) as e:
+        gclient.infer("simple", [bad, simple_inputs(in0, in1)[1]])
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "INPUT0" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        gclient.get_cuda_shared_memory_status()
+    assert e.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_statistics_count_grpc_requests(gclient):
+    before = gclient.get_inference_statistics("simple", as_json=True)["model_stats"][0]
+    in0, in1 = simple_data()
+    for _ in range(3):
+        gclient.infer("simple", simple_inputs(in0, in1))
+    stats = gclient.get_inference_statistics("simple", as_json=True)["model_stats"][0]
+    assert stats["name"] == "simple" and stats["version"] == "1"
+    assert int(stats["inference_count"]) >= int(before.get("inference_count", 0)) + 3
+    assert int(stats["inference_stats"]["success"]["count"]) >= 3
+
+
+def test_repository_index_and_model_control(explicit_gclient):
+    index = explicit_gclient.get_model_repository_index(as_json=True)["models"]
+    states = {m["name"]: m.get("state") for m in index}
+    assert states["simple"] == "READY"
+    assert not explicit_gclient.is_model_ready("simple_identity")
+    explicit_gclient.load_model("simple_identity")
+    assert explicit_gclient.is_model_ready("simple_identity")
+    explicit_gclient.unload_model("simple_identity")
+    assert not explicit_gclient.is_model_ready("simple_identity")
+    with pytest.raises(InferenceServerException) as e:
+        explicit_gclient.load_model("no_such_model")
+    assert "no_such_model" in e.value.message()
+
+
+def test_grpc_health_v1(wisp_server):
+    with grpc.insecure_channel(wisp_server.grpc_url) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        # HealthCheckResponse{status: SERVING (1)} is the bytes 08 01.
+        assert check(b"", timeout=10) == b"\x08\x01"
+        # service = "nope": an unknown service is NOT_FOUND.
+        with pytest.raises(grpc.RpcError) as e:
+            check(b"\x0a\x04nope", timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,9 +1,15 @@
 //! Compiles Triton's gRPC protocol (proto/) into the server's gRPC types and service
 //! traits. protox parses the .proto files in Rust, so building wisp needs no `protoc`.
 
-use prost::Message;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    #[cfg(feature = "grpc")]
+    grpc()?;
+    Ok(())
+}
+
+#[cfg(feature = "grpc")]
+fn grpc() -> Result<(), Box<dyn std::error::Error>> {
+    use prost::Message;
     let protos = ["proto/grpc_service.proto", "proto/health.proto"];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(protos, ["proto"])?;

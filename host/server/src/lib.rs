@@ -5,5 +5,6 @@
 
 pub mod api;
 pub mod cli;
+#[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod server;

@@ -96,6 +96,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 args.http_address, args.metrics_port
             )
         })?;
+    #[cfg(not(feature = "grpc"))]
+    if args.allow_grpc {
+        anyhow::bail!("this wisp was built without the gRPC front (feature `grpc`); start it with --allow-grpc false");
+    }
     let grpc = if args.allow_grpc {
         let address = args.grpc_address.as_deref().unwrap_or(&args.http_address);
         Some(
@@ -137,6 +141,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_connections = Arc::new(tokio::sync::Semaphore::new(
         args.grpc_max_connections.max(1),
     ));
+    #[cfg(feature = "grpc")]
     let grpc_routes = crate::grpc::routes(
         state.clone(),
         args.grpc_restricted_protocol.clone(),
@@ -204,22 +209,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     tracing::debug!("connection limit reached (--grpc-max-connections); closing a new connection");
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
-                let routes = grpc_routes.clone();
-                let service = move |req: hyper::Request<hyper::body::Incoming>| {
-                    use tonic::codegen::Service;
-                    let mut routes = routes.clone();
-                    async move {
-                        let response = routes.call(req.map(tonic::body::Body::new)).await;
-                        Ok::<_, std::convert::Infallible>(response.unwrap_or_else(|never| match never {}))
-                    }
-                };
-                let watched = graceful.watcher();
-                tokio::spawn(async move {
-                    // A gRPC stream counts as activity until its last message is sent.
-                    serve_connection(stream, service, ConnectionLimits { hold_during_body: true, ..http_limits }, Some(watched)).await;
-                    drop(permit);
-                });
+                #[cfg(feature = "grpc")]
+                serve_grpc(stream, permit, &grpc_routes, http_limits, graceful.watcher());
+                #[cfg(not(feature = "grpc"))]
+                drop((stream, permit));
             }
             _ = &mut signal => break,
         }
@@ -253,6 +246,36 @@ pub struct ConnectionLimits {
     /// not only until its head is ready (HTTP, where a client that stops reading a
     /// response is idle).
     pub hold_during_body: bool,
+}
+
+/// Serves one gRPC connection: the same limits as HTTP, but a stream counts as
+/// activity until its last message is sent.
+#[cfg(feature = "grpc")]
+fn serve_grpc(
+    stream: tokio::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    routes: &tonic::service::Routes,
+    limits: ConnectionLimits,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let _ = stream.set_nodelay(true);
+    let routes = routes.clone();
+    let service = move |req: hyper::Request<hyper::body::Incoming>| {
+        use tonic::codegen::Service;
+        let mut routes = routes.clone();
+        async move {
+            let response = routes.call(req.map(tonic::body::Body::new)).await;
+            Ok::<_, std::convert::Infallible>(response.unwrap_or_else(|never| match never {}))
+        }
+    };
+    let limits = ConnectionLimits {
+        hold_during_body: true,
+        ..limits
+    };
+    tokio::spawn(async move {
+        serve_connection(stream, service, limits, Some(watcher)).await;
+        drop(permit);
+    });
 }
 
 /// The next connection of an optional listener (never, without one).

@@ -387,11 +387,17 @@ fn error_paths_name_what_is_wrong() {
     let (_repo, server) = simple_server();
     let ok = simple_request(&ramp(), &ramp());
 
-    assert!(server.infer("nothing", &ok).error(404).contains("nothing"));
-    assert!(server
-        .post_json("/v2/models/simple/versions/9/infer", &ok)
-        .error(404)
-        .contains("version 9"));
+    // Triton's answer for an unknown model or version, which its clients' examples check.
+    assert_eq!(
+        server.infer("nothing", &ok).error(400),
+        "Request for unknown model: 'nothing' is not found"
+    );
+    assert_eq!(
+        server
+            .post_json("/v2/models/simple/versions/9/infer", &ok)
+            .error(400),
+        "Request for unknown model: 'simple' version 9 is not found"
+    );
     assert!(server.get("/v2/bogus").error(404).contains("/v2/bogus"));
     assert_eq!(server.get("/v2/models/simple/infer").status, 405);
 
@@ -589,7 +595,8 @@ fn statistics_and_metrics() {
         server.get("/v2/models/simple/versions/1/stats").ok()["model_stats"][0]["inference_count"],
         5
     );
-    assert_eq!(server.get("/v2/models/nothing/stats").status, 404);
+    assert_eq!(server.get("/v2/models/nothing/stats").status, 400);
+    assert_eq!(server.get("/v2/bogus").status, 404);
 
     let text = server.metrics_text();
     let has = |line: &str| text.lines().any(|l| l == line);

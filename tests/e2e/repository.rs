@@ -74,8 +74,8 @@ fn explicit_mode_loads_and_unloads() {
 
     let e = server
         .post_json("/v2/repository/models/absent/load", &json!({}))
-        .error(404);
-    assert!(e.contains("absent"), "{e}");
+        .error(400);
+    assert!(e.starts_with("failed to load 'absent'"), "{e}");
     let e = server
         .post_json("/v2/repository/models/..%2Fetc/load", &json!({}))
         .error(400);
@@ -143,7 +143,7 @@ fn version_policies() {
         server
             .post_json("/v2/models/specific/versions/2/infer", &request)
             .status,
-        404
+        400
     );
     assert_eq!(server.infer("latest2", &request).ok()["model_version"], "3");
 }

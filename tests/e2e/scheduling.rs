@@ -323,7 +323,9 @@ fn wisp_perf_writes_csv_and_plot() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown model 'nothing'"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Request for unknown model: 'nothing'")
+    );
 }
 
 #[test]

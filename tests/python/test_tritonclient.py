@@ -363,13 +363,14 @@ def test_unknown_model(client):
     in0 = np.zeros((1, 16), dtype=np.int32)
     with pytest.raises(InferenceServerException) as exc:
         client.infer("no_such_model_xyz", simple_inputs(in0, in0))
-    assert "no_such_model_xyz" in exc.value.message()
-    assert exc.value.status() == "404"
+    # Triton's answer, which its examples check (simple_http_infer_client.py and others).
+    assert exc.value.message() == "Request for unknown model: 'no_such_model_xyz' is not found"
+    assert exc.value.status() == "400"
 
     with pytest.raises(InferenceServerException) as exc:
         client.get_model_metadata("no_such_model_xyz")
-    assert "no_such_model_xyz" in exc.value.message()
-    assert exc.value.status() == "404"
+    assert exc.value.message().startswith("Request for unknown model")
+    assert exc.value.status() == "400"
 
 
 def test_wrong_shape(client):

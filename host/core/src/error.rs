@@ -5,8 +5,11 @@
 pub enum ErrorKind {
     /// The request is malformed or does not match the model (400).
     InvalidArgument,
-    /// The model, version or route does not exist (404).
+    /// The route or resource does not exist (404).
     NotFound,
+    /// The repository has no such model or version. Triton's clients expect its answer:
+    /// "Request for unknown model: ..." with HTTP 400, gRPC NOT_FOUND.
+    UnknownModel,
     /// The model exists but cannot serve now, or a queue is full (503).
     Unavailable,
     /// The caller may not use this endpoint (403).
@@ -43,6 +46,14 @@ impl Error {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
     }
+    /// Triton's error for a model (`version` None) or version the repository does not have.
+    pub fn unknown_model(name: &str, version: Option<u64>) -> Self {
+        let message = match version {
+            None => format!("Request for unknown model: '{name}' is not found"),
+            Some(v) => format!("Request for unknown model: '{name}' version {v} is not found"),
+        };
+        Self::new(ErrorKind::UnknownModel, message)
+    }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unavailable, message)
     }
@@ -55,6 +66,7 @@ impl Error {
         match self.kind {
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::UnknownModel => "unknown_model",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::PayloadTooLarge => "payload_too_large",

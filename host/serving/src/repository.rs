@@ -235,16 +235,14 @@ impl Repository {
         let models = self.models.load();
         let entry = models
             .get(name)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+            .ok_or_else(|| Error::unknown_model(name, None))?;
         match version {
             Some(v) => match entry.versions.get(&v) {
                 Some(VersionState::Ready(model)) => Ok(model.clone()),
                 Some(VersionState::Unavailable(reason)) => Err(Error::unavailable(format!(
                     "version {v} of model '{name}' is not ready: {reason}"
                 ))),
-                None => Err(Error::not_found(format!(
-                    "unknown version {v} of model '{name}'"
-                ))),
+                None => Err(Error::unknown_model(name, Some(v))),
             },
             None => entry
                 .versions
@@ -382,13 +380,16 @@ impl Repository {
     pub async fn load(&self, name: &str) -> Result<()> {
         check_model_name(name)?;
         let _control = self.control.lock().await;
-        self.load_locked(name).await
+        // Triton's wording, which its clients' model-control examples look for.
+        self.load_locked(name)
+            .await
+            .map_err(|e| e.context(format!("failed to load '{name}'")))
     }
 
     async fn load_locked(&self, name: &str) -> Result<()> {
         let dir = self.root.join(name);
         if !dir.is_dir() {
-            return Err(Error::not_found(format!(
+            return Err(Error::invalid(format!(
                 "no model folder '{name}' in repository {}",
                 self.root.display()
             )));

@@ -182,6 +182,8 @@ pub fn status(e: &Error) -> StatusCode {
     match e.kind {
         ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        // Triton answers 400 here, and its clients' examples check for it.
+        ErrorKind::UnknownModel => StatusCode::BAD_REQUEST,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Forbidden => StatusCode::FORBIDDEN,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -536,7 +538,7 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             let version = v.map(parse_version).transpose()?;
             Ok(empty(match repo.get(m, version) {
                 Ok(_) => StatusCode::OK,
-                Err(e) if e.kind == ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                Err(e) if e.kind == ErrorKind::UnknownModel => StatusCode::NOT_FOUND,
                 Err(_) => StatusCode::BAD_REQUEST,
             }))
         }

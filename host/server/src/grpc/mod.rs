@@ -36,7 +36,7 @@ const SERVICE_NAME: &str = "inference.GRPCInferenceService";
 pub fn status(e: &Error) -> Status {
     let code = match e.kind {
         ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
-        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::NotFound | ErrorKind::UnknownModel => tonic::Code::NotFound,
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::Forbidden => tonic::Code::PermissionDenied,
         ErrorKind::PayloadTooLarge => tonic::Code::ResourceExhausted,

@@ -668,3 +668,17 @@ def test_simple_sequence_like_tritons_sequence_client(client):
             sums[sid] += sign * value
             assert int(result.as_numpy("OUTPUT")[0][0]) == sums[sid]
     assert sums[1000] == sum(values)
+
+
+def test_log_settings(client):
+    """Triton's logging extension: read, change, and a bad setting named."""
+    assert "logging" in client.get_server_metadata()["extensions"]
+    settings = client.get_log_settings()
+    assert settings["log_info"] is True and settings["log_verbose_level"] == 0
+    updated = client.update_log_settings({"log_verbose_level": 2, "log_info": False})
+    assert updated["log_verbose_level"] == 2 and updated["log_info"] is False
+    with pytest.raises(InferenceServerException) as e:
+        client.update_log_settings({"log_colour": True})
+    assert "log_colour" in e.value.message() and e.value.status() == "400"
+    client.update_log_settings({"log_verbose_level": 0, "log_info": True})
+    assert client.get_log_settings()["log_info"] is True

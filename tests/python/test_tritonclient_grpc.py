@@ -240,3 +240,15 @@ def test_grpc_health_v1(wisp_server):
         with pytest.raises(grpc.RpcError) as e:
             check(b"\x0a\x04nope", timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_log_settings(gclient):
+    settings = gclient.get_log_settings(as_json=True)["settings"]
+    assert settings["log_info"]["bool_param"] is True
+    assert settings["log_format"]["string_param"] == "ISO8601"
+    updated = gclient.update_log_settings({"log_verbose_level": 1, "log_warning": True}, as_json=True)
+    assert updated["settings"]["log_verbose_level"]["uint32_param"] == 1
+    with pytest.raises(InferenceServerException) as e:
+        gclient.update_log_settings({"log_file": "/tmp/elsewhere.log"})
+    assert "log_file" in e.value.message()
+    gclient.update_log_settings({"log_verbose_level": 0})

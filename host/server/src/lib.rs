@@ -7,4 +7,5 @@ pub mod api;
 pub mod cli;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+pub mod log;
 pub mod server;

@@ -32,18 +32,42 @@ enum Command {
     Gpu(gpu::GpuArgs),
 }
 
+/// Without WISP_LOG: INFO and up from every crate, and wisp's own DEBUG and TRACE when
+/// the logging extension raises the verbose level at run time.
+const DEFAULT_LOG_FILTER: &str = "info,wisp=trace,wisp_core=trace,wisp_serving=trace,\
+                                  wisp_backend_wasm=trace,wisp_backend_encoder=trace";
+
+fn init_logging() {
+    use tracing_subscriber::filter::{filter_fn, EnvFilter, LevelFilter};
+    use tracing_subscriber::prelude::*;
+    let (env_filter, verbose) = match EnvFilter::try_from_env("WISP_LOG") {
+        // WISP_LOG's most verbose level sets the starting verbose level.
+        Ok(filter) => {
+            let verbose = match filter.max_level_hint() {
+                Some(LevelFilter::TRACE) => 2,
+                Some(LevelFilter::DEBUG) => 1,
+                _ => 0,
+            };
+            (filter, verbose)
+        }
+        Err(_) => (EnvFilter::new(DEFAULT_LOG_FILTER), 0),
+    };
+    wisp::log::LogControl::global().set_verbose(verbose);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(env_filter)
+        .with_filter(filter_fn(|metadata| {
+            wisp::log::LogControl::global().enabled(metadata.level())
+        }));
+    tracing_subscriber::registry().with(layer).init();
+}
+
 fn main() -> std::process::ExitCode {
     // Before any thread exists: it sets an environment variable OpenBLAS reads at load.
     #[cfg(feature = "encoder")]
     let openblas_kernel = wisp_backend_encoder::linear::choose_openblas_kernel();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WISP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     #[cfg(feature = "encoder")]
     if let Some(kernel) = openblas_kernel {
         tracing::debug!(kernel, "OPENBLAS_CORETYPE set for this CPU's AVX-512");

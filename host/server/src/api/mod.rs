@@ -25,6 +25,7 @@ pub const EXTENSIONS: &[&str] = &[
     "binary_tensor_data",
     "parameters",
     "statistics",
+    "logging",
 ];
 
 /// Groups of endpoints that `--http-restricted-api` can guard (Triton's names).
@@ -383,6 +384,7 @@ enum Route<'a> {
     RepositoryIndex,
     Load(&'a str),
     Unload(&'a str),
+    Logging,
 }
 
 impl Route<'_> {
@@ -394,6 +396,7 @@ impl Route<'_> {
             Route::Infer(..) => ApiGroup::Inference,
             Route::Stats(..) => ApiGroup::Statistics,
             Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => ApiGroup::ModelRepository,
+            Route::Logging => ApiGroup::Logging,
         }
     }
 
@@ -415,6 +418,7 @@ fn route(segments: &[String]) -> Option<Route<'_>> {
         ["v2", "health", "ready"] => Route::Ready,
         ["v2", "models", "stats"] => Route::Stats(None, None),
         ["v2", "repository", "index"] => Route::RepositoryIndex,
+        ["v2", "logging"] => Route::Logging,
         ["v2", "repository", "models", m, "load"] => Route::Load(m),
         ["v2", "repository", "models", m, "unload"] => Route::Unload(m),
         ["v2", "models", m, rest @ ..] => {
@@ -504,7 +508,10 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
     }
     let method = req.method().clone();
     let expected = route.method();
-    let allowed = method == expected || (expected == Method::GET && method == Method::HEAD);
+    let allowed = method == expected
+        || (expected == Method::GET && method == Method::HEAD)
+        // GET reads the log settings, POST changes them.
+        || (matches!(route, Route::Logging) && method == Method::POST);
     if !allowed {
         return Err(Error::new(
             ErrorKind::MethodNotAllowed,
@@ -580,6 +587,14 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                 }
             };
             Ok(json_response(StatusCode::OK, &repo.index(ready)))
+        }
+        Route::Logging => {
+            let control = crate::log::LogControl::global();
+            if method == Method::POST {
+                let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+                control.update_json(&parse_json_body(&body)?)?;
+            }
+            Ok(json_response(StatusCode::OK, &control.settings()))
         }
         Route::Load(m) | Route::Unload(m) => {
             let is_load = matches!(route, Route::Load(_));

@@ -429,7 +429,47 @@ impl GrpcInferenceService for InferenceService {
         request: Request<LogSettingsRequest>,
     ) -> GrpcResult<LogSettingsResponse> {
         self.check(request.metadata(), ApiGroup::Logging)?;
-        Err(not_served("the logging extension"))
+        use crate::log::{LogControl, SettingValue};
+        use log_settings_request::setting_value::ParameterChoice as In;
+        use log_settings_response::setting_value::ParameterChoice as Out;
+        let control = LogControl::global();
+        request
+            .into_inner()
+            .settings
+            .into_iter()
+            .map(|(name, value)| {
+                let value = match value.parameter_choice {
+                    Some(In::BoolParam(b)) => SettingValue::Bool(b),
+                    Some(In::Uint32Param(n)) => SettingValue::Number(n.into()),
+                    Some(In::StringParam(s)) => SettingValue::Text(s),
+                    None => {
+                        return Err(Error::invalid(format!("log setting '{name}' has no value")))
+                    }
+                };
+                Ok((name, value))
+            })
+            .collect::<Result<Vec<_>>>()
+            .and_then(|settings| control.update(settings))
+            .map_err(|e| status(&e))?;
+        let settings = control
+            .settings()
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, value)| {
+                let choice = match value {
+                    serde_json::Value::Bool(b) => Out::BoolParam(*b),
+                    serde_json::Value::Number(n) => Out::Uint32Param(n.as_u64()? as u32),
+                    serde_json::Value::String(s) => Out::StringParam(s.clone()),
+                    _ => return None,
+                };
+                let value = log_settings_response::SettingValue {
+                    parameter_choice: Some(choice),
+                };
+                Some((name.clone(), value))
+            })
+            .collect();
+        Ok(Response::new(LogSettingsResponse { settings }))
     }
 }
 

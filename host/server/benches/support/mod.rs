@@ -7,13 +7,25 @@ use std::time::Duration;
 
 /// Starts the release `wisp` over `repo` and returns it with its HTTP address,
 /// once startup loading has finished.
-#[allow(dead_code)] // each bench uses one of the two
+#[allow(dead_code)] // each bench uses some of these
 pub fn start_wisp(repo: &Path) -> (Child, String) {
     start_wisp_binary(Path::new(env!("CARGO_BIN_EXE_wisp")), repo)
 }
 
+/// Starts the release `wisp` over `repo` and returns it with its gRPC address.
+#[allow(dead_code)]
+pub fn start_wisp_grpc(repo: &Path) -> (Child, String) {
+    start_wisp_listening(Path::new(env!("CARGO_BIN_EXE_wisp")), repo, "grpc=")
+}
+
 /// Starts the `wisp` binary at `binary` (another build, to compare side by side).
+#[allow(dead_code)]
 pub fn start_wisp_binary(binary: &Path, repo: &Path) -> (Child, String) {
+    start_wisp_listening(binary, repo, "http=")
+}
+
+/// Starts `binary` and returns the address its listening line gives after `key`.
+fn start_wisp_listening(binary: &Path, repo: &Path, key: &'static str) -> (Child, String) {
     let mut server = Command::new(binary)
         .args([
             "serve",
@@ -41,8 +53,8 @@ pub fn start_wisp_binary(binary: &Path, repo: &Path) -> (Child, String) {
     std::thread::spawn(move || {
         let mut addr = String::new();
         for line in lines.map_while(Result::ok) {
-            if let Some(at) = line.find("http=") {
-                addr = line[at + 5..]
+            if let Some(at) = line.find(key) {
+                addr = line[at + key.len()..]
                     .split_whitespace()
                     .next()
                     .unwrap_or("")

@@ -302,22 +302,7 @@ pub fn parse_request(
                             "parameter 'classification' of {owner} must be a positive integer (the number of classes), got {value}"
                         ))
                     })?;
-                let declared = config.output(&output.name).ok_or_else(|| {
-                    Error::invalid(format!(
-                        "{owner} asks for classification, but model '{}' has no such output",
-                        config.name
-                    ))
-                })?;
-                if declared.datatype == DataType::Bytes {
-                    return Err(Error::invalid(format!(
-                        "{owner} is BYTES; classification needs a numeric output"
-                    )));
-                }
-                Some(Classification {
-                    k: k as usize,
-                    labels: declared.labels.clone(),
-                    batched: config.max_batch_size > 0,
-                })
+                Some(classification(config, &output.name, k as usize, &owner)?)
             }
         };
         outputs.push(OutputRequest {
@@ -1027,6 +1012,32 @@ impl<'de> Visitor<'de> for DeferredData<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// The classification (Triton's extension) of output `name`, top `k`, checked against
+/// the model's config. `owner` names the output in errors.
+pub(crate) fn classification(
+    config: &ModelConfig,
+    name: &str,
+    k: usize,
+    owner: &str,
+) -> Result<Classification> {
+    let declared = config.output(name).ok_or_else(|| {
+        Error::invalid(format!(
+            "{owner} asks for classification, but model '{}' has no such output",
+            config.name
+        ))
+    })?;
+    if declared.datatype == DataType::Bytes {
+        return Err(Error::invalid(format!(
+            "{owner} is BYTES; classification needs a numeric output"
+        )));
+    }
+    Ok(Classification {
+        k,
+        labels: declared.labels.clone(),
+        batched: config.max_batch_size > 0,
+    })
 }
 
 /// Triton's classification extension: per batch row, the `k` largest values as

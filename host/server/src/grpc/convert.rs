@@ -7,7 +7,7 @@ use super::pb::{
     model_infer_response::InferOutputTensor, InferParameter, InferTensorContents,
     ModelInferRequest, ModelInferResponse,
 };
-use crate::api::protocol::{classify, Classification};
+use crate::api::protocol::{classification, classify, Classification};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use wisp_core::backend::{BackendRequest, BackendResponse};
@@ -65,25 +65,8 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
                             )))
                         }
                     };
-                    let declared = config.output(&output.name).ok_or_else(|| {
-                        Error::invalid(format!(
-                            "{owner} asks for classification, but model '{}' has no such output",
-                            config.name
-                        ))
-                    })?;
-                    if declared.datatype == DataType::Bytes {
-                        return Err(Error::invalid(format!(
-                            "{owner} is BYTES; classification needs a numeric output"
-                        )));
-                    }
-                    classifications.push((
-                        output.name.clone(),
-                        Classification {
-                            k: k as usize,
-                            labels: declared.labels.clone(),
-                            batched: config.max_batch_size > 0,
-                        },
-                    ));
+                    let classification = classification(config, &output.name, k as usize, &owner)?;
+                    classifications.push((output.name.clone(), classification));
                 }
                 other => {
                     return Err(Error::invalid(format!(

@@ -224,9 +224,6 @@ impl GrpcInferenceService for InferenceService {
         ok(infer(&self.state, request.into_inner()).await)
     }
 
-    type ModelStreamInferStream =
-        ReceiverStream<std::result::Result<ModelStreamInferResponse, Status>>;
-
     /// Requests of a stream run concurrently (up to `STREAM_WINDOW` ahead of the client),
     /// answered in the order they came; requests with a `sequence_id` also start in that
     /// order, each after the previous one finished, so a sequence's steps never overtake
@@ -234,7 +231,7 @@ impl GrpcInferenceService for InferenceService {
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<ModelInferRequest>>,
-    ) -> GrpcResult<Self::ModelStreamInferStream> {
+    ) -> GrpcResult<tonic::codegen::BoxStream<ModelStreamInferResponse>> {
         self.check(request.metadata(), ApiGroup::Inference)?;
         let mut incoming = request.into_inner();
         let (responses, receiver) = mpsc::channel(STREAM_WINDOW);
@@ -296,7 +293,7 @@ impl GrpcInferenceService for InferenceService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     async fn model_config(

@@ -1,0 +1,302 @@
+//! gRPC overhead of wisp against the ceiling of tonic on this machine.
+//!
+//! Sends the same `simple` ModelInfer (two INT32[1,16] inputs in raw_input_contents)
+//! to `wisp serve`'s gRPC port and to a bare tonic server of the same service whose
+//! ModelInfer echoes the inputs back as the outputs (a zero-cost model), both as
+//! separate processes on loopback, with the same load generator (one HTTP/2
+//! connection per concurrent client): p50/p90/p99 latency and throughput.
+//!
+//!     scripts/build-plugins.sh && cargo bench --bench grpc
+//!
+//! Environment: WISP_BENCH_SECS (measured seconds per step, default 5),
+//! WISP_BENCH_CONCURRENCY (default "1,64"), WISP_BENCH_ROUNDS (default 1).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+use wisp::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use wisp::grpc::pb::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use wisp::grpc::pb::model_infer_request::InferInputTensor;
+use wisp::grpc::pb::model_infer_response::InferOutputTensor;
+use wisp::grpc::pb::{ModelInferRequest, ModelInferResponse};
+
+mod support;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("echo-server") {
+        echo_server();
+        return;
+    }
+    let secs: u64 = env_or("WISP_BENCH_SECS", 5);
+    let rounds: usize = env_or("WISP_BENCH_ROUNDS", 1).max(1);
+    let levels: Vec<usize> = std::env::var("WISP_BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| "1,64".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+
+    let repo = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap();
+    let component = root.join("tests/components/wisp_plugin_simple.wasm");
+    assert!(
+        component.is_file(),
+        "run scripts/build-plugins.sh first ({} missing)",
+        component.display()
+    );
+    std::fs::create_dir_all(repo.path().join("simple/1")).unwrap();
+    std::fs::copy(
+        root.join("model_repository/simple/config.toml"),
+        repo.path().join("simple/config.toml"),
+    )
+    .unwrap();
+    std::fs::copy(&component, repo.path().join("simple/1/model.wasm")).unwrap();
+
+    let (mut wisp, wisp_addr) = support::start_wisp_grpc(repo.path());
+    let (mut echo, echo_addr) = spawn_echo();
+    let servers = [
+        ("wisp simple (gRPC)", wisp_addr),
+        ("bare tonic echo", echo_addr),
+    ];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (name, addr) in &servers {
+        let r = runtime.block_on(run_load(
+            addr,
+            1,
+            Duration::from_millis(200),
+            Duration::ZERO,
+        ));
+        assert!(
+            r.errors == 0 && r.latencies_ns.len() > 10,
+            "{name} at {addr} did not answer cleanly"
+        );
+    }
+
+    println!("simple over gRPC (raw contents), {secs} s per step, loopback, same load generator");
+    println!("| server | concurrency | requests | throughput (req/s) | p50 (µs) | p90 (µs) | p99 (µs) | errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for _ in 0..rounds {
+        for &c in &levels {
+            for (name, addr) in &servers {
+                let r = runtime.block_on(run_load(
+                    addr,
+                    c,
+                    Duration::from_secs(secs),
+                    Duration::from_secs(1),
+                ));
+                let row = r.summary(c);
+                println!(
+                    "| {name} | {c} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                    row.requests, row.throughput, row.p50_us, row.p90_us, row.p99_us, row.errors
+                );
+                rows.push(row);
+            }
+        }
+    }
+    println!();
+    for pair in rows.chunks(2) {
+        let (w, e) = (&pair[0], &pair[1]);
+        println!(
+            "concurrency {}: wisp/echo throughput {:.2}, p50 latency wisp/echo {:.2}",
+            w.concurrency,
+            w.throughput / e.throughput,
+            w.p50_us / e.p50_us
+        );
+    }
+    let _ = wisp.kill();
+    let _ = echo.kill();
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn simple_request() -> ModelInferRequest {
+    let input = |name: &str| InferInputTensor {
+        name: name.into(),
+        datatype: "INT32".into(),
+        shape: vec![1, 16],
+        parameters: HashMap::new(),
+        contents: None,
+    };
+    let raw: Vec<u8> = (0..16i32).flat_map(|v| v.to_le_bytes()).collect();
+    ModelInferRequest {
+        model_name: "simple".into(),
+        inputs: vec![input("INPUT0"), input("INPUT1")],
+        raw_input_contents: vec![raw.clone().into(), raw.into()],
+        ..Default::default()
+    }
+}
+
+struct LoadResult {
+    latencies_ns: Vec<u64>,
+    errors: usize,
+    elapsed: Duration,
+}
+
+struct Row {
+    concurrency: usize,
+    requests: usize,
+    throughput: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    errors: usize,
+}
+
+impl LoadResult {
+    fn summary(mut self, concurrency: usize) -> Row {
+        self.latencies_ns.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            let v = &self.latencies_ns;
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1e3
+        };
+        Row {
+            concurrency,
+            requests: self.latencies_ns.len(),
+            throughput: self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64(),
+            p50_us: pct(0.50),
+            p90_us: pct(0.90),
+            p99_us: pct(0.99),
+            errors: self.errors,
+        }
+    }
+}
+
+/// `concurrency` clients, each on its own connection, sending the next ModelInfer when
+/// the last answer arrived; only those that finish after `warmup` and within
+/// `duration` count.
+async fn run_load(
+    addr: &str,
+    concurrency: usize,
+    duration: Duration,
+    warmup: Duration,
+) -> LoadResult {
+    let start = Instant::now() + warmup;
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let url = format!("http://{addr}");
+        tasks.push(tokio::spawn(async move {
+            let mut client = GrpcInferenceServiceClient::connect(url).await.unwrap();
+            let request = simple_request();
+            let (mut latencies, mut errors) = (Vec::new(), 0);
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let ok = match client.model_infer(request.clone()).await {
+                    Ok(response) => response.into_inner().raw_output_contents.len() == 2,
+                    Err(_) => false,
+                };
+                let done = Instant::now();
+                if sent >= start && done <= end {
+                    if ok {
+                        latencies.push((done - sent).as_nanos() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut result = LoadResult {
+        latencies_ns: Vec::new(),
+        errors: 0,
+        elapsed: duration,
+    };
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        result.latencies_ns.extend(l);
+        result.errors += e;
+    }
+    result
+}
+
+fn spawn_echo() -> (Child, String) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("echo-server")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("echo="))
+        .expect("the echo server printed its address");
+    (child, line["echo=".len()..].to_string())
+}
+
+/// The ceiling: tonic serving the same service, whose ModelInfer returns the inputs
+/// as outputs without looking at them.
+#[derive(Clone, Copy)]
+struct Echo;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Echo {
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let request = request.into_inner();
+        let outputs = request
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| InferOutputTensor {
+                name: format!("OUTPUT{i}"),
+                datatype: input.datatype.clone(),
+                shape: input.shape.clone(),
+                parameters: HashMap::new(),
+                contents: None,
+            })
+            .collect();
+        Ok(Response::new(ModelInferResponse {
+            model_name: request.model_name,
+            model_version: "1".into(),
+            id: request.id,
+            parameters: HashMap::new(),
+            outputs,
+            raw_output_contents: request.raw_input_contents,
+        }))
+    }
+}
+
+fn echo_server() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("echo={}", listener.local_addr().unwrap());
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(GrpcInferenceServiceServer::new(Echo))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+}

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
@@ -26,6 +25,8 @@ use wisp::grpc::pb::model_infer_response::InferOutputTensor;
 use wisp::grpc::pb::{ModelInferRequest, ModelInferResponse};
 
 mod support;
+
+use support::LoadResult;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -41,25 +42,7 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
 
-    let repo = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap();
-    let component = root.join("tests/components/wisp_plugin_simple.wasm");
-    assert!(
-        component.is_file(),
-        "run scripts/build-plugins.sh first ({} missing)",
-        component.display()
-    );
-    std::fs::create_dir_all(repo.path().join("simple/1")).unwrap();
-    std::fs::copy(
-        root.join("model_repository/simple/config.toml"),
-        repo.path().join("simple/config.toml"),
-    )
-    .unwrap();
-    std::fs::copy(&component, repo.path().join("simple/1/model.wasm")).unwrap();
+    let repo = support::simple_repository();
 
     let (mut wisp, wisp_addr) = support::start_wisp_grpc(repo.path());
     let (mut echo, echo_addr) = spawn_echo();
@@ -141,44 +124,6 @@ fn simple_request() -> ModelInferRequest {
         inputs: vec![input("INPUT0"), input("INPUT1")],
         raw_input_contents: vec![raw.clone().into(), raw.into()],
         ..Default::default()
-    }
-}
-
-struct LoadResult {
-    latencies_ns: Vec<u64>,
-    errors: usize,
-    elapsed: Duration,
-}
-
-struct Row {
-    concurrency: usize,
-    requests: usize,
-    throughput: f64,
-    p50_us: f64,
-    p90_us: f64,
-    p99_us: f64,
-    errors: usize,
-}
-
-impl LoadResult {
-    fn summary(mut self, concurrency: usize) -> Row {
-        self.latencies_ns.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            let v = &self.latencies_ns;
-            if v.is_empty() {
-                return f64::NAN;
-            }
-            v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1e3
-        };
-        Row {
-            concurrency,
-            requests: self.latencies_ns.len(),
-            throughput: self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64(),
-            p50_us: pct(0.50),
-            p90_us: pct(0.90),
-            p99_us: pct(0.99),
-            errors: self.errors,
-        }
     }
 }
 

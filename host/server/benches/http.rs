@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 mod support;
 
+use support::LoadResult;
+
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
 fn main() {
@@ -44,25 +46,7 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
 
-    let repo = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap();
-    let component = root.join("tests/components/wisp_plugin_simple.wasm");
-    assert!(
-        component.is_file(),
-        "run scripts/build-plugins.sh first ({} missing)",
-        component.display()
-    );
-    std::fs::create_dir_all(repo.path().join("simple/1")).unwrap();
-    std::fs::copy(
-        root.join("model_repository/simple/config.toml"),
-        repo.path().join("simple/config.toml"),
-    )
-    .unwrap();
-    std::fs::copy(&component, repo.path().join("simple/1/model.wasm")).unwrap();
+    let repo = support::simple_repository();
 
     let rounds: usize = std::env::var("WISP_BENCH_ROUNDS")
         .ok()
@@ -118,7 +102,7 @@ fn main() {
                     Duration::from_secs(secs),
                     Duration::from_secs(1),
                 ));
-                let row = r.summary(name, c);
+                let row = r.summary(c);
                 println!(
                     "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
                     name,
@@ -209,44 +193,6 @@ fn simple_body() -> (Bytes, usize) {
         body.extend_from_slice(&v.to_le_bytes());
     }
     (Bytes::from(body), header_len)
-}
-
-struct LoadResult {
-    latencies_ns: Vec<u64>,
-    errors: usize,
-    elapsed: Duration,
-}
-
-struct Row {
-    concurrency: usize,
-    requests: usize,
-    throughput: f64,
-    p50_us: f64,
-    p90_us: f64,
-    p99_us: f64,
-    errors: usize,
-}
-
-impl LoadResult {
-    fn summary(mut self, _name: &str, concurrency: usize) -> Row {
-        self.latencies_ns.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            let v = &self.latencies_ns;
-            if v.is_empty() {
-                return f64::NAN;
-            }
-            v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1e3
-        };
-        Row {
-            concurrency,
-            requests: self.latencies_ns.len(),
-            throughput: self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64(),
-            p50_us: pct(0.50),
-            p90_us: pct(0.90),
-            p99_us: pct(0.99),
-            errors: self.errors,
-        }
-    }
 }
 
 /// `concurrency` keep-alive connections, each sending the next request when

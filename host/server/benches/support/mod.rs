@@ -1,4 +1,6 @@
-//! Shared by the benchmarks: start `wisp serve` on a loopback port.
+//! Shared by the benchmarks: start `wisp serve` on a loopback port, the `simple`
+//! repository, and the load steps' results. Each bench uses some of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -7,19 +9,16 @@ use std::time::Duration;
 
 /// Starts the release `wisp` over `repo` and returns it with its HTTP address,
 /// once startup loading has finished.
-#[allow(dead_code)] // each bench uses some of these
 pub fn start_wisp(repo: &Path) -> (Child, String) {
     start_wisp_binary(Path::new(env!("CARGO_BIN_EXE_wisp")), repo)
 }
 
 /// Starts the release `wisp` over `repo` and returns it with its gRPC address.
-#[allow(dead_code)]
 pub fn start_wisp_grpc(repo: &Path) -> (Child, String) {
     start_wisp_listening(Path::new(env!("CARGO_BIN_EXE_wisp")), repo, "grpc=")
 }
 
 /// Starts the `wisp` binary at `binary` (another build, to compare side by side).
-#[allow(dead_code)]
 pub fn start_wisp_binary(binary: &Path, repo: &Path) -> (Child, String) {
     start_wisp_listening(binary, repo, "http=")
 }
@@ -69,4 +68,69 @@ fn start_wisp_listening(binary: &Path, repo: &Path, key: &'static str) -> (Child
         .recv_timeout(Duration::from_secs(60))
         .expect("wisp finished loading");
     (server, addr)
+}
+
+/// A model repository holding only `simple` (the Wasm plugin from
+/// scripts/build-plugins.sh), in a temporary folder.
+pub fn simple_repository() -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap();
+    let component = root.join("tests/components/wisp_plugin_simple.wasm");
+    assert!(
+        component.is_file(),
+        "run scripts/build-plugins.sh first ({} missing)",
+        component.display()
+    );
+    std::fs::create_dir_all(repo.path().join("simple/1")).unwrap();
+    std::fs::copy(
+        root.join("model_repository/simple/config.toml"),
+        repo.path().join("simple/config.toml"),
+    )
+    .unwrap();
+    std::fs::copy(&component, repo.path().join("simple/1/model.wasm")).unwrap();
+    repo
+}
+
+/// What one load step measured.
+pub struct LoadResult {
+    pub latencies_ns: Vec<u64>,
+    pub errors: usize,
+    pub elapsed: Duration,
+}
+
+/// One row of a benchmark's table.
+pub struct Row {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub throughput: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub errors: usize,
+}
+
+impl LoadResult {
+    pub fn summary(mut self, concurrency: usize) -> Row {
+        self.latencies_ns.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            let v = &self.latencies_ns;
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1e3
+        };
+        Row {
+            concurrency,
+            requests: self.latencies_ns.len(),
+            throughput: self.latencies_ns.len() as f64 / self.elapsed.as_secs_f64(),
+            p50_us: pct(0.50),
+            p90_us: pct(0.90),
+            p99_us: pct(0.99),
+            errors: self.errors,
+        }
+    }
 }

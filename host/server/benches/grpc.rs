@@ -166,17 +166,7 @@ async fn run_load(
             (latencies, errors)
         }));
     }
-    let mut result = LoadResult {
-        latencies_ns: Vec::new(),
-        errors: 0,
-        elapsed: duration,
-    };
-    for t in tasks {
-        let (l, e) = t.await.unwrap();
-        result.latencies_ns.extend(l);
-        result.errors += e;
-    }
-    result
+    LoadResult::gather(tasks, duration).await
 }
 
 fn spawn_echo() -> (Child, String) {

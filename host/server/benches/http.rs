@@ -255,17 +255,7 @@ async fn run_load(
             (latencies, errors)
         }));
     }
-    let mut result = LoadResult {
-        latencies_ns: Vec::new(),
-        errors: 0,
-        elapsed: duration,
-    };
-    for t in tasks {
-        let (l, e) = t.await.unwrap();
-        result.latencies_ns.extend(l);
-        result.errors += e;
-    }
-    result
+    LoadResult::gather(tasks, duration).await
 }
 
 /// The ceiling: a bare hyper HTTP/1.1 server that answers every request with

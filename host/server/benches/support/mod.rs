@@ -114,6 +114,24 @@ pub struct Row {
 }
 
 impl LoadResult {
+    /// Joins the clients of one step, each giving its latencies and error count.
+    pub async fn gather(
+        clients: Vec<tokio::task::JoinHandle<(Vec<u64>, usize)>>,
+        elapsed: Duration,
+    ) -> LoadResult {
+        let mut result = LoadResult {
+            latencies_ns: Vec::new(),
+            errors: 0,
+            elapsed,
+        };
+        for client in clients {
+            let (latencies, errors) = client.await.unwrap();
+            result.latencies_ns.extend(latencies);
+            result.errors += errors;
+        }
+        result
+    }
+
     pub fn summary(mut self, concurrency: usize) -> Row {
         self.latencies_ns.sort_unstable();
         let pct = |p: f64| -> f64 {

@@ -12,10 +12,14 @@
 // or to the buffer's slack (wisp allocates 64 spare rows, zeroed once), are finite, and
 // are masked out of the softmax. Query rows past the sequence are computed and dropped.
 //
-// Shared memory: per warp a [16, key_capacity] fp32 score block; the normalised fp16
-// probabilities are written over the start of each score row, and the [16, D] fp32
-// output is staged in the same block. key_capacity = max(keys rounded up to 16, D),
-// at most 512.
+// Shared memory: per warp a [16, key_capacity + ROW_PAD] fp32 score block; the
+// normalised fp16 probabilities are written over the start of each score row, and the
+// [16, D + ROW_PAD] fp32 output is staged in the same block. Then per warp a
+// [16, D + 2·ROW_PAD] fp16 tile for the last, partial tile of V. key_capacity =
+// max(keys rounded up to 16, D), at most 512. Rows are padded by 16 bytes so the rows of
+// a WMMA tile fall in different banks (ldm stays a multiple of 16 bytes, and every tile
+// pointer 32-byte aligned, as WMMA requires). The host computes the same size
+// (gpu/kernels.rs, attention_shared_bytes).
 //
 // key_valid: null (packed batches), or one byte per token, 0 for padding that no query
 // may attend to (padded batches, kept for comparison).
@@ -24,6 +28,8 @@ using namespace nvcuda;
 
 #define ATTENTION_WARPS 4
 #define MAX_KEYS 512
+// Row padding in 4-byte words (16 bytes).
+#define ROW_PAD 4
 
 template <int D>
 __device__ __forceinline__ void attention(half* __restrict__ out, const half* __restrict__ qkv,
@@ -44,7 +50,10 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
     const half* q = qkv + (size_t)(start + q0) * ld + head * D;
     const half* k = qkv + (size_t)start * ld + hidden + head * D;
     const half* v = qkv + (size_t)start * ld + 2 * hidden + head * D;
-    float* scores = shared + (size_t)warp * 16 * key_capacity;
+    const int ls = key_capacity + ROW_PAD;  // score row stride, floats
+    float* scores = shared + (size_t)warp * 16 * ls;
+    half* v_tile = reinterpret_cast<half*>(shared + (size_t)ATTENTION_WARPS * 16 * ls) +
+                   (size_t)warp * 16 * (D + 2 * ROW_PAD);
 
     // S = Q·Kᵀ, one 16×16 tile of keys at a time.
     wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> q_frag[D / 16];
@@ -59,14 +68,14 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
             wmma::load_matrix_sync(k_frag, k + (size_t)j * ld + d * 16, ld);
             wmma::mma_sync(s, q_frag[d], k_frag, s);
         }
-        wmma::store_matrix_sync(scores + j, s, key_capacity, wmma::mem_row_major);
+        wmma::store_matrix_sync(scores + j, s, ls, wmma::mem_row_major);
     }
     __syncwarp();
 
     // Softmax per query row; each lane holds up to MAX_KEYS/32 scores in registers, so
     // the fp16 probabilities can overwrite the row they were computed from.
     for (int r = 0; r < 16; ++r) {
-        float* row = scores + (size_t)r * key_capacity;
+        float* row = scores + (size_t)r * ls;
         float values[MAX_KEYS / 32];
         float best = -INFINITY;
 #pragma unroll
@@ -99,30 +108,49 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
 
     // O = P·V.
     const half* p = reinterpret_cast<const half*>(scores);
-    const int ldp = 2 * key_capacity;
+    const int ldp = 2 * ls;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag[D / 16];
 #pragma unroll
     for (int d = 0; d < D / 16; ++d) wmma::fill_fragment(o_frag[d], 0.0f);
     for (int j = 0; j < keys; j += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> p_frag;
         wmma::load_matrix_sync(p_frag, p + j, ldp);
+        // The last tile reaches past the sequence into the next one or into reused
+        // buffer rows, which may hold stale ±Inf or NaN: their probabilities are 0, but
+        // 0·Inf is NaN. Copy the tile with those rows zeroed.
+        const half* v_src = v + (size_t)j * ld;
+        int ldv = ld;
+        if (j + 16 > len) {
+            const int ldt = D + 2 * ROW_PAD;
+            for (int idx = lane; idx < 16 * D / 2; idx += 32) {
+                const int r = idx / (D / 2), c = (idx % (D / 2)) * 2;
+                const half2 value = j + r < len
+                    ? *reinterpret_cast<const half2*>(v_src + (size_t)r * ld + c)
+                    : __float2half2_rn(0.0f);
+                *reinterpret_cast<half2*>(v_tile + r * ldt + c) = value;
+            }
+            __syncwarp();
+            v_src = v_tile;
+            ldv = ldt;
+        }
 #pragma unroll
         for (int d = 0; d < D / 16; ++d) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> v_frag;
-            wmma::load_matrix_sync(v_frag, v + (size_t)j * ld + d * 16, ld);
+            wmma::load_matrix_sync(v_frag, v_src + d * 16, ldv);
             wmma::mma_sync(o_frag[d], p_frag, v_frag, o_frag[d]);
         }
     }
     __syncwarp();
 #pragma unroll
     for (int d = 0; d < D / 16; ++d)
-        wmma::store_matrix_sync(scores + d * 16, o_frag[d], D, wmma::mem_row_major);
+        wmma::store_matrix_sync(scores + d * 16, o_frag[d], D + ROW_PAD, wmma::mem_row_major);
     __syncwarp();
+    const int lo = D + ROW_PAD;  // output staging row stride, floats
     for (int idx = lane; idx < 16 * D / 2; idx += 32) {
         const int r = idx / (D / 2), c = (idx % (D / 2)) * 2;
         if (q0 + r < len) {
             *reinterpret_cast<half2*>(out + (size_t)(start + q0 + r) * hidden + head * D + c) =
-                __floats2half2_rn(scores[r * D + c], scores[r * D + c + 1]);
+                __floats2half2_rn(scores[r * lo + c], scores[r * lo + c + 1]);
         }
     }
 }

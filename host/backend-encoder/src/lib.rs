@@ -324,6 +324,10 @@ impl Worker for GpuWorker {
     fn run(&mut self, requests: Vec<BackendRequest>) -> Execution {
         self.0.run(&requests)
     }
+
+    fn out_of_service(&self) -> Option<String> {
+        self.0.out_of_service()
+    }
 }
 
 impl EncoderBackend {
@@ -444,6 +448,10 @@ impl Backend for EncoderBackend {
 
     fn instances(&self) -> usize {
         self.pool.instances()
+    }
+
+    fn out_of_service(&self) -> wisp_core::worker::OutOfService {
+        self.pool.out_of_service()
     }
 }
 

@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync {
         1
     }
 
+    /// Instances taken out of service for good (a poisoned GPU context). When all are,
+    /// the model version is not ready.
+    fn out_of_service(&self) -> crate::worker::OutOfService {
+        crate::worker::OutOfService::default()
+    }
+
     /// Runs a batch on one instance (0-based, below `instances()`), for state
     /// that lives in that instance. Backends without per-instance state run it anywhere.
     fn execute_on(

@@ -39,6 +39,12 @@ pub trait Worker {
     fn healthy(&self) -> bool {
         true
     }
+
+    /// Why the instance can never run again, where rebuilding it cannot help (a GPU
+    /// whose context a sticky error poisoned). The pool then takes it out of service.
+    fn out_of_service(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<W: Worker + ?Sized> Worker for Box<W> {
@@ -48,6 +54,16 @@ impl<W: Worker + ?Sized> Worker for Box<W> {
     fn healthy(&self) -> bool {
         (**self).healthy()
     }
+    fn out_of_service(&self) -> Option<String> {
+        (**self).out_of_service()
+    }
+}
+
+/// Instances a pool took out of service, and why the last one was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutOfService {
+    pub instances: usize,
+    pub reason: Option<String>,
 }
 
 /// Builds instance `index` on its own thread; called again to replace a broken one.
@@ -88,6 +104,7 @@ pub struct WorkerPool {
     label: Arc<str>,
     shared: crossbeam_channel::Sender<Job>,
     pinned: Vec<crossbeam_channel::Sender<Job>>,
+    retired: Arc<std::sync::Mutex<OutOfService>>,
 }
 
 /// Batches one queue may hold. The scheduler admits far fewer; this bound only
@@ -124,16 +141,24 @@ impl WorkerPool {
         let (shared, queue) = crossbeam_channel::bounded::<Job>(QUEUE_CAPACITY);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let mut pinned = Vec::with_capacity(count);
+        let retired = Arc::new(std::sync::Mutex::new(OutOfService::default()));
         for index in 0..count {
             let (own, own_queue) = crossbeam_channel::bounded::<Job>(QUEUE_CAPACITY);
             pinned.push(own);
             let (queue, ready, make, label) =
                 (queue.clone(), ready_tx.clone(), make.clone(), label.clone());
+            let instance = Instance {
+                index,
+                count,
+                label,
+                recycle,
+                queue,
+                own_queue,
+                retired: retired.clone(),
+            };
             std::thread::Builder::new()
                 .name(thread_name(index))
-                .spawn(move || {
-                    instance_loop(index, &label, &*make, recycle, queue, own_queue, ready)
-                })
+                .spawn(move || instance_loop(instance, &*make, ready))
                 .map_err(|e| Error::internal(format!("cannot start an instance thread: {e}")))?;
         }
         drop(ready_tx);
@@ -147,11 +172,18 @@ impl WorkerPool {
             label,
             shared,
             pinned,
+            retired,
         })
     }
 
     pub fn instances(&self) -> usize {
         self.pinned.len()
+    }
+
+    /// Instances taken out of service (they never come back: the model must be
+    /// reloaded, or the server restarted, once the cause is fixed).
+    pub fn out_of_service(&self) -> OutOfService {
+        lock(&self.retired).clone()
     }
 
     /// Runs a batch on the first free instance.
@@ -171,6 +203,19 @@ impl WorkerPool {
         requests: Vec<BackendRequest>,
     ) -> Execution {
         let count = requests.len();
+        {
+            let retired = lock(&self.retired);
+            if retired.instances >= self.pinned.len() {
+                return fail_all(
+                    count,
+                    Error::unavailable(format!(
+                        "model '{}': every instance is out of service ({})",
+                        self.label,
+                        retired.reason.as_deref().unwrap_or("unknown reason")
+                    )),
+                );
+            }
+        }
         let (reply, result) = oneshot::channel();
         match queue.try_send(Job { requests, reply }) {
             Ok(()) => {}
@@ -202,14 +247,19 @@ impl WorkerPool {
 /// One instance thread: builds the instance, then runs batches until the model
 /// is unloaded (every sender dropped).
 fn instance_loop<W: Worker>(
-    index: usize,
-    label: &str,
+    instance: Instance,
     make: &MakeWorker<W>,
-    recycle: Recycle,
-    queue: crossbeam_channel::Receiver<Job>,
-    own_queue: crossbeam_channel::Receiver<Job>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
+    let Instance {
+        index,
+        ref label,
+        recycle,
+        ref queue,
+        ref own_queue,
+        ..
+    } = instance;
+    let label: &str = label;
     let built = catch_unwind(AssertUnwindSafe(|| make(index))).unwrap_or_else(|panic| {
         Err(Error::internal(format!(
             "building instance {index} panicked: {}",
@@ -262,7 +312,7 @@ fn instance_loop<W: Worker>(
                         )),
                     ));
                 }
-                if queue.is_empty() && own_queue.is_empty() && is_disconnected(&queue) {
+                if queue.is_empty() && own_queue.is_empty() && is_disconnected(queue) {
                     return;
                 }
                 continue;
@@ -280,10 +330,18 @@ fn instance_loop<W: Worker>(
             continue; // the client went away while the batch waited
         }
         let count = job.requests.len();
-        let instance = worker.as_mut().expect("built above");
-        let execution = match catch_unwind(AssertUnwindSafe(|| instance.run(job.requests))) {
+        let worker_ref = worker.as_mut().expect("built above");
+        let execution = match catch_unwind(AssertUnwindSafe(|| worker_ref.run(job.requests))) {
             Ok(execution) => {
-                if instance.healthy() {
+                if let Some(reason) = worker_ref.out_of_service() {
+                    drop(worker.take());
+                    // Counted before the batch is answered: whoever sees the answer sees
+                    // the instance out of service.
+                    let last = instance.mark_retired(&reason);
+                    let _ = job.reply.send(execution);
+                    return instance.serve_retired(reason, last);
+                }
+                if worker_ref.healthy() {
                     failures = 0;
                 } else {
                     failures = failures.saturating_add(1);
@@ -308,6 +366,70 @@ fn instance_loop<W: Worker>(
     }
 }
 
+/// What an instance thread works with.
+struct Instance {
+    index: usize,
+    /// Instances in the pool.
+    count: usize,
+    label: Arc<str>,
+    recycle: Recycle,
+    queue: crossbeam_channel::Receiver<Job>,
+    own_queue: crossbeam_channel::Receiver<Job>,
+    retired: Arc<std::sync::Mutex<OutOfService>>,
+}
+
+impl Instance {
+    /// Counts this instance out of service (and logs it); true when it was the last.
+    fn mark_retired(&self, reason: &str) -> bool {
+        let last = {
+            let mut retired = lock(&self.retired);
+            retired.instances += 1;
+            retired.reason = Some(reason.to_string());
+            retired.instances >= self.count
+        };
+        tracing::error!(
+            model = &*self.label,
+            instance = self.index,
+            %reason,
+            "instance taken out of service{}",
+            if last { "; the model has no instance left and is not ready" } else { "" }
+        );
+        last
+    }
+
+    /// Out of service for good: this thread answers its own queue's batches with the
+    /// reason, and once no instance is left in service, the shared queue's too (the
+    /// pool also refuses new batches then).
+    fn serve_retired(self, reason: String, last: bool) {
+        let error = Error::unavailable(format!(
+            "model '{}': instance {} is out of service ({reason})",
+            self.label, self.index
+        ));
+        let answer = |job: Job| {
+            let count = job.requests.len();
+            let _ = job.reply.send(fail_all(count, error.clone()));
+        };
+        loop {
+            let job = if last {
+                crossbeam_channel::select! {
+                    recv(self.own_queue) -> job => job,
+                    recv(self.queue) -> job => job,
+                }
+            } else {
+                self.own_queue.recv()
+            };
+            match job {
+                Ok(job) => answer(job),
+                Err(_) => return, // unloaded
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whether every sender of `queue` is gone (the model was unloaded).
 fn is_disconnected(queue: &crossbeam_channel::Receiver<Job>) -> bool {
     matches!(
@@ -322,9 +444,11 @@ mod tests {
     use crate::backend::BackendResponse;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Panics on a request with a "panic" parameter, breaks itself on "trap".
+    /// Panics on a request with a "panic" parameter, breaks itself on "trap", and
+    /// is out of service for good after "poison".
     struct Fake {
         broken: bool,
+        poisoned: bool,
     }
 
     impl Worker for Fake {
@@ -338,6 +462,7 @@ mod tests {
                 panic!("boom");
             }
             self.broken = has("trap");
+            self.poisoned |= has("poison");
             Execution {
                 results: requests
                     .iter()
@@ -348,6 +473,10 @@ mod tests {
         }
         fn healthy(&self) -> bool {
             !self.broken
+        }
+        fn out_of_service(&self) -> Option<String> {
+            self.poisoned
+                .then(|| "CUDA_ERROR_ILLEGAL_ADDRESS".to_string())
         }
     }
 
@@ -368,7 +497,10 @@ mod tests {
             Recycle::default(),
             Arc::new(move |_| {
                 builds.fetch_add(1, Ordering::SeqCst);
-                Ok(Fake { broken: false })
+                Ok(Fake {
+                    broken: false,
+                    poisoned: false,
+                })
             }),
         )
         .unwrap()
@@ -399,6 +531,64 @@ mod tests {
         assert_eq!(builds.load(Ordering::SeqCst), 2);
     }
 
+    #[tokio::test]
+    async fn instances_out_of_service_stop_taking_batches_and_the_last_one_fails_them_fast() {
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = builds.clone();
+        let pool = WorkerPool::start(
+            "fake:1",
+            2,
+            |i| format!("fake-{i}"),
+            Recycle::default(),
+            Arc::new(move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(Fake {
+                    broken: false,
+                    poisoned: false,
+                })
+            }),
+        )
+        .unwrap();
+        assert_eq!(pool.out_of_service(), OutOfService::default());
+        // The batch that showed the fault gets its own answer; the instance retires.
+        assert!(pool
+            .submit_to(0, vec![request(Some("poison"))])
+            .await
+            .results[0]
+            .is_ok());
+        assert_eq!(pool.out_of_service().instances, 1);
+        let pinned = pool.submit_to(0, vec![request(None)]).await;
+        let error = pinned.results[0].as_ref().unwrap_err();
+        assert!(
+            error
+                .message
+                .contains("instance 0 is out of service (CUDA_ERROR_ILLEGAL_ADDRESS)"),
+            "{error:?}"
+        );
+        for _ in 0..4 {
+            assert!(
+                pool.submit(vec![request(None)]).await.results[0].is_ok(),
+                "instance 1 serves"
+            );
+        }
+        assert!(pool
+            .submit_to(1, vec![request(Some("poison"))])
+            .await
+            .results[0]
+            .is_ok());
+        let out = pool.out_of_service();
+        assert_eq!(out.instances, 2);
+        assert_eq!(out.reason.as_deref(), Some("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        let refused = pool.submit(vec![request(None)]).await;
+        let error = refused.results[0].as_ref().unwrap_err();
+        assert_eq!(error.kind, crate::error::ErrorKind::Unavailable);
+        assert!(
+            error.message.contains("every instance is out of service"),
+            "{error:?}"
+        );
+        assert_eq!(builds.load(Ordering::SeqCst), 2, "never rebuilt");
+    }
+
     #[test]
     fn a_failing_build_fails_the_start_with_its_reason() {
         let started = WorkerPool::start(
@@ -410,7 +600,10 @@ mod tests {
                 if i == 2 {
                     Err(Error::unavailable("no such file"))
                 } else {
-                    Ok(Fake { broken: false })
+                    Ok(Fake {
+                        broken: false,
+                        poisoned: false,
+                    })
                 }
             }),
         );

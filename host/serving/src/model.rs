@@ -93,6 +93,7 @@ pub struct LoadedModel {
     pub config: Arc<ModelConfig>,
     pub version: u64,
     scheduler: Scheduler,
+    backend: Arc<dyn Backend>,
     pub stats: ModelStats,
     metrics: Arc<Metrics>,
     series: ModelSeries,
@@ -110,8 +111,9 @@ impl LoadedModel {
         backend: Box<dyn Backend>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let backend: Arc<dyn Backend> = Arc::from(backend);
         let scheduler = Scheduler::new(
-            Arc::from(backend),
+            backend.clone(),
             &config,
             &format!("{}:{version}", config.name),
         );
@@ -122,6 +124,7 @@ impl LoadedModel {
             config,
             version,
             scheduler,
+            backend,
             stats: ModelStats::default(),
             metrics,
         }
@@ -129,6 +132,23 @@ impl LoadedModel {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Instances taken out of service for good (a poisoned GPU context).
+    pub fn instances_out_of_service(&self) -> usize {
+        self.backend.out_of_service().instances
+    }
+
+    /// Why this version cannot serve at all (every instance is out of service); it is
+    /// then not ready.
+    pub fn unavailable_reason(&self) -> Option<String> {
+        let out = self.backend.out_of_service();
+        (out.instances > 0 && out.instances >= self.backend.instances()).then(|| {
+            format!(
+                "every instance is out of service: {}",
+                out.reason.unwrap_or_default()
+            )
+        })
     }
 
     /// Whether the model's queue is full now (see [`Scheduler::is_full`]).

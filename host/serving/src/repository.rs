@@ -191,7 +191,7 @@ impl Repository {
                 root.display()
             )));
         }
-        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Repository>| {
+        let repository = Arc::new_cyclic(|me: &std::sync::Weak<Repository>| {
             // Ensembles reach their steps' models through a weak reference: no cycle.
             let lookup: std::sync::Weak<dyn ModelLookup> = me.clone();
             let mut backends = backends;
@@ -208,7 +208,12 @@ impl Repository {
                 control: tokio::sync::Mutex::new(()),
                 publishing: parking_lot::Mutex::new(()),
             }
-        }))
+        });
+        let collector = OutOfServiceCollector::new(Arc::downgrade(&repository));
+        if let Err(e) = repository.metrics.register(Box::new(collector)) {
+            tracing::warn!("{e}");
+        }
+        Ok(repository)
     }
 
     pub fn mode(&self) -> ControlMode {
@@ -238,7 +243,12 @@ impl Repository {
             .ok_or_else(|| Error::unknown_model(name, None))?;
         match version {
             Some(v) => match entry.versions.get(&v) {
-                Some(VersionState::Ready(model)) => Ok(model.clone()),
+                Some(VersionState::Ready(model)) => match model.unavailable_reason() {
+                    None => Ok(model.clone()),
+                    Some(reason) => Err(Error::unavailable(format!(
+                        "version {v} of model '{name}' is not ready: {reason}"
+                    ))),
+                },
                 Some(VersionState::Unavailable(reason)) => Err(Error::unavailable(format!(
                     "version {v} of model '{name}' is not ready: {reason}"
                 ))),
@@ -249,14 +259,14 @@ impl Repository {
                 .values()
                 .rev()
                 .find_map(|s| match s {
-                    VersionState::Ready(m) => Some(m.clone()),
-                    VersionState::Unavailable(_) => None,
+                    VersionState::Ready(m) if m.unavailable_reason().is_none() => Some(m.clone()),
+                    _ => None,
                 })
                 .ok_or_else(|| {
                     let reason = entry.reason.clone().or_else(|| {
                         entry.versions.values().find_map(|s| match s {
                             VersionState::Unavailable(r) => Some(r.clone()),
-                            VersionState::Ready(_) => None,
+                            VersionState::Ready(m) => m.unavailable_reason(),
                         })
                     });
                     Error::unavailable(format!(
@@ -273,9 +283,9 @@ impl Repository {
         self.models.load().values().all(|e| {
             e.reason.as_deref() == Some("unloaded")
                 || (e.reason.is_none()
-                    && e.versions
-                        .values()
-                        .all(|s| matches!(s, VersionState::Ready(_))))
+                    && e.versions.values().all(
+                        |s| matches!(s, VersionState::Ready(m) if m.unavailable_reason().is_none()),
+                    ))
         })
     }
 
@@ -311,9 +321,10 @@ impl Repository {
                     for (version, state) in &entry.versions {
                         let (state, reason) = match state {
                             // A ready version whose reload failed says why it is still the old one.
-                            VersionState::Ready(_) => {
-                                ("READY", entry.reason.clone().unwrap_or_default())
-                            }
+                            VersionState::Ready(m) => match m.unavailable_reason() {
+                                Some(reason) => ("UNAVAILABLE", reason),
+                                None => ("READY", entry.reason.clone().unwrap_or_default()),
+                            },
                             VersionState::Unavailable(r) => ("UNAVAILABLE", r.clone()),
                         };
                         if ready_only && state != "READY" {
@@ -645,6 +656,53 @@ impl Repository {
 
 /// Loads, reloads and ensemble checks without the server binary: a fake backend
 /// factory stands in for Wasm.
+/// `wisp_model_instances_out_of_service{model,version}`, read from the ready versions'
+/// backends at every scrape (instances leave service on their own threads).
+struct OutOfServiceCollector {
+    repository: std::sync::Weak<Repository>,
+    desc: prometheus::core::Desc,
+}
+
+impl OutOfServiceCollector {
+    const NAME: &'static str = "wisp_model_instances_out_of_service";
+    const HELP: &'static str =
+        "Instances taken out of service for good (a poisoned GPU context); the version is not ready when all are";
+
+    fn new(repository: std::sync::Weak<Repository>) -> Self {
+        let desc = prometheus::core::Desc::new(
+            Self::NAME.into(),
+            Self::HELP.into(),
+            vec!["model".into(), "version".into()],
+            HashMap::new(),
+        )
+        .expect("valid metric");
+        OutOfServiceCollector { repository, desc }
+    }
+}
+
+impl prometheus::core::Collector for OutOfServiceCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(repository) = self.repository.upgrade() else {
+            return Vec::new();
+        };
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(Self::NAME, Self::HELP),
+            &["model", "version"],
+        )
+        .expect("valid metric");
+        for model in repository.ready_models() {
+            gauge
+                .with_label_values(&[model.name(), &model.version.to_string()])
+                .set(model.instances_out_of_service() as i64);
+        }
+        prometheus::core::Collector::collect(&gauge)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,8 +4,10 @@
 
 use super::{DeviceBuffer, Gpu};
 use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::CudaStream;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::Arc;
 use wisp_core::error::{Error, Result};
 
 /// cuBLASLt's workspace; 32 MiB is what NVIDIA recommends for Hopper.
@@ -64,6 +66,7 @@ impl Drop for Plan {
 /// One instance's cuBLASLt handle, workspace and plans (not shared between streams).
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
+    gate: Arc<super::CaptureGate>,
     workspace: DeviceBuffer,
     plans: HashMap<Shape, Plan>,
 }
@@ -93,7 +96,9 @@ fn set_desc<T>(
 }
 
 impl Blas {
-    pub fn new(gpu: &Gpu) -> Result<Blas> {
+    /// A handle and workspace for the queue on `stream` (the workspace is used in that
+    /// stream's order only).
+    pub fn new(gpu: &Gpu, stream: &Arc<CudaStream>) -> Result<Blas> {
         gpu.bind()?;
         // SAFETY: only probes whether the library can be opened.
         if !unsafe { sys::is_culib_present() } {
@@ -101,12 +106,34 @@ impl Blas {
                 "libcublasLt cannot be loaded: install the CUDA toolkit's cuBLAS (or the nvidia-cublas wheel) and put it on LD_LIBRARY_PATH",
             ));
         }
-        let handle = lt::create_handle().map_err(|e| blas_error("cannot create a handle", e))?;
+        // Creating a handle may initialise cuBLAS's context state: not during a capture.
+        let handle = gpu
+            .gate
+            .exclusive(lt::create_handle)
+            .map_err(|e| blas_error("cannot create a handle", e))?;
         Ok(Blas {
             handle,
-            workspace: DeviceBuffer::zeroed(gpu, WORKSPACE_BYTES)?,
+            gate: gpu.gate.clone(),
+            workspace: DeviceBuffer::zeroed(gpu, stream, WORKSPACE_BYTES)?,
             plans: HashMap::new(),
         })
+    }
+
+    /// Whether cuBLASLt loads and gives a handle on `gpu`, and its version.
+    pub fn probe(gpu: &Gpu) -> Result<usize> {
+        gpu.bind()?;
+        // SAFETY: only probes whether the library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::unavailable("libcublasLt cannot be loaded"));
+        }
+        let handle = gpu
+            .gate
+            .exclusive(lt::create_handle)
+            .map_err(|e| blas_error("cannot create a handle", e))?;
+        // SAFETY: a plain query; the handle was created above and is destroyed once.
+        let version = unsafe { sys::cublasLtGetVersion() };
+        let _ = gpu.gate.exclusive(|| unsafe { lt::destroy_handle(handle) });
+        Ok(version)
     }
 
     fn plan(&mut self, shape: Shape) -> Result<&Plan> {
@@ -237,6 +264,9 @@ impl Drop for Blas {
     fn drop(&mut self) {
         self.plans.clear();
         // SAFETY: created in `new`, destroyed once, after its plans.
-        let _ = unsafe { lt::destroy_handle(self.handle) };
+        let handle = self.handle;
+        let _ = self
+            .gate
+            .exclusive(|| unsafe { lt::destroy_handle(handle) });
     }
 }

@@ -9,7 +9,7 @@ use super::kernels::Kernels;
 use super::ops::Op;
 use super::{twins, DeviceBuffer, Gpu, PinnedBuffer};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
+use cudarc::driver::{CudaGraph, CudaStream, DriverError};
 use half::f16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ pub struct Buffer {
 pub trait Device: Send + Sync {
     /// For logs and errors, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
     fn describe(&self) -> String;
-    /// `bytes` of zeroed memory.
+    /// `bytes` of zeroed memory, for data shared by every queue (weights).
     fn alloc(&self, bytes: usize) -> Result<Buffer>;
     fn upload(&self, bytes: &[u8]) -> Result<Buffer>;
     /// An ordered queue of operations (a CUDA stream), for one instance.
@@ -40,15 +40,22 @@ pub trait Replay: Send {
 /// The operations of a forward pass, in order. All addresses are device addresses;
 /// shapes are in elements. See kernels/*.cu for each kernel's contract.
 pub trait Queue: Send {
+    /// `bytes` of zeroed memory for this queue's own use, allocated and later freed in
+    /// its order (waits for this queue only).
+    fn alloc(&mut self, bytes: usize) -> Result<Buffer>;
     /// Copies `words` to `dst` (ordered before later operations).
     fn copy_in(&mut self, dst: u64, words: &[u32]) -> Result<()>;
     /// Copies `out.len()` floats from `src` and waits for everything queued.
     fn copy_out(&mut self, out: &mut [f32], src: u64) -> Result<()>;
     /// Waits for everything queued (errors ignored: used to drain after a failure).
     fn drain(&mut self);
-    /// Starts recording instead of running; None when this queue cannot record.
+    /// Starts recording instead of running; false when this queue cannot record.
     fn begin_capture(&mut self) -> Result<bool>;
+    /// Ends the recording (always called after a `begin_capture` that returned true).
     fn end_capture(&mut self) -> Result<Box<dyn Replay>>;
+    /// Why the device can no longer run anything (a sticky error poisoned its
+    /// context), once it happened.
+    fn poisoned(&self) -> Option<String>;
 
     /// Queues one operation of the forward pass.
     fn run(&mut self, op: &Op) -> Result<()>;
@@ -60,21 +67,23 @@ pub trait Queue: Send {
 pub struct CudaDevice {
     pub gpu: Gpu,
     kernels: Arc<Kernels>,
+    /// Where shared buffers (weights) are allocated and uploaded.
+    setup: Arc<CudaStream>,
 }
 
 impl CudaDevice {
     pub fn open(ordinal: usize) -> Result<CudaDevice> {
         let gpu = Gpu::open(ordinal)?;
-        let kernels = Arc::new(Kernels::load(&gpu)?);
-        if kernels.compiled > 0 {
-            tracing::info!(
-                gpu = %gpu.name,
-                arch = %gpu.arch,
-                files = kernels.compiled,
-                "kernels compiled by NVRTC (cached for next time)"
-            );
-        }
-        Ok(CudaDevice { gpu, kernels })
+        let kernels = Kernels::of_device(&gpu)?;
+        Ok(CudaDevice {
+            setup: gpu.new_stream()?,
+            gpu,
+            kernels,
+        })
+    }
+
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
     }
 }
 
@@ -92,34 +101,46 @@ impl Device for CudaDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
-        DeviceBuffer::zeroed(&self.gpu, bytes).map(owned)
+        DeviceBuffer::zeroed(&self.gpu, &self.setup, bytes).map(owned)
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<Buffer> {
-        DeviceBuffer::from_slice(&self.gpu, bytes).map(owned)
+        DeviceBuffer::from_slice(&self.gpu, &self.setup, bytes).map(owned)
     }
 
     fn new_queue(&self) -> Result<Box<dyn Queue>> {
         let stream = self.gpu.new_stream()?;
         Ok(Box::new(CudaQueue {
-            context: self.gpu.context.clone(),
-            blas: Blas::new(&self.gpu)?,
+            blas: Blas::new(&self.gpu, &stream)?,
             kernels: self.kernels.clone(),
-            pinned_in: PinnedBuffer::new(&self.gpu.context, 1 << 16)?,
-            pinned_out: PinnedBuffer::new(&self.gpu.context, 1 << 16)?,
+            pinned_in: PinnedBuffer::new(&self.gpu, 1 << 16)?,
+            pinned_out: PinnedBuffer::new(&self.gpu, 1 << 16)?,
+            gpu: Gpu {
+                context: self.gpu.context.clone(),
+                ordinal: self.gpu.ordinal,
+                name: self.gpu.name.clone(),
+                arch: self.gpu.arch.clone(),
+                memory_bytes: self.gpu.memory_bytes,
+                gate: self.gpu.gate.clone(),
+            },
             stream,
+            capturing: false,
+            poisoned: None,
         }))
     }
 }
 
 /// One CUDA stream with its own cuBLASLt handle and pinned staging buffers.
 struct CudaQueue {
-    context: Arc<cudarc::driver::CudaContext>,
+    gpu: Gpu,
     stream: Arc<CudaStream>,
     blas: Blas,
     kernels: Arc<Kernels>,
     pinned_in: PinnedBuffer<u32>,
     pinned_out: PinnedBuffer<f32>,
+    /// Inside begin_capture/end_capture (holding the gate's capture side).
+    capturing: bool,
+    poisoned: Option<String>,
 }
 
 fn cuda(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -142,25 +163,37 @@ unsafe impl Send for CudaReplay {}
 
 impl CudaQueue {
     fn bind(&self) -> Result<()> {
-        self.context
-            .bind_to_thread()
-            .map_err(|e| cuda("cannot make the CUDA context current", e))
+        self.gpu.bind()
+    }
+
+    /// Notes a sticky error (the context is gone for good) and converts it.
+    fn check<T>(&mut self, what: &str, result: std::result::Result<T, DriverError>) -> Result<T> {
+        result.map_err(|e| {
+            if super::is_sticky(&e) && self.poisoned.is_none() {
+                self.poisoned = Some(format!("{what}: {e:?}"));
+            }
+            cuda(what, e)
+        })
     }
 
     /// Staging buffers only grow (nothing captured refers to them). Called only after
     /// the stream was waited for, so no copy still reads the old ones.
     fn grow_pinned(&mut self, words_in: usize, floats_out: usize) -> Result<()> {
         if self.pinned_in.len() < words_in {
-            self.pinned_in = PinnedBuffer::new(&self.context, words_in.next_power_of_two())?;
+            self.pinned_in = PinnedBuffer::new(&self.gpu, words_in.next_power_of_two())?;
         }
         if self.pinned_out.len() < floats_out {
-            self.pinned_out = PinnedBuffer::new(&self.context, floats_out.next_power_of_two())?;
+            self.pinned_out = PinnedBuffer::new(&self.gpu, floats_out.next_power_of_two())?;
         }
         Ok(())
     }
 }
 
 impl Queue for CudaQueue {
+    fn alloc(&mut self, bytes: usize) -> Result<Buffer> {
+        DeviceBuffer::zeroed(&self.gpu, &self.stream, bytes).map(owned)
+    }
+
     fn copy_in(&mut self, dst: u64, words: &[u32]) -> Result<()> {
         self.bind()?;
         self.grow_pinned(words.len(), 0)?;
@@ -169,10 +202,10 @@ impl Queue for CudaQueue {
         // SAFETY: pinned source of `words.len()` u32s; the destination is a device
         // buffer at least that large; the stream orders it before later work, and the
         // staging buffer is not rewritten before the stream is waited for (copy_out/drain).
-        unsafe {
+        let copied = unsafe {
             cudarc::driver::result::memcpy_htod_async(dst, &staging[..], self.stream.cu_stream())
-        }
-        .map_err(|e| cuda("cannot copy the batch to the GPU", e))
+        };
+        self.check("cannot copy the batch to the GPU", copied)
     }
 
     fn copy_out(&mut self, out: &mut [f32], src: u64) -> Result<()> {
@@ -180,39 +213,53 @@ impl Queue for CudaQueue {
         self.grow_pinned(0, out.len())?;
         let staging = &mut self.pinned_out.as_mut_slice()[..out.len()];
         // SAFETY: the device source holds at least `out.len()` floats.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(staging, src, self.stream.cu_stream()) }
-            .map_err(|e| cuda("cannot copy results from the GPU", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda("the GPU forward pass failed", e))?;
+        let copied = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(staging, src, self.stream.cu_stream())
+        };
+        self.check("cannot copy results from the GPU", copied)?;
+        let waited = self.stream.synchronize();
+        self.check("the GPU forward pass failed", waited)?;
         out.copy_from_slice(&self.pinned_out.as_slice()[..out.len()]);
         Ok(())
     }
 
     fn drain(&mut self) {
-        let _ = self.stream.synchronize();
+        let waited = self.stream.synchronize();
+        let _ = self.check("the GPU failed", waited);
     }
 
     fn begin_capture(&mut self) -> Result<bool> {
         self.bind()?;
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| cuda("cannot start a CUDA graph capture", e))?;
+        self.gpu.gate.enter_capture();
+        let begun = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        if let Err(e) = begun {
+            self.gpu.gate.leave_capture();
+            return self.check("cannot start a CUDA graph capture", Err(e));
+        }
+        self.capturing = true;
         Ok(true)
     }
 
     fn end_capture(&mut self) -> Result<Box<dyn Replay>> {
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        if std::mem::take(&mut self.capturing) {
+            self.gpu.gate.leave_capture();
+        }
         let graph = self
-            .stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(|e| cuda("cannot capture the forward pass as a CUDA graph", e))?
+            .check("cannot capture the forward pass as a CUDA graph", ended)?
             .ok_or_else(|| Error::internal("the captured CUDA graph is empty"))?;
         Ok(Box::new(CudaReplay(graph)))
     }
 
+    fn poisoned(&self) -> Option<String> {
+        self.poisoned.clone()
+    }
+
     fn run(&mut self, op: &Op) -> Result<()> {
         let stream = self.stream.cu_stream();
-        match *op {
+        let result = match *op {
             Op::Linear {
                 y,
                 x,
@@ -224,7 +271,26 @@ impl Queue for CudaQueue {
                 epilogue,
             } => self.blas.linear(stream, y, x, w, bias, (m, n, k), epilogue),
             _ => self.kernels.launch(stream, op),
+        };
+        if result.is_err() && !self.capturing {
+            // A failed launch may be an earlier kernel's fault surfacing: a sticky error
+            // shows on the stream.
+            let waited = self.stream.synchronize();
+            let _ = self.check("the GPU failed", waited);
         }
+        result
+    }
+}
+
+impl Drop for CudaQueue {
+    fn drop(&mut self) {
+        if std::mem::take(&mut self.capturing) {
+            let _ = self.stream.end_capture(CUgraphInstantiate_flags(0));
+            self.gpu.gate.leave_capture();
+        }
+        // Buffers freed after this point are freed in this stream's order; nothing of
+        // this queue may still run when the weights it read are freed.
+        let _ = self.stream.synchronize();
     }
 }
 
@@ -240,9 +306,41 @@ struct Arena {
 const BLOCK_SHIFT: u32 = 40;
 
 /// The GPU encoder's operations on the CPU twins of its kernels (slow; for tests).
+/// Captures record the operations and replay them, as CUDA graphs do (addresses fixed
+/// at capture), so the runner's graph cache is exercised too.
 #[derive(Clone, Default)]
 pub struct TwinDevice {
     arena: Arc<Mutex<Arena>>,
+    faults: Arc<TwinFaults>,
+    counters: Arc<TwinCounters>,
+}
+
+/// Failures a test can ask the twin device for.
+#[derive(Default)]
+pub struct TwinFaults {
+    /// Every capture fails at its end, as an invalidated CUDA capture does.
+    pub fail_captures: bool,
+    /// After this many operations run, the device is poisoned (as by an illegal
+    /// address): every later operation fails and every queue reports it.
+    pub poison_after_ops: Option<usize>,
+}
+
+#[derive(Default)]
+struct TwinCounters {
+    ops_run: std::sync::atomic::AtomicUsize,
+    captures: std::sync::atomic::AtomicUsize,
+    captures_begun: std::sync::atomic::AtomicUsize,
+}
+
+impl TwinDevice {
+    fn poisoned(&self) -> bool {
+        self.faults.poison_after_ops.is_some_and(|n| {
+            self.counters
+                .ops_run
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= n
+        })
+    }
 }
 
 struct TwinAllocation {
@@ -259,6 +357,28 @@ impl Drop for TwinAllocation {
 impl TwinDevice {
     pub fn new() -> TwinDevice {
         TwinDevice::default()
+    }
+
+    /// A twin device that fails as `faults` says.
+    pub fn with_faults(faults: TwinFaults) -> TwinDevice {
+        TwinDevice {
+            faults: Arc::new(faults),
+            ..TwinDevice::default()
+        }
+    }
+
+    /// Captures started so far.
+    pub fn captures_begun(&self) -> usize {
+        self.counters
+            .captures_begun
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Captures ended successfully so far.
+    pub fn captures(&self) -> usize {
+        self.counters
+            .captures
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `count` values of `T` at `ptr` (None: to the end of the allocation).
@@ -363,31 +483,100 @@ impl Device for TwinDevice {
     }
 
     fn new_queue(&self) -> Result<Box<dyn Queue>> {
-        Ok(Box::new(self.clone()))
+        Ok(Box::new(TwinQueue {
+            device: self.clone(),
+            recording: None,
+        }))
     }
 }
 
-impl Queue for TwinDevice {
+/// One queue on the twin device: runs operations at once, or records them.
+struct TwinQueue {
+    device: TwinDevice,
+    recording: Option<Vec<Op>>,
+}
+
+struct TwinReplay {
+    device: TwinDevice,
+    ops: Vec<Op>,
+}
+
+impl Replay for TwinReplay {
+    fn replay(&self) -> Result<()> {
+        self.ops.iter().try_for_each(|op| self.device.execute(op))
+    }
+}
+
+const POISONED: &str = "twin device: an earlier operation faulted (CUDA_ERROR_ILLEGAL_ADDRESS)";
+
+impl Queue for TwinQueue {
+    fn alloc(&mut self, bytes: usize) -> Result<Buffer> {
+        self.device.alloc(bytes)
+    }
+
     fn copy_in(&mut self, dst: u64, words: &[u32]) -> Result<()> {
-        self.write(dst, words)
+        self.device.write(dst, words)
     }
 
     fn copy_out(&mut self, out: &mut [f32], src: u64) -> Result<()> {
-        out.copy_from_slice(&self.read::<f32>(src, Some(out.len()))?);
+        if self.device.poisoned() {
+            return Err(Error::internal(POISONED));
+        }
+        out.copy_from_slice(&self.device.read::<f32>(src, Some(out.len()))?);
         Ok(())
     }
 
     fn drain(&mut self) {}
 
     fn begin_capture(&mut self) -> Result<bool> {
-        Ok(false)
+        self.device
+            .counters
+            .captures_begun
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.recording = Some(Vec::new());
+        Ok(true)
     }
 
     fn end_capture(&mut self) -> Result<Box<dyn Replay>> {
-        Err(Error::internal("the twin device does not capture graphs"))
+        let ops = self.recording.take().unwrap_or_default();
+        if self.device.faults.fail_captures {
+            return Err(Error::internal(
+                "twin device: the capture was invalidated (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED)",
+            ));
+        }
+        self.device
+            .counters
+            .captures
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Box::new(TwinReplay {
+            device: self.device.clone(),
+            ops,
+        }))
+    }
+
+    fn poisoned(&self) -> Option<String> {
+        self.device.poisoned().then(|| POISONED.to_string())
     }
 
     fn run(&mut self, op: &Op) -> Result<()> {
+        match &mut self.recording {
+            Some(ops) => {
+                ops.push(*op);
+                Ok(())
+            }
+            None => self.device.execute(op),
+        }
+    }
+}
+
+impl TwinDevice {
+    fn execute(&self, op: &Op) -> Result<()> {
+        if self.poisoned() {
+            return Err(Error::internal(POISONED));
+        }
+        self.counters
+            .ops_run
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match *op {
             Op::EmbedLayerNorm {
                 out,

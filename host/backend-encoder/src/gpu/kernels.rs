@@ -46,6 +46,7 @@ pub struct Kernels {
     _modules: Vec<Arc<CudaModule>>,
     /// Compiled now rather than read from the disk cache (for the log).
     pub compiled: usize,
+    pub resources: Vec<KernelResources>,
 }
 
 fn launch_error(kernel: &str, e: impl std::fmt::Debug) -> Error {
@@ -57,28 +58,119 @@ fn row_threads(width: usize) -> u32 {
     (width.div_ceil(2).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+/// What the compiler gave one kernel (logged at load: spills show as local memory).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelResources {
+    pub name: &'static str,
+    pub registers: i32,
+    pub local_bytes: i32,
+    pub static_shared_bytes: i32,
+    pub max_threads_per_block: i32,
+}
+
 impl Kernels {
+    /// The kernels of `gpu`'s device, loaded once per process and kept: loading (or
+    /// unloading) a module may synchronize the context, so it never happens while
+    /// models on that GPU serve, except once before the first one does.
+    pub fn of_device(gpu: &Gpu) -> Result<Arc<Kernels>> {
+        static LOADED: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<usize, Arc<Kernels>>>,
+        > = std::sync::OnceLock::new();
+        let loaded = LOADED.get_or_init(Default::default);
+        let mut loaded = loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(kernels) = loaded.get(&gpu.ordinal) {
+            return Ok(kernels.clone());
+        }
+        let kernels = Arc::new(Kernels::load(gpu)?);
+        if kernels.compiled > 0 {
+            tracing::info!(
+                gpu = %gpu.name,
+                arch = %gpu.arch,
+                files = kernels.compiled,
+                "kernels compiled by NVRTC (cached for next time)"
+            );
+        }
+        for r in &kernels.resources {
+            tracing::info!(
+                gpu = gpu.ordinal,
+                kernel = r.name,
+                registers = r.registers,
+                local_bytes = r.local_bytes,
+                static_shared_bytes = r.static_shared_bytes,
+                max_threads_per_block = r.max_threads_per_block,
+                "kernel loaded"
+            );
+            if r.local_bytes > 0 {
+                tracing::warn!(
+                    kernel = r.name,
+                    local_bytes = r.local_bytes,
+                    "kernel uses local memory (register spills or an indexed array): slower"
+                );
+            }
+        }
+        loaded.insert(gpu.ordinal, kernels.clone());
+        Ok(kernels)
+    }
+
     /// Compiles (or reads from the cache) every kernel file for this GPU and loads it.
+    /// A cached image the driver rejects (a corrupt or truncated file) is recompiled.
     pub fn load(gpu: &Gpu) -> Result<Kernels> {
         let toolkit = nvrtc::find_toolkit()?;
         gpu.bind()?;
         let mut modules = Vec::new();
         let mut compiled = 0;
         let mut functions = std::collections::HashMap::new();
+        let load_image = |image: Vec<u8>| {
+            gpu.gate.exclusive(|| {
+                gpu.context
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+            })
+        };
         for file in nvrtc::KERNEL_FILES {
             let image = nvrtc::compile(&file, &gpu.arch, &toolkit)?;
             compiled += usize::from(!image.from_cache);
-            let module = gpu
-                .context
-                .load_module(cudarc::nvrtc::Ptx::from_binary(image.cubin))
-                .map_err(|e| {
-                    Error::internal(format!(
+            let module = match load_image(image.cubin) {
+                Ok(module) => module,
+                Err(e) if image.from_cache => {
+                    tracing::warn!(
+                        file = file.name,
+                        key = %image.key,
+                        error = ?e,
+                        "the cached kernel image does not load; compiling it again"
+                    );
+                    let fresh = nvrtc::recompile(&file, &gpu.arch, &toolkit)?;
+                    compiled += 1;
+                    load_image(fresh.cubin).map_err(|e| {
+                        Error::internal(format!(
+                            "cannot load kernels/{} on {}: {e:?}",
+                            file.name, gpu.name
+                        ))
+                    })?
+                }
+                Err(e) => {
+                    return Err(Error::internal(format!(
                         "cannot load kernels/{} on {}: {e:?}",
                         file.name, gpu.name
-                    ))
-                })?;
+                    )))
+                }
+            };
             load_functions(&module, &file, &mut functions)?;
             modules.push(module);
+        }
+        let mut resources = Vec::new();
+        for file in nvrtc::KERNEL_FILES {
+            for &name in file.functions {
+                let f = &functions[name];
+                use sys::CUfunction_attribute::*;
+                let attribute = |a| f.get_attribute(a).unwrap_or(-1);
+                resources.push(KernelResources {
+                    name,
+                    registers: attribute(CU_FUNC_ATTRIBUTE_NUM_REGS),
+                    local_bytes: attribute(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES),
+                    static_shared_bytes: attribute(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES),
+                    max_threads_per_block: attribute(CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK),
+                });
+            }
         }
         let mut take = |name: &str| functions.remove(name).expect("listed in KERNEL_FILES");
         let attention = [
@@ -86,17 +178,18 @@ impl Kernels {
             take("attention_d64"),
             take("attention_d128"),
         ];
-        for function in &attention {
+        for (function, head_size) in attention.iter().zip(HEAD_SIZES) {
+            let bytes = attention_shared_bytes(key_capacity(MAX_SEQUENCE, head_size), head_size);
             function
                 .set_attribute(
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    attention_shared_bytes(MAX_SEQUENCE) as i32,
+                    bytes as i32,
                 )
                 .map_err(|e| {
                     Error::unavailable(format!(
-                        "{} cannot give the attention kernel {} KiB of shared memory: {e:?}",
+                        "{} cannot give the attention kernel (head size {head_size}) {} KiB of shared memory: {e:?}",
                         gpu.name,
-                        attention_shared_bytes(MAX_SEQUENCE) >> 10
+                        bytes >> 10
                     ))
                 })?;
         }
@@ -109,6 +202,7 @@ impl Kernels {
             sequence_head: take("sequence_head"),
             _modules: modules,
             compiled,
+            resources,
         })
     }
 
@@ -243,6 +337,7 @@ impl Kernels {
                     )));
                 }
                 let capacity = key_capacity(max_len, head_size);
+                let shared = attention_shared_bytes(capacity, head_size);
                 self.launch_raw(
                     &self.attention[index],
                     "attention",
@@ -252,7 +347,7 @@ impl Kernels {
                         sequences as u32,
                     ),
                     ATTENTION_THREADS,
-                    attention_shared_bytes(capacity),
+                    shared,
                     stream,
                     &[
                         Ptr(out),
@@ -378,7 +473,16 @@ pub fn key_capacity(max_len: usize, head_size: usize) -> usize {
     (max_len.div_ceil(16) * 16).max(head_size)
 }
 
-/// Dynamic shared memory of one attention block: 4 warps × 16 rows × capacity floats.
-pub fn attention_shared_bytes(capacity: usize) -> usize {
-    4 * 16 * capacity * 4
+/// Padding of the attention kernel's shared rows, in 4-byte words (kernels/attention.cu
+/// ROW_PAD): rows 16 bytes apart in the banks, as WMMA's ldm rules allow.
+const ATTENTION_ROW_PAD: usize = 4;
+
+/// Dynamic shared memory of one attention block, as kernels/attention.cu lays it out:
+/// per warp 16 score rows of `capacity + pad` floats, then per warp a 16-row V tile of
+/// `head_size + 2·pad` halves.
+pub fn attention_shared_bytes(capacity: usize, head_size: usize) -> usize {
+    let warps = ATTENTION_THREADS as usize / 32;
+    let scores = warps * 16 * (capacity + ATTENTION_ROW_PAD) * 4;
+    let v_tiles = warps * 16 * (head_size + 2 * ATTENTION_ROW_PAD) * 2;
+    scores + v_tiles
 }

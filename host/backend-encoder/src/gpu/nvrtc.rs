@@ -54,14 +54,10 @@ pub struct Toolkit {
 /// `/usr/local/cuda`. A folder counts when `include/cuda_fp16.h` is in it.
 pub fn find_toolkit() -> Result<Toolkit> {
     let mut tried = Vec::new();
-    let candidates = ["WISP_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"]
-        .iter()
-        .filter_map(|var| std::env::var_os(var).map(PathBuf::from))
-        .chain(std::iter::once(PathBuf::from("/usr/local/cuda")));
-    for home in candidates {
+    for home in toolkit_homes() {
         let include = home.join("include");
         if include.join("cuda_fp16.h").is_file() {
-            preload_nvrtc(&home);
+            preload_libraries(&home);
             return Ok(Toolkit { include });
         }
         tried.push(include.display().to_string());
@@ -72,46 +68,132 @@ pub fn find_toolkit() -> Result<Toolkit> {
     )))
 }
 
-/// Loads the toolkit's own libnvrtc (and the builtins library it opens by name) when
-/// it has them, so cudarc's later lookup by name finds them without LD_LIBRARY_PATH.
-fn preload_nvrtc(home: &Path) {
+fn toolkit_homes() -> Vec<PathBuf> {
+    ["WISP_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|var| std::env::var_os(var).map(PathBuf::from))
+        .chain(std::iter::once(PathBuf::from("/usr/local/cuda")))
+        .collect()
+}
+
+/// Folders that may hold NVRTC and cuBLASLt: the toolkit's `lib64`/`lib` (and its
+/// `targets/x86_64-linux/lib`), then the PyPI wheels' folders (`nvidia/cu13/lib` for
+/// CUDA 13, `nvidia/cublas/lib` and `nvidia/cuda_nvrtc/lib` for CUDA 12) in the active
+/// virtual environment and the usual Python prefixes.
+pub fn library_dirs(home: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["lib64", "lib", "targets/x86_64-linux/lib"]
+        .iter()
+        .map(|d| home.join(d))
+        .collect();
+    let mut prefixes: Vec<PathBuf> = Vec::new();
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        prefixes.push(PathBuf::from(venv));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        prefixes.push(PathBuf::from(home).join(".local"));
+    }
+    prefixes.extend(["/usr/local", "/usr", "/opt/torch/.venv"].map(PathBuf::from));
+    for prefix in prefixes {
+        let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else {
+            continue;
+        };
+        let mut pythons: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3"))
+            })
+            .collect();
+        pythons.sort();
+        for python in pythons {
+            for packages in ["site-packages", "dist-packages"] {
+                let nvidia = python.join(packages).join("nvidia");
+                for lib in ["cu13/lib", "cublas/lib", "cuda_nvrtc/lib"] {
+                    let dir = nvidia.join(lib);
+                    if dir.is_dir() {
+                        dirs.push(dir);
+                    }
+                }
+            }
+        }
+    }
+    dirs
+}
+
+/// Loads NVRTC (and the builtins library it opens by name) and cuBLASLt from the
+/// toolkit or the wheels when they are there, so cudarc's later lookup by name finds
+/// them without LD_LIBRARY_PATH.
+fn preload_libraries(home: &Path) {
     static LOADED: OnceLock<()> = OnceLock::new();
     LOADED.get_or_init(|| {
-        for dir in ["lib64", "lib"] {
-            let Ok(entries) = std::fs::read_dir(home.join(dir)) else {
-                continue;
-            };
-            let files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-            let named = |prefix: &str| {
-                let mut found: Vec<&PathBuf> = files
-                    .iter()
+        let dirs = library_dirs(home);
+        for prefixes in [
+            &["libnvrtc-builtins.so"][..],
+            &["libnvrtc.so"],
+            &["libcublasLt.so"],
+            &["libcublas.so"],
+        ] {
+            'library: for dir in &dirs {
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    continue;
+                };
+                let mut files: Vec<PathBuf> = entries
+                    .flatten()
+                    .map(|e| e.path())
                     .filter(|p| {
-                        p.file_name()
-                            .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.starts_with(prefix) && !n.contains(".alt."))
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            prefixes.iter().any(|prefix| n.starts_with(prefix))
+                                && !n.contains(".alt.")
+                        })
                     })
                     .collect();
-                found.sort();
-                found
-            };
-            let open = |path: &Path| {
-                // SAFETY: loading NVIDIA's NVRTC runs only its own initialisers.
-                let loaded = unsafe {
-                    libloading::os::unix::Library::open(
-                        Some(path),
-                        libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
-                    )
-                };
-                loaded.map(std::mem::forget).is_ok()
-            };
-            for builtins in named("libnvrtc-builtins.so") {
-                open(builtins);
-            }
-            if named("libnvrtc.so").into_iter().any(|p| open(p)) {
-                return;
+                files.sort();
+                for path in files {
+                    // SAFETY: loading NVIDIA's libraries runs only their own initialisers.
+                    let loaded = unsafe {
+                        libloading::os::unix::Library::open(
+                            Some(&path),
+                            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                        )
+                    };
+                    if loaded.map(std::mem::forget).is_ok() {
+                        break 'library;
+                    }
+                }
             }
         }
     });
+}
+
+/// The shared libraries of CUDA this process has loaded, with their paths (from
+/// /proc/self/maps): what `wisp gpu info` reports.
+pub fn loaded_libraries() -> Vec<(String, String)> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, String)> = Vec::new();
+    for line in maps.lines() {
+        let Some(path) = line.split_whitespace().nth(5) else {
+            continue;
+        };
+        let name = path.rsplit('/').next().unwrap_or(path);
+        for library in [
+            "libcuda.so",
+            "libnvrtc.so",
+            "libnvrtc-builtins",
+            "libcublasLt.so",
+        ] {
+            if name.starts_with(library) && !found.iter().any(|(_, p)| p == path) {
+                found.push((
+                    library.trim_end_matches(".so").to_string(),
+                    path.to_string(),
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// NVRTC's version, or why it cannot be loaded.
@@ -137,6 +219,8 @@ fn options(toolkit: &Toolkit, arch: &str) -> Vec<String> {
     vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
+        // Source lines in the cubin, for compute-sanitizer and profilers; no cost at run time.
+        "-lineinfo".to_string(),
         format!("-I{}", toolkit.include.display()),
     ]
 }
@@ -165,12 +249,27 @@ pub fn compile(file: &KernelFile, arch: &str, toolkit: &Toolkit) -> Result<Compi
     compile_cached(file, arch, toolkit, cache_dir().as_deref())
 }
 
+/// Compiles `file` again, ignoring the cached image, and replaces it in the cache.
+pub fn recompile(file: &KernelFile, arch: &str, toolkit: &Toolkit) -> Result<Compiled> {
+    compile_with(file, arch, toolkit, cache_dir().as_deref(), false)
+}
+
 /// `compile` with an explicit cache folder (None: no cache).
 pub fn compile_cached(
     file: &KernelFile,
     arch: &str,
     toolkit: &Toolkit,
     cache: Option<&Path>,
+) -> Result<Compiled> {
+    compile_with(file, arch, toolkit, cache, true)
+}
+
+fn compile_with(
+    file: &KernelFile,
+    arch: &str,
+    toolkit: &Toolkit,
+    cache: Option<&Path>,
+    read_cache: bool,
 ) -> Result<Compiled> {
     let (major, minor) = nvrtc_version()?;
     let source = format!("{COMMON}\n#line 1 \"{}\"\n{}", file.name, file.source);
@@ -194,9 +293,11 @@ pub fn compile_cached(
             .collect::<String>()
     );
     let cached = cache.map(|dir| dir.join(format!("{key}.cubin")));
-    if let Some(path) = &cached {
+    if let Some(path) = cached.as_ref().filter(|_| read_cache) {
         if let Ok(cubin) = std::fs::read(path) {
-            if !cubin.is_empty() {
+            // A truncated or overwritten file is compiled again (the driver also
+            // rejects images it cannot load: `Kernels::load` recompiles those).
+            if cubin.starts_with(b"\x7fELF") {
                 return Ok(Compiled {
                     cubin,
                     from_cache: true,
@@ -322,6 +423,31 @@ mod tests {
             );
             assert_eq!(first.cubin, second.cubin);
         }
+    }
+
+    /// A cache entry that is not a cubin is compiled again and replaced.
+    #[test]
+    fn a_corrupt_cached_kernel_is_compiled_again() {
+        let Ok(toolkit) = find_toolkit() else {
+            eprintln!("skipped: no CUDA headers here");
+            return;
+        };
+        if nvrtc_version().is_err() {
+            eprintln!("skipped: NVRTC is not available here");
+            return;
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let first = compile_cached(&HEADS, "sm_90", &toolkit, Some(cache.path())).unwrap();
+        let path = cache.path().join(format!("{}.cubin", first.key));
+        std::fs::write(&path, b"not a cubin").unwrap();
+        let again = compile_cached(&HEADS, "sm_90", &toolkit, Some(cache.path())).unwrap();
+        assert!(!again.from_cache, "a corrupt entry is not used");
+        assert_eq!(again.cubin, first.cubin);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            first.cubin,
+            "and it is replaced"
+        );
     }
 
     #[test]

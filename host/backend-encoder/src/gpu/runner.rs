@@ -22,8 +22,10 @@ use std::sync::Arc;
 use wisp_core::backend::{BackendRequest, Execution};
 use wisp_core::error::{Error, Result};
 
-/// Graphs kept per instance; beyond this the cache starts over (bounded memory).
+/// Graphs kept per instance; beyond this the least recently used one is dropped.
 const MAX_GRAPHS: usize = 96;
+/// Failed captures after which an instance stops capturing altogether.
+const MAX_CAPTURE_FAILURES: usize = 3;
 /// Sequences per batch: the attention grid's z dimension (at most 65535) holds the
 /// bucket, a power of two.
 const MAX_SEQUENCES: usize = 32768;
@@ -195,14 +197,17 @@ impl Bucket {
     }
 }
 
-/// Token counts run in buckets: powers of two up to 4096 (small batches cost about
-/// the same at any of these sizes), then multiples of 2048.
+/// Token counts run in buckets: 16, 32, 64 and 128 (small batches cost about the same
+/// at any of these), then multiples of 128 up to 2048, then of 256: at most 1/8 of the
+/// GEMM work past 1024 tokens is padding (powers of two wasted up to half).
 fn round_tokens(tokens: usize) -> usize {
     let tokens = tokens.max(16);
-    if tokens <= 4096 {
+    if tokens <= 128 {
         tokens.next_power_of_two()
+    } else if tokens <= 2048 {
+        tokens.div_ceil(128) * 128
     } else {
-        tokens.div_ceil(2048) * 2048
+        tokens.div_ceil(256) * 256
     }
 }
 
@@ -219,15 +224,29 @@ struct Activations {
     output: Buffer,
 }
 
+/// A captured forward pass and when it last ran (for least-recently-used eviction).
+struct CachedGraph {
+    replay: Box<dyn Replay>,
+    last_used: u64,
+}
+
 /// One GPU instance: its stream, cuBLASLt plans, buffers and captured graphs.
 pub struct GpuRunner {
-    weights: Arc<GpuEncoder>,
+    // Field order is drop order: the queue (which waits for its stream) goes before
+    // the weights its work reads.
     queue: Box<dyn Queue>,
+    graphs: HashMap<Bucket, CachedGraph>,
     activations: Option<Activations>,
-    graphs: HashMap<Bucket, Box<dyn Replay>>,
+    weights: Arc<GpuEncoder>,
     /// Buckets run once directly: the second batch of a bucket is the one captured, so
     /// first-time work (module loading, cuBLASLt heuristics) never happens in a capture.
     seen: HashSet<Bucket>,
+    /// Buckets whose capture failed: they run directly from then on.
+    direct_only: HashSet<Bucket>,
+    capture_failures: usize,
+    /// Batches run (the clock of the graph cache).
+    batches: u64,
+    max_graphs: usize,
     use_graphs: bool,
     remove_padding: bool,
     batch: PackedBatch,
@@ -249,6 +268,10 @@ impl GpuRunner {
             activations: None,
             graphs: HashMap::new(),
             seen: HashSet::new(),
+            direct_only: HashSet::new(),
+            capture_failures: 0,
+            batches: 0,
+            max_graphs: MAX_GRAPHS,
             use_graphs,
             remove_padding,
             batch: PackedBatch::default(),
@@ -267,12 +290,12 @@ impl GpuRunner {
         let old = self.activations.take();
         self.graphs.clear();
         self.seen.clear();
+        self.direct_only.clear();
         let tokens = bucket.tokens.max(old.as_ref().map_or(0, |a| a.tokens));
         let sequences = bucket
             .sequences
             .max(old.as_ref().map_or(0, |a| a.sequences));
         drop(old);
-        let gpu = &*self.weights.device;
         let d = &self.weights.encoder.dims;
         let rows = tokens + SLACK_ROWS;
         let width = self.weights.encoder.head_width();
@@ -284,16 +307,18 @@ impl GpuRunner {
             padded: true,
         }
         .input_words();
+        // In this instance's stream order: growing never waits for other instances.
+        let q = &mut self.queue;
         self.activations = Some(Activations {
             tokens,
             sequences,
-            inputs: gpu.alloc(words * 4)?,
-            hidden: gpu.alloc(rows * d.hidden * 2)?,
-            qkv: gpu.alloc(rows * 3 * d.hidden * 2)?,
-            context: gpu.alloc(rows * d.hidden * 2)?,
-            projected: gpu.alloc(rows * d.hidden * 2)?,
-            intermediate: gpu.alloc(rows * d.intermediate * 2)?,
-            output: gpu.alloc(output * 4)?,
+            inputs: q.alloc(words * 4)?,
+            hidden: q.alloc(rows * d.hidden * 2)?,
+            qkv: q.alloc(rows * 3 * d.hidden * 2)?,
+            context: q.alloc(rows * d.hidden * 2)?,
+            projected: q.alloc(rows * d.hidden * 2)?,
+            intermediate: q.alloc(rows * d.intermediate * 2)?,
+            output: q.alloc(output * 4)?,
         });
         Ok(())
     }
@@ -444,26 +469,85 @@ impl GpuRunner {
     }
 
     /// Runs the bucket's graph, capturing it the second time the bucket is seen (the
-    /// first runs directly). Queues that cannot capture always run directly.
+    /// first runs directly). Queues that cannot capture always run directly; a bucket
+    /// whose capture failed runs directly from then on, and after a few failures the
+    /// instance stops capturing.
     fn launch(&mut self, bucket: &Bucket) -> Result<()> {
-        if !self.use_graphs || self.seen.insert(*bucket) {
+        self.batches += 1;
+        if !self.use_graphs || self.direct_only.contains(bucket) {
+            return self.enqueue(bucket);
+        }
+        if self.seen.insert(*bucket) {
+            if self.seen.len() > 4 * self.max_graphs {
+                // Bounded: forgetting only costs another direct run before a capture.
+                self.seen.clear();
+                self.seen.insert(*bucket);
+            }
             return self.enqueue(bucket);
         }
         if !self.graphs.contains_key(bucket) {
-            if self.graphs.len() >= MAX_GRAPHS {
-                self.graphs.clear();
-                self.seen.clear();
+            if self.graphs.len() >= self.max_graphs {
+                let oldest = self
+                    .graphs
+                    .iter()
+                    .min_by_key(|(_, g)| g.last_used)
+                    .map(|(b, _)| *b);
+                if let Some(oldest) = oldest {
+                    self.graphs.remove(&oldest);
+                }
             }
-            if !self.queue.begin_capture()? {
-                self.use_graphs = false;
-                return self.enqueue(bucket);
+            match self.capture(bucket) {
+                Ok(Some(replay)) => {
+                    self.graphs.insert(
+                        *bucket,
+                        CachedGraph {
+                            replay,
+                            last_used: 0,
+                        },
+                    );
+                }
+                Ok(None) => {
+                    self.use_graphs = false;
+                    return self.enqueue(bucket);
+                }
+                Err(e) => {
+                    if self.queue.poisoned().is_some() {
+                        return Err(e);
+                    }
+                    self.capture_failures += 1;
+                    self.direct_only.insert(*bucket);
+                    let give_up = self.capture_failures >= MAX_CAPTURE_FAILURES;
+                    if give_up {
+                        self.use_graphs = false;
+                        self.graphs.clear();
+                    }
+                    tracing::warn!(
+                        device = %self.weights.device.describe(),
+                        tokens = bucket.tokens,
+                        sequences = bucket.sequences,
+                        max_len = bucket.max_len,
+                        error = %e,
+                        "CUDA graph capture failed; this launch shape runs without a graph{}",
+                        if give_up { " (and, after repeated failures, every shape of this instance)" } else { "" }
+                    );
+                    return self.enqueue(bucket);
+                }
             }
-            let enqueued = self.enqueue(bucket);
-            let graph = self.queue.end_capture();
-            enqueued?;
-            self.graphs.insert(*bucket, graph?);
         }
-        self.graphs[bucket].replay()
+        let graph = self.graphs.get_mut(bucket).expect("captured above");
+        graph.last_used = self.batches;
+        graph.replay.replay()
+    }
+
+    /// Records the bucket's forward pass (None: the queue cannot record).
+    fn capture(&mut self, bucket: &Bucket) -> Result<Option<Box<dyn Replay>>> {
+        if !self.queue.begin_capture()? {
+            return Ok(None);
+        }
+        let enqueued = self.enqueue(bucket);
+        let graph = self.queue.end_capture();
+        enqueued?;
+        graph.map(Some)
     }
 
     /// Runs a packed batch and leaves the head's output in `out`.
@@ -592,5 +676,210 @@ impl GpuRunner {
     /// Captured graphs (one per launch-shape bucket seen).
     pub fn graphs(&self) -> usize {
         self.graphs.len()
+    }
+
+    /// Why this instance can run nothing more: its GPU context was poisoned by a
+    /// sticky error (illegal address, launch failure...), which only a restart clears.
+    pub fn out_of_service(&self) -> Option<String> {
+        self.queue.poisoned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::device::{TwinDevice, TwinFaults};
+    use crate::ops::Segment;
+
+    /// A random 2-layer BERT (hidden 64, 2 heads of 32) written as a checkpoint folder.
+    fn tiny_bert() -> Arc<Encoder> {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, inter, vocab, positions) = (64usize, 128usize, 50usize, 64usize);
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(
+                r#"{{"model_type": "bert", "architectures": ["BertModel"], "hidden_size": {h},
+                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": {inter},
+                "vocab_size": {vocab}, "max_position_embeddings": {positions},
+                "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12}}"#
+            ),
+        )
+        .unwrap();
+        let mut tensors: Vec<(String, Vec<usize>)> = vec![
+            ("embeddings.word_embeddings.weight".into(), vec![vocab, h]),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![positions, h],
+            ),
+            ("embeddings.token_type_embeddings.weight".into(), vec![2, h]),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for i in 0..2 {
+            let l = format!("encoder.layer.{i}");
+            for (name, out, inp) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", inter, h),
+                ("output.dense", h, inter),
+            ] {
+                tensors.push((format!("{l}.{name}.weight"), vec![out, inp]));
+                tensors.push((format!("{l}.{name}.bias"), vec![out]));
+            }
+            for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                tensors.push((format!("{l}.{norm}.weight"), vec![h]));
+                tensors.push((format!("{l}.{norm}.bias"), vec![h]));
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        let (mut header, mut data) = (serde_json::Map::new(), Vec::<u8>::new());
+        for (name, shape) in tensors {
+            let count: usize = shape.iter().product();
+            let start = data.len();
+            for _ in 0..count {
+                let v = if name.ends_with("LayerNorm.weight") {
+                    1.0
+                } else {
+                    (rng.f32() - 0.5) * 0.2
+                };
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            header.insert(
+                name,
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let mut header = serde_json::to_vec(&header).unwrap();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&data);
+        std::fs::write(dir.path().join("model.safetensors"), file).unwrap();
+        Arc::new(crate::load_encoder(&crate::EncoderSettings::new("."), dir.path()).unwrap())
+    }
+
+    fn batch(lengths: &[usize]) -> PackedBatch {
+        let mut batch = PackedBatch::default();
+        for &len in lengths {
+            let start = batch.tokens();
+            for i in 0..len {
+                batch.ids.push(((start + i) * 7 % 50) as u32);
+                batch.positions.push(i as u32);
+                batch.types.push(0);
+            }
+            batch.segments.push(Segment { start, len });
+        }
+        batch
+    }
+
+    fn runner(device: &TwinDevice, encoder: &Arc<Encoder>, graphs: bool) -> GpuRunner {
+        let device: Arc<dyn Device> = Arc::new(device.clone());
+        let weights = Arc::new(GpuEncoder::load(device, encoder.clone()).unwrap());
+        GpuRunner::new(weights, true, graphs).unwrap()
+    }
+
+    #[test]
+    fn token_buckets_waste_at_most_an_eighth_past_a_thousand_tokens() {
+        assert_eq!(round_tokens(1), 16);
+        assert_eq!(round_tokens(100), 128);
+        assert_eq!(round_tokens(129), 256);
+        assert_eq!(round_tokens(1025), 1152);
+        assert_eq!(round_tokens(2049), 2304);
+        for tokens in 1024..9000 {
+            let bucket = round_tokens(tokens);
+            assert!(
+                bucket >= tokens && (bucket - tokens) * 8 <= tokens,
+                "{tokens} → {bucket}"
+            );
+        }
+    }
+
+    /// Replayed graphs compute what direct runs compute, also after the buffers grew
+    /// (graphs pointing at freed buffers would fail on the twin device).
+    #[test]
+    fn replayed_graphs_match_direct_runs_across_buffer_growth() {
+        let encoder = tiny_bert();
+        let device = TwinDevice::new();
+        let mut direct = runner(&TwinDevice::new(), &encoder, false);
+        let mut graphed = runner(&device, &encoder, true);
+        for lengths in [
+            &[5usize, 9][..],
+            &[5, 9],
+            &[5, 9],
+            &[40, 33, 60],
+            &[40, 33, 60],
+            &[5, 9],
+        ] {
+            let expected = direct.run_packed(batch(lengths)).unwrap().to_vec();
+            let got = graphed.run_packed(batch(lengths)).unwrap().to_vec();
+            assert_eq!(got, expected, "lengths {lengths:?}");
+        }
+        // [5, 9] captured, then [40, 33, 60] grew the buffers (dropping it) and was
+        // captured in turn; the last [5, 9] runs directly again (seen anew).
+        assert_eq!(device.captures(), 2);
+        assert_eq!(graphed.graphs(), 1);
+    }
+
+    #[test]
+    fn a_failed_capture_runs_directly_and_is_not_retried() {
+        let encoder = tiny_bert();
+        let device = TwinDevice::with_faults(TwinFaults {
+            fail_captures: true,
+            ..TwinFaults::default()
+        });
+        let mut direct = runner(&TwinDevice::new(), &encoder, false);
+        let mut graphed = runner(&device, &encoder, true);
+        // Reserve the largest shape first so that later, smaller shapes keep the buffers.
+        let shapes: [&[usize]; 5] = [&[60, 60], &[3], &[20], &[3, 3, 3], &[30, 30, 30]];
+        for lengths in shapes {
+            for _ in 0..4 {
+                let expected = direct.run_packed(batch(lengths)).unwrap().to_vec();
+                let got = graphed.run_packed(batch(lengths)).unwrap().to_vec();
+                assert_eq!(got, expected, "lengths {lengths:?}");
+            }
+        }
+        assert_eq!(graphed.graphs(), 0);
+        assert_eq!(
+            device.captures_begun(),
+            MAX_CAPTURE_FAILURES,
+            "one attempt per shape, then none once the instance gave up"
+        );
+    }
+
+    #[test]
+    fn the_graph_cache_evicts_the_least_recently_used_graph() {
+        let encoder = tiny_bert();
+        let mut graphed = runner(&TwinDevice::new(), &encoder, true);
+        graphed.max_graphs = 2;
+        let (a, b, c): (&[usize], &[usize], &[usize]) = (&[50, 50], &[3], &[20]);
+        for lengths in [a, a, b, b, a, c, c] {
+            graphed.run_packed(batch(lengths)).unwrap();
+        }
+        let bucket = |lengths: &[usize]| {
+            let max = *lengths.iter().max().unwrap();
+            Bucket::of(lengths.iter().sum(), lengths.len(), max, false)
+        };
+        assert!(graphed.graphs.contains_key(&bucket(a)), "used recently");
+        assert!(graphed.graphs.contains_key(&bucket(c)), "just captured");
+        assert!(
+            !graphed.graphs.contains_key(&bucket(b)),
+            "least recently used"
+        );
+    }
+
+    #[test]
+    fn a_poisoned_device_takes_the_instance_out_of_service() {
+        let encoder = tiny_bert();
+        let device = TwinDevice::with_faults(TwinFaults {
+            poison_after_ops: Some(5),
+            ..TwinFaults::default()
+        });
+        let mut graphed = runner(&device, &encoder, true);
+        assert!(graphed.out_of_service().is_none());
+        assert!(graphed.run_packed(batch(&[4])).is_err());
+        let reason = graphed.out_of_service().expect("out of service");
+        assert!(reason.contains("ILLEGAL_ADDRESS"), "{reason}");
     }
 }

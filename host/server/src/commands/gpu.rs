@@ -11,9 +11,11 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+use wisp_backend_encoder::gpu::blas::Blas;
 use wisp_backend_encoder::gpu::device::{CudaDevice, Device};
+use wisp_backend_encoder::gpu::kernels::Kernels;
 use wisp_backend_encoder::gpu::runner::{GpuEncoder, GpuRunner};
-use wisp_backend_encoder::gpu::{selftest, Gpu};
+use wisp_backend_encoder::gpu::{nvrtc, selftest, Gpu};
 use wisp_backend_encoder::linear::Threads;
 use wisp_backend_encoder::model::{HeadKind, PackedBatch, Workspace};
 use wisp_backend_encoder::ops::Segment;
@@ -91,16 +93,65 @@ fn random_batch(
     batch
 }
 
+/// `wisp gpu info`: the GPU, and whether each library the encoder needs loads (and
+/// from where): the driver, NVRTC with the CUDA headers, cuBLASLt, wisp's kernels.
+fn info() -> serde_json::Value {
+    let gpu = match Gpu::open(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            return json!({"available": false, "reason": e.to_string(),
+                "libraries": libraries()})
+        }
+    };
+    let (driver_major, driver_minor) = gpu.driver_version();
+    let error = |e: Error| json!({"error": e.message});
+    let nvrtc_info =
+        match nvrtc::find_toolkit().and_then(|t| nvrtc::nvrtc_version().map(|v| (t, v))) {
+            Ok((toolkit, (major, minor))) => {
+                json!({"version": format!("{major}.{minor}"), "include": toolkit.include})
+            }
+            Err(e) => error(e),
+        };
+    let cublaslt = match Blas::probe(&gpu) {
+        Ok(version) => json!({"version": version}),
+        Err(e) => error(e),
+    };
+    let kernels = match Kernels::of_device(&gpu) {
+        Ok(kernels) => json!(kernels.resources),
+        Err(e) => error(e),
+    };
+    // A usable GPU needs all three; the reason names the first that is missing.
+    let missing = [
+        ("NVRTC", &nvrtc_info),
+        ("cuBLASLt", &cublaslt),
+        ("kernels", &kernels),
+    ]
+    .into_iter()
+    .find_map(|(what, v)| {
+        v.get("error")
+            .map(|e| format!("{what}: {}", e.as_str().unwrap_or("")))
+    });
+    json!({
+        "available": missing.is_none(),
+        "reason": missing,
+        "name": gpu.name, "arch": gpu.arch, "memory_mib": gpu.memory_bytes >> 20,
+        "driver_cuda_version": format!("{driver_major}.{driver_minor}"),
+        "memory_pools": gpu.memory_pools(),
+        "nvrtc": nvrtc_info, "cublaslt": cublaslt, "kernels": kernels,
+        "libraries": libraries(),
+    })
+}
+
+fn libraries() -> serde_json::Value {
+    nvrtc::loaded_libraries()
+        .into_iter()
+        .map(|(name, path)| json!({"library": name, "path": path}))
+        .collect()
+}
+
 pub fn run(args: GpuArgs) -> Result<()> {
     if let GpuAction::Info = args.action {
-        let line = match Gpu::open(0) {
-            Ok(gpu) => json!({
-                "available": true, "name": gpu.name, "arch": gpu.arch,
-                "memory_mib": gpu.memory_bytes >> 20,
-            }),
-            Err(e) => json!({"available": false, "reason": e.to_string()}),
-        };
-        println!("{line}");
+        println!("{}", info());
         return Ok(());
     }
     let device = Arc::new(CudaDevice::open(0)?);
@@ -187,11 +238,85 @@ fn check(device: Arc<CudaDevice>, checkpoints: &[PathBuf], min_cosine: f64) -> R
             }
         }
     }
+    if let Some(folder) = checkpoints.first() {
+        let passed = concurrent_setup(&device, folder)?;
+        failed += usize::from(!passed);
+    }
     if failed > 0 {
         return Err(Error::internal(format!("{failed} GPU check(s) failed")));
     }
     println!("all GPU checks passed");
     Ok(())
+}
+
+/// One instance captures graphs while others are built, warmed up, grow their buffers
+/// and are dropped on another thread: the setup of one must never break another's
+/// capture (no context-wide synchronization), and replays must match the first runs.
+fn concurrent_setup(device: &Arc<dyn Device>, folder: &std::path::Path) -> Result<bool> {
+    let encoder = Arc::new(load_encoder(&EncoderSettings::new("."), folder)?);
+    let weights = Arc::new(GpuEncoder::load(device.clone(), encoder.clone())?);
+    let shapes: Vec<Vec<usize>> = vec![
+        vec![8],
+        vec![100, 3],
+        vec![30; 9],
+        vec![128; 4],
+        vec![5, 77, 12],
+        vec![64; 16],
+    ];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let builder = {
+        let (weights, stop, dims) = (weights.clone(), stop.clone(), encoder.dims.clone());
+        std::thread::spawn(move || -> Result<usize> {
+            let mut built = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && built < 200 {
+                let mut runner = GpuRunner::new(weights.clone(), true, true)?;
+                runner.warm_up()?;
+                // Grow its buffers (allocations and frees in its own stream's order).
+                runner.run_packed(random_batch(&dims, &[200, 200, 100], 3))?;
+                runner.run_packed(random_batch(&dims, &vec![16; 40 + built % 7], 4))?;
+                built += 1;
+            }
+            Ok(built)
+        })
+    };
+    let mut runner = GpuRunner::new(weights, true, true)?;
+    let mut first: Vec<Vec<f32>> = Vec::new();
+    let mut max_error = 0f32;
+    let mut outcome = Ok(());
+    'rounds: for round in 0..6 {
+        for (i, lengths) in shapes.iter().enumerate() {
+            let batch = random_batch(&encoder.dims, lengths, i as u64);
+            match runner.run_packed(batch) {
+                Ok(out) if round == 0 => first.push(out.to_vec()),
+                Ok(out) => {
+                    for (a, b) in out.iter().zip(&first[i]) {
+                        max_error = max_error.max((a - b).abs());
+                    }
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break 'rounds;
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let built = builder
+        .join()
+        .map_err(|_| Error::internal("the builder thread panicked"))?;
+    let graphs = runner.graphs();
+    let passed = outcome.is_ok() && built.is_ok() && max_error <= 1e-3 && graphs == shapes.len();
+    println!(
+        "{}",
+        json!({
+            "check": "concurrent setup", "checkpoint": folder,
+            "instances_built_meanwhile": built.as_ref().ok(), "graphs": graphs,
+            "replay_max_abs_error": max_error,
+            "error": outcome.err().or(built.err()).map(|e| e.message),
+            "passed": passed,
+        })
+    );
+    Ok(passed)
 }
 
 fn time_batch(runner: &mut GpuRunner, batch: &PackedBatch, seconds: f64) -> Result<Vec<f64>> {

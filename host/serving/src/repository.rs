@@ -770,6 +770,76 @@ mod tests {
         .unwrap()
     }
 
+    /// Two instances, of which `out` are out of service (as a poisoned GPU leaves them).
+    struct Failing(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Backend for Failing {
+        fn execute(&self, requests: Vec<BackendRequest>) -> BoxFuture<'_, Execution> {
+            Echo.execute(requests)
+        }
+        fn instances(&self) -> usize {
+            2
+        }
+        fn out_of_service(&self) -> wisp_core::worker::OutOfService {
+            let instances = self.0.load(std::sync::atomic::Ordering::SeqCst);
+            wisp_core::worker::OutOfService {
+                instances,
+                reason: (instances > 0).then(|| "CUDA_ERROR_ILLEGAL_ADDRESS".into()),
+            }
+        }
+    }
+
+    struct FailingFactory(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl wisp_core::backend::BackendFactory for FailingFactory {
+        fn load(&self, _: &LoadContext<'_>) -> Result<Box<dyn Backend>> {
+            Ok(Box::new(Failing(self.0.clone())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_version_with_every_instance_out_of_service_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "gpu", &ECHO.replace("\"wasm\"", "\"encoder\""));
+        let out = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut backends = BackendRegistry::new();
+        backends.register("encoder", Arc::new(FailingFactory(out.clone())));
+        let metrics = Arc::new(Metrics::new());
+        let repo = Repository::new(
+            dir.path().to_path_buf(),
+            ControlMode::Explicit,
+            backends,
+            metrics.clone(),
+        )
+        .unwrap();
+        repo.load("gpu").await.unwrap();
+        let gauge = |n: usize| {
+            format!("wisp_model_instances_out_of_service{{model=\"gpu\",version=\"1\"}} {n}")
+        };
+        assert!(metrics.render().contains(&gauge(0)));
+        out.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            repo.get("gpu", Some(1)).is_ok(),
+            "one instance still serves"
+        );
+        assert!(repo.all_ready());
+        assert!(metrics.render().contains(&gauge(1)));
+        out.store(2, std::sync::atomic::Ordering::SeqCst);
+        for version in [Some(1), None] {
+            let e = repo.get("gpu", version).err().unwrap();
+            assert_eq!(e.kind, wisp_core::ErrorKind::Unavailable);
+            assert!(
+                e.message
+                    .contains("every instance is out of service: CUDA_ERROR_ILLEGAL_ADDRESS"),
+                "{e:?}"
+            );
+        }
+        assert!(!repo.all_ready());
+        let index = repo.index(false).to_string();
+        assert!(index.contains("\"state\":\"UNAVAILABLE\""), "{index}");
+        assert!(metrics.render().contains(&gauge(2)));
+    }
+
     #[tokio::test]
     async fn an_unchanged_reload_keeps_the_running_version() {
         let dir = tempfile::tempdir().unwrap();

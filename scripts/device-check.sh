@@ -49,7 +49,9 @@ write_summary() {
         for s in "${steps[@]}"; do printf '  %-10s %s\n' "$s" "${state[$s]}"; done
         [ -s "$work/ratios.txt" ] && { echo; cat "$work/ratios.txt"; }
         [ -s "$work/findings.txt" ] && { echo; cat "$work/findings.txt"; }
-    } > "$OUT/summary.txt.tmp" && mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
+        true
+    } > "$OUT/summary.txt.tmp"
+    mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
 }
 
 # The cap of a step: its own, or what is left of the budget less a reserve for packing.

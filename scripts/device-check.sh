@@ -22,6 +22,8 @@
 # Usage there: bash scripts/device-check.sh [quick]   ("quick": 1 s per case)
 # Here, without a GPU: WISP_DEVICE_LOCAL=1 bash scripts/device-check.sh quick runs the
 # same steps (GPU steps fail fast; the HTTP step uses CPU instances) to test the script.
+# WISP_DEVICE_STEPS="setup torch check bench" runs only those steps (a kernel change's
+# re-check, in less device time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/wisp-device-out}
@@ -40,8 +42,12 @@ export PYTHONUNBUFFERED=1
 export PATH="$PATH:$WISP_CUDA_HOME/bin"
 
 steps=(setup torch check http bench sanitizer)
+selected=" ${WISP_DEVICE_STEPS:-${steps[*]}} "
 declare -A state
-for s in "${steps[@]}"; do state[$s]=pending; done
+for s in "${steps[@]}"; do
+    state[$s]=pending
+    [[ $selected == *" $s "* ]] || state[$s]="skipped (WISP_DEVICE_STEPS)"
+done
 
 write_summary() {
     {
@@ -65,6 +71,7 @@ cap() {
 # step NAME CAP FUNCTION: runs FUNCTION in a shell of its own under a time-out.
 step() {
     local name=$1 t s0=$SECONDS rc
+    [[ $selected == *" $name "* ]] || return 0
     t=$(cap "$2")
     state[$name]="running (cap ${t} s)"
     write_summary

@@ -73,22 +73,16 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
     __syncwarp();
 
     // Softmax per query row; each lane holds up to MAX_KEYS/32 scores in registers, so
-    // the fp16 probabilities can overwrite the row they were computed from. Only the
-    // chunks of 32 keys that exist are touched (the tests are warp-uniform), and rows
-    // past the sequence are skipped: their outputs are dropped, and each output row of
-    // P·V depends on its own row of P only.
-    const int rows = min(16, len - q0);
-    for (int r = 0; r < rows; ++r) {
+    // the fp16 probabilities can overwrite the row they were computed from.
+    for (int r = 0; r < 16; ++r) {
         float* row = scores + (size_t)r * ls;
         float values[MAX_KEYS / 32];
         float best = -INFINITY;
 #pragma unroll
         for (int i = 0; i < MAX_KEYS / 32; ++i) {
+            const int j = lane + 32 * i;
             float x = -INFINITY;
-            if (32 * i < keys) {
-                const int j = lane + 32 * i;
-                if (j < len && (key_valid == nullptr || key_valid[start + j])) x = row[j] * scale;
-            }
+            if (j < len && (key_valid == nullptr || key_valid[start + j])) x = row[j] * scale;
             values[i] = x;
             best = fmaxf(best, x);
         }
@@ -96,11 +90,9 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
         float sum = 0.0f;
 #pragma unroll
         for (int i = 0; i < MAX_KEYS / 32; ++i) {
-            if (32 * i < keys) {
-                const float e = values[i] == -INFINITY ? 0.0f : __expf(values[i] - best);
-                values[i] = e;
-                sum += e;
-            }
+            const float e = values[i] == -INFINITY ? 0.0f : __expf(values[i] - best);
+            values[i] = e;
+            sum += e;
         }
         sum = warp_sum(sum);
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
@@ -109,7 +101,7 @@ __device__ __forceinline__ void attention(half* __restrict__ out, const half* __
 #pragma unroll
         for (int i = 0; i < MAX_KEYS / 32; ++i) {
             const int j = lane + 32 * i;
-            if (32 * i < keys && j < keys) probabilities[j] = __float2half(values[i] * inv);
+            if (j < keys) probabilities[j] = __float2half(values[i] * inv);
         }
         __syncwarp();
     }

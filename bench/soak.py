@@ -6,7 +6,8 @@ Starts its own server on 127.0.0.1 (free ports), then drives a mixed load of
   simple            INT32 INPUT0/INPUT1 [b,16] -> OUTPUT0 = sum, OUTPUT1 = difference
   ensemble_add_sub  simple twice             -> OUTPUT0 = 2*INPUT0, OUTPUT1 = 2*INPUT1
   minilm_embed      TEXT BYTES [n,1]          -> EMBEDDING [n,384], unit norm, equal (cosine) to a reference
-  simple_sequence   sequences of 2..5 steps   -> OUTPUT = running sum of the sequence's INPUTs
+  simple_string_dyna_sequence  sequences of 2..5 steps -> OUTPUT = running sum of the sequence's INPUTs
+                    (+ the sequence id on the last step): state kept on one instance
   malformed         bad JSON, wrong datatype, wrong shape, unknown model, missing sequence_id -> a 4xx
 
 through three phases:
@@ -69,7 +70,7 @@ MODEL_OF = {
     "simple": "simple",
     "ensemble": "ensemble_add_sub",
     "embed": "minilm_embed",
-    "sequence": "simple_sequence",
+    "sequence": "simple_string_dyna_sequence",
 }
 DEFAULT_MIX = "simple=35,ensemble=20,embed=25,sequence=15,malformed=5"
 
@@ -346,7 +347,7 @@ class Workload:
             ("wrong_datatype", "simple", json.dumps(wrong_type).encode()),
             ("wrong_shape", "ensemble_add_sub", json.dumps(wrong_shape).encode()),
             ("unknown_model", "no_such_model_soak", json.dumps(good).encode()),
-            ("sequence_without_id", "simple_sequence", json.dumps(seq_without_id).encode()),
+            ("sequence_without_id", MODEL_OF["sequence"], json.dumps(seq_without_id).encode()),
         ]
         # A model that is not ready answers 503 before looking at the request: skip those.
         return [c for c in cases if c[1] == "no_such_model_soak" or c[1] not in self.unavailable]
@@ -449,14 +450,14 @@ class Workload:
                     params["sequence_end"] = True
                 body = json.dumps({"parameters": params,
                                    "inputs": [tensor("INPUT", "INT32", [1, 1], [value])]}).encode()
-                want = total
+                want = total + (seq_id if i == steps - 1 else 0)
 
                 def check(resp, want=want, i=i):
                     out = first_output(resp, "OUTPUT")
                     if out.get("data") != [want]:
                         raise CheckFailed(f"sequence {seq_id} step {i}: OUTPUT {out.get('data')} instead of [{want}]")
 
-                if await self.post(session, kind, "simple_sequence", body, check, results, loop) is None:
+                if await self.post(session, kind, MODEL_OF["sequence"], body, check, results, loop) is None:
                     break  # the rest of this sequence is not sent (the server releases it when idle)
         elif kind == "malformed":
             name, model, body = self.rng.choice(self.malformed)

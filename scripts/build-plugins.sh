@@ -22,6 +22,8 @@ install_component wisp_plugin_simple model_repository/simple
 install_component wisp_plugin_simple_string model_repository/simple_string
 install_component wisp_plugin_identity model_repository/simple_identity
 install_component wisp_plugin_sequence model_repository/simple_sequence
+install_component wisp_plugin_sequence model_repository/simple_dyna_sequence
+install_component wisp_plugin_sequence model_repository/simple_string_dyna_sequence
 mkdir -p tests/components
 for c in wisp_plugin_simple wisp_plugin_simple_string wisp_plugin_identity wisp_plugin_template wisp_plugin_sequence wisp_plugin_tokenizer wisp_plugin_qa_decode wisp_test_hostile; do
     cp "$out/$c.wasm" "tests/components/$c.wasm"

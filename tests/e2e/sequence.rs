@@ -5,12 +5,23 @@ use crate::harness::*;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+/// The default repository's `simple_sequence` made an accumulator keyed by its
+/// correlation id: state that must stay on one instance.
 fn sequence_config(idle_us: u64) -> String {
-    std::fs::read_to_string(workspace_root().join("model_repository/simple_sequence/config.toml"))
-        .unwrap()
+    let config = std::fs::read_to_string(
+        workspace_root().join("model_repository/simple_sequence/config.toml"),
+    )
+    .unwrap();
+    assert!(config.contains("[parameters]\nmode = \"add_start\""));
+    config
         .replace(
             "max_sequence_idle_us = 5000000",
             &format!("max_sequence_idle_us = {idle_us}"),
+        )
+        .replace(
+            "[parameters]\nmode = \"add_start\"",
+            "[[sequence_batching.control_input]]\nname = \"CORRID\"\nkind = \"corrid\"\n\
+             datatype = \"BYTES\"\n\n[parameters]\nmode = \"accumulate\"",
         )
 }
 
@@ -189,5 +200,44 @@ fn oldest_strategy_batches_across_sequences() {
     assert_eq!(
         config["sequence_batching"]["strategy"]["oldest"]["preferred_batch_size"],
         json!([3])
+    );
+}
+
+/// A model whose correlation id control is numeric takes numeric ids (or strings that
+/// hold a number) and names the problem otherwise.
+#[test]
+fn a_numeric_correlation_id_refuses_a_string_id() {
+    let repo = TestRepo::new();
+    let config = std::fs::read_to_string(
+        workspace_root().join("model_repository/simple_dyna_sequence/config.toml"),
+    )
+    .unwrap();
+    repo.add("dyna", &config, "wisp_plugin_sequence", &[1]);
+    let server = Server::start(repo.path(), &[]);
+    let error = server
+        .infer("dyna", &step(json!("user-7"), 1, true, false))
+        .error(400);
+    assert!(
+        error.contains("takes numeric sequence ids")
+            && error.contains("'CORRID' is UINT64")
+            && error.contains("'user-7'"),
+        "{error}"
+    );
+    // INPUT + START, and the end adds the id, as Triton's example model computes.
+    assert_eq!(
+        output(
+            &server
+                .infer("dyna", &step(json!("41"), 1, true, false))
+                .ok()
+        ),
+        2
+    );
+    assert_eq!(
+        output(&server.infer("dyna", &step(json!(41), 5, false, false)).ok()),
+        5
+    );
+    assert_eq!(
+        output(&server.infer("dyna", &step(json!(41), 1, false, true)).ok()),
+        42
     );
 }

@@ -10,11 +10,13 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from sequence_examples import expected_sequence_outputs, sequence_plan
+
 
 # Every model folder of the default repository.
 DEFAULT_MODELS = {
     "simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence",
-    "minilm_embed", "minilm_embed_tokenizer", "minilm_embed_encoder",
+    "simple_dyna_sequence", "simple_string_dyna_sequence", "minilm_embed", "minilm_embed_tokenizer", "minilm_embed_encoder",
 }
 
 
@@ -495,6 +497,32 @@ def test_repository_load_missing_model(explicit_client):
     assert "does_not_exist" not in index_by_name(explicit_client)
 
 
+def test_load_with_a_config_override_like_tritons_model_control_example(explicit_client):
+    """simple_http_model_control.py's flow: a malformed override fails with "failed to
+    load", a valid one changes max_batch_size, a plain load goes back to config.toml."""
+    client = explicit_client
+    client.load_model("simple")
+    assert client.is_model_ready("simple")
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("simple", config='"parameters": {"config": {{"max_batch_size": "16"}}}')
+    assert "failed to load" in e.value.message() and "not valid JSON" in e.value.message()
+    assert client.is_model_ready("simple"), "a failed override leaves the model serving"
+    client.load_model("simple", config='{"max_batch_size":"16"}')
+    assert client.get_model_config("simple")["max_batch_size"] == 16
+    in0 = np.arange(16 * 16, dtype=np.int32).reshape(16, 16)
+    in1 = np.ones((16, 16), dtype=np.int32)
+    result = client.infer("simple", simple_inputs(in0, in1), outputs=simple_outputs())
+    assert_simple_result(result, in0, in1)
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("simple", config='{"model_warmup": []}')
+    assert "'model_warmup' is not supported" in e.value.message()
+    client.load_model("simple")
+    assert client.get_model_config("simple")["max_batch_size"] == 8
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("wrong_model_name")
+    assert "failed to load" in e.value.message()
+
+
 # ---------------------------------------------------------------- 8. Triton's client examples
 
 
@@ -649,25 +677,44 @@ def test_ensemble_add_sub(client):
     assert [s["model_name"] for s in config["ensemble_scheduling"]["step"]] == ["simple", "simple"]
 
 
-def test_simple_sequence_like_tritons_sequence_client(client):
-    """Triton's simple_http_sequence_sync_infer_client flow: two interleaved sequences."""
-    values = [11, 7, 5, 3, 2, 0, 1]
-    ids = (1000, "one-thousand-one")
-    sums = {sid: 0 for sid in ids}
-    for i, value in enumerate(values):
-        for sign, sid in zip((1, -1), ids):
+@pytest.mark.parametrize("dyna", [False, True])
+def test_sequences_like_tritons_sequence_sync_client(client, dyna):
+    """simple_http_sequence_sync_infer_client.py's flow: three whole sequences, one
+    after the other (two numeric ids, one string id), over HTTP."""
+    plan = sequence_plan(dyna)
+    for (model, sid, inputs), expected in zip(plan, expected_sequence_outputs(dyna, plan)):
+        got = []
+        for i, value in enumerate(inputs):
             inp = httpclient.InferInput("INPUT", [1, 1], "INT32")
-            inp.set_data_from_numpy(np.array([[sign * value]], dtype=np.int32))
+            inp.set_data_from_numpy(np.full((1, 1), value, dtype=np.int32))
             result = client.infer(
-                "simple_sequence",
+                model,
                 [inp],
+                outputs=[httpclient.InferRequestedOutput("OUTPUT")],
                 sequence_id=sid,
                 sequence_start=(i == 0),
-                sequence_end=(i == len(values) - 1),
+                sequence_end=(i == len(inputs) - 1),
             )
-            sums[sid] += sign * value
-            assert int(result.as_numpy("OUTPUT")[0][0]) == sums[sid]
-    assert sums[1000] == sum(values)
+            got.append(int(result.as_numpy("OUTPUT")[0][0]))
+        assert got == expected, (model, sid)
+
+
+def test_the_string_dyna_model_keeps_each_sequence_on_its_instance(client):
+    """Interleaved sequences of the accumulating model keep their own sums: a
+    sequence's state lives in the one instance that serves it."""
+    ids = [str(2000 + k) for k in range(6)]
+    sums = dict.fromkeys(ids, 0)
+    for i in range(5):
+        for k, sid in enumerate(ids):
+            inp = httpclient.InferInput("INPUT", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.full((1, 1), k + 1, dtype=np.int32))
+            result = client.infer(
+                "simple_string_dyna_sequence", [inp], sequence_id=sid,
+                sequence_start=(i == 0), sequence_end=(i == 4),
+            )
+            sums[sid] += k + 1
+            want = sums[sid] + (int(sid) if i == 4 else 0)
+            assert int(result.as_numpy("OUTPUT")[0][0]) == want
 
 
 def test_log_settings(client):

@@ -15,6 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from sequence_examples import expected_sequence_outputs, sequence_plan
+
 
 @pytest.fixture(scope="module")
 def gclient(wisp_server):
@@ -151,38 +153,38 @@ def test_stream_infer_in_order_with_errors_in_the_stream(wisp_server):
     assert error is None and result.get_response().id == "after"
 
 
-def test_sequences_over_a_stream(wisp_server):
-    """simple_grpc_sequence_stream_infer_client's flow: two interleaved sequences, one stream."""
+@pytest.mark.parametrize("dyna", [False, True])
+def test_sequences_over_a_stream(wisp_server, dyna):
+    """simple_grpc_sequence_stream_infer_client.py's flow: three sequences sent on one
+    stream, request ids "<sequence id>_<step>", responses matched by that id."""
+    plan = sequence_plan(dyna)
     client = wisp_server.grpc_client()
     results = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    values = [11, 7, 5, 3, 2, 0, 1]
-    ids = (1000, 1001)
     try:
-        for i, value in enumerate(values):
-            for sign, sid in zip((1, -1), ids):
+        for model, sid, inputs in plan:
+            for i, value in enumerate(inputs):
                 inp = grpcclient.InferInput("INPUT", [1, 1], "INT32")
-                inp.set_data_from_numpy(np.array([[sign * value]], dtype=np.int32))
+                inp.set_data_from_numpy(np.full((1, 1), value, dtype=np.int32))
                 client.async_stream_infer(
-                    "simple_sequence",
+                    model,
                     [inp],
-                    request_id=f"{sid}-{i}",
+                    outputs=[grpcclient.InferRequestedOutput("OUTPUT")],
+                    request_id=f"{sid}_{i + 1}",
                     sequence_id=sid,
                     sequence_start=(i == 0),
-                    sequence_end=(i == len(values) - 1),
+                    sequence_end=(i == len(inputs) - 1),
                 )
-        seen = [results.get(timeout=10) for _ in range(2 * len(values))]
+        seen = [results.get(timeout=10) for _ in range(sum(len(p[2]) for p in plan))]
     finally:
         client.stop_stream()
         client.close()
-    sums = {sid: 0 for sid in ids}
-    for i, value in enumerate(values):
-        for sign, sid in zip((1, -1), ids):
-            sums[sid] += sign * value
-            result, error = seen[2 * i + (0 if sid == ids[0] else 1)]
-            assert error is None, error
-            assert result.get_response().id == f"{sid}-{i}"
-            assert int(result.as_numpy("OUTPUT")[0][0]) == sums[sid]
+    got = {str(sid): [] for _, sid, _ in plan}
+    for result, error in seen:
+        assert error is None, error
+        got[result.get_response().id.split("_")[0]].append(int(result.as_numpy("OUTPUT")[0][0]))
+    for (model, sid, _), expected in zip(plan, expected_sequence_outputs(dyna, plan)):
+        assert got[str(sid)] == expected, (model, sid)
 
 
 def test_errors_carry_grpc_codes_and_name_the_problem(gclient):
@@ -211,6 +213,26 @@ def test_statistics_count_grpc_requests(gclient):
     assert stats["name"] == "simple" and stats["version"] == "1"
     assert int(stats["inference_count"]) >= int(before.get("inference_count", 0)) + 3
     assert int(stats["inference_stats"]["success"]["count"]) >= 3
+
+
+def test_load_with_a_config_override(explicit_gclient):
+    """simple_grpc_model_control.py's override: max_batch_size 8 -> 16, then back."""
+    explicit_gclient.load_model("simple")
+    with pytest.raises(InferenceServerException) as e:
+        explicit_gclient.load_model("simple", config='{"max_batch_size": "sixteen"}')
+    assert "failed to load" in e.value.message() and "max_batch_size" in e.value.message()
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+    explicit_gclient.load_model("simple", config='{"max_batch_size":"16"}')
+    config = explicit_gclient.get_model_config("simple", as_json=True)["config"]
+    assert int(config["max_batch_size"]) == 16
+    with pytest.raises(InferenceServerException) as e:
+        explicit_gclient.load_model(
+            "simple", config='{"max_batch_size": 4}', files={"file:1/model.wasm": b"\0asm"}
+        )
+    assert "file overrides ('file:1/model.wasm') are not supported" in e.value.message()
+    explicit_gclient.load_model("simple")
+    config = explicit_gclient.get_model_config("simple", as_json=True)["config"]
+    assert int(config["max_batch_size"]) == 8
 
 
 def test_repository_index_and_model_control(explicit_gclient):

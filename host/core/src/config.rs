@@ -453,6 +453,12 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `dir/config.toml`; errors name the file and the key.
     pub fn load(dir: &Path, name: &str) -> Result<ModelConfig> {
+        Self::load_with_override(dir, name, None)
+    }
+
+    /// `load`, with Triton's configuration override of a load request (its JSON)
+    /// applied over config.toml (see `config_override`).
+    pub fn load_with_override(dir: &Path, name: &str, config: Option<&str>) -> Result<ModelConfig> {
         use std::io::Read;
         let path = dir.join("config.toml");
         let mut text = String::new();
@@ -466,7 +472,15 @@ impl ModelConfig {
                 MAX_CONFIG_BYTES >> 10
             )));
         }
-        Self::parse(&text, name).map_err(|e| e.context(path.display()))
+        match config {
+            None => Self::parse(&text, name).map_err(|e| e.context(path.display())),
+            Some(config) => {
+                let merged = crate::config_override::apply(&text, config)
+                    .map_err(|e| e.context(path.display()))?;
+                Self::parse(&merged, name)
+                    .map_err(|e| e.context(format!("{} with the config override", path.display())))
+            }
+        }
     }
 
     pub fn parse(text: &str, name: &str) -> Result<ModelConfig> {

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod config_override;
 pub mod error;
 pub mod paths;
 pub mod tensor;

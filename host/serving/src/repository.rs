@@ -130,6 +130,13 @@ fn hash_folder(dir: &Path, hasher: &mut std::collections::hash_map::DefaultHashe
     }
 }
 
+fn text_fingerprint(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish() | 1
+}
+
 /// Files up to this size are fingerprinted by content.
 const CONTENT_HASH_LIMIT: u64 = 16 << 20;
 
@@ -389,15 +396,26 @@ impl Repository {
     /// Loads (or reloads) a model: the versions its policy selects; unchanged
     /// ready versions are kept as they are.
     pub async fn load(&self, name: &str) -> Result<()> {
+        self.load_with(name, None).await
+    }
+
+    /// `load`, with Triton's configuration override (`parameters.config` of a load
+    /// request, Triton's JSON) applied over config.toml for this load; a later load
+    /// without one goes back to config.toml.
+    pub async fn load_with(&self, name: &str, config_override: Option<String>) -> Result<()> {
         check_model_name(name)?;
         let _control = self.control.lock().await;
         // Triton's wording, which its clients' model-control examples look for.
-        self.load_locked(name)
+        self.load_locked_with(name, config_override)
             .await
             .map_err(|e| e.context(format!("failed to load '{name}'")))
     }
 
     async fn load_locked(&self, name: &str) -> Result<()> {
+        self.load_locked_with(name, None).await
+    }
+
+    async fn load_locked_with(&self, name: &str, config_override: Option<String>) -> Result<()> {
         let dir = self.root.join(name);
         if !dir.is_dir() {
             return Err(Error::invalid(format!(
@@ -421,8 +439,9 @@ impl Repository {
             blocking(move || fingerprint(&[&dir])).await?
         };
         let config_result = {
-            let (dir, name) = (dir.clone(), name.to_string());
-            blocking(move || ModelConfig::load(&dir, &name)).await?
+            let (dir, name, config) = (dir.clone(), name.to_string(), config_override.clone());
+            blocking(move || ModelConfig::load_with_override(&dir, &name, config.as_deref()))
+                .await?
         };
         let config = match config_result {
             Ok(c) => Arc::new(c),
@@ -468,7 +487,10 @@ impl Repository {
         let mut failures = Vec::new();
         for version in selected {
             let version_dir = dir.join(version.to_string());
-            let version_fingerprint = fingerprint(&[&config_path, &version_dir]);
+            // An override is part of the configuration: loading with one, or back
+            // without it, rebuilds the version.
+            let version_fingerprint = fingerprint(&[&config_path, &version_dir])
+                ^ config_override.as_deref().map_or(0, text_fingerprint);
             if let (Some(VersionState::Ready(model)), Some(&fp)) = (
                 old.versions.get(&version),
                 old.version_fingerprints.get(&version),

@@ -620,8 +620,19 @@ impl SequenceBatcher {
             let at = request.parameters.iter().position(|(k, _)| k == key)?;
             Some(request.parameters.remove(at).1)
         };
+        // With a numeric correlation id control, a string id holding a number is that
+        // number (the same sequence either way); another string is refused below.
+        let numeric_corrid = self
+            .shared
+            .config
+            .control_input
+            .iter()
+            .any(|c| c.kind == ControlKind::Corrid && c.datatype != DataType::Bytes);
         let id = match take("sequence_id") {
             Some(ParameterValue::Int(n)) if n > 0 => CorrelationId::Number(n as u64),
+            Some(ParameterValue::Text(s)) if numeric_corrid && s.trim().parse::<u64>().is_ok_and(|n| n > 0) => {
+                CorrelationId::Number(s.trim().parse().expect("checked"))
+            }
             Some(ParameterValue::Text(s)) if !s.is_empty() => CorrelationId::Text(s),
             Some(other) => {
                 return Err(Error::invalid(format!(
@@ -646,7 +657,16 @@ impl SequenceBatcher {
                 (ControlKind::End, _) => (end as u64, None),
                 (ControlKind::Ready, _) => (1, None),
                 (ControlKind::Corrid, CorrelationId::Number(n)) => (*n, None),
-                (ControlKind::Corrid, CorrelationId::Text(s)) => (0, Some(s.as_str())),
+                (ControlKind::Corrid, CorrelationId::Text(s)) if control.datatype == DataType::Bytes => {
+                    (0, Some(s.as_str()))
+                }
+                // A numeric CORRID: strings holding a number became numbers above.
+                (ControlKind::Corrid, CorrelationId::Text(s)) => {
+                    return Err(Error::invalid(format!(
+                        "model '{label}' takes numeric sequence ids (its correlation id control '{}' is {}); got the string '{s}'",
+                        control.name, control.datatype
+                    )))
+                }
             };
             let mut tensor = control_tensor(&control.name, control.datatype, value, text);
             if batched {

@@ -378,18 +378,26 @@ fn compile_uncached(source: &str, name: &str, options: &[String]) -> Result<Vec<
 mod tests {
     use super::*;
 
-    /// Every kernel compiles for Hopper. CI sets WISP_REQUIRE_NVRTC=1 (with NVRTC and
-    /// the headers from PyPI wheels), so there a missing toolkit fails instead of skipping.
-    #[test]
-    fn every_kernel_compiles_for_sm_90() {
+    /// NVRTC and the headers, or None (the test then skips). CI sets
+    /// WISP_REQUIRE_NVRTC=1 (with NVRTC and the headers from PyPI wheels), so there a
+    /// missing toolkit fails instead of skipping.
+    fn toolkit_for_tests() -> Option<Toolkit> {
         let required = std::env::var("WISP_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
-        let toolkit = match find_toolkit().and_then(|t| nvrtc_version().map(|_| t)) {
-            Ok(toolkit) => toolkit,
+        match find_toolkit().and_then(|t| nvrtc_version().map(|_| t)) {
+            Ok(toolkit) => Some(toolkit),
             Err(e) if !required => {
                 eprintln!("skipped: NVRTC is not available here ({e})");
-                return;
+                None
             }
             Err(e) => panic!("WISP_REQUIRE_NVRTC=1 but {e}"),
+        }
+    }
+
+    /// Every kernel compiles for Hopper.
+    #[test]
+    fn every_kernel_compiles_for_sm_90() {
+        let Some(toolkit) = toolkit_for_tests() else {
+            return;
         };
         let cache = tempfile::tempdir().unwrap();
         let cache = Some(cache.path());
@@ -428,14 +436,9 @@ mod tests {
     /// A cache entry that is not a cubin is compiled again and replaced.
     #[test]
     fn a_corrupt_cached_kernel_is_compiled_again() {
-        let Ok(toolkit) = find_toolkit() else {
-            eprintln!("skipped: no CUDA headers here");
+        let Some(toolkit) = toolkit_for_tests() else {
             return;
         };
-        if nvrtc_version().is_err() {
-            eprintln!("skipped: NVRTC is not available here");
-            return;
-        }
         let cache = tempfile::tempdir().unwrap();
         let first = compile_cached(&HEADS, "sm_90", &toolkit, Some(cache.path())).unwrap();
         let path = cache.path().join(format!("{}.cubin", first.key));
@@ -452,14 +455,9 @@ mod tests {
 
     #[test]
     fn a_kernel_with_an_error_names_the_file_and_the_line() {
-        let Ok(toolkit) = find_toolkit() else {
-            eprintln!("skipped: no CUDA headers here");
+        let Some(toolkit) = toolkit_for_tests() else {
             return;
         };
-        if nvrtc_version().is_err() {
-            eprintln!("skipped: NVRTC is not available here");
-            return;
-        }
         let broken = KernelFile {
             name: "broken.cu",
             source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",

@@ -600,12 +600,20 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             let is_load = matches!(route, Route::Load(_));
             let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
             let body = parse_json_body(&body)?;
-            let keys: Vec<&str> = body
-                .get("parameters")
-                .and_then(|p| p.as_object())
+            let parameters = body.get("parameters").and_then(|p| p.as_object());
+            let keys: Vec<&str> = parameters
                 .map(|p| p.keys().map(String::as_str).collect())
                 .unwrap_or_default();
-            load_or_unload(repo, m, is_load, &keys).await?;
+            let config = match parameters.and_then(|p| p.get("config")) {
+                None => None,
+                Some(serde_json::Value::String(text)) => Some(text.clone()),
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "failed to load '{m}': parameter 'config' must be a string holding the model configuration as JSON, got {other}"
+                    )))
+                }
+            };
+            load_or_unload(repo, m, is_load, &keys, config).await?;
             Ok(empty(StatusCode::OK))
         }
         Route::Infer(m, v) => {
@@ -761,11 +769,15 @@ pub fn model_statistics(
 
 /// Explicit load or unload (model control mode `explicit`); `parameters` are the
 /// request's parameter names (only `unload_dependents` is understood).
+/// Loads or unloads `name` (explicit model control). `parameters` are the request's
+/// parameter names; `config` is the `config` parameter's text, Triton's configuration
+/// override (loads only).
 pub async fn load_or_unload(
     repo: &Arc<Repository>,
     name: &str,
     is_load: bool,
     parameters: &[&str],
+    config: Option<String>,
 ) -> Result<()> {
     if repo.mode() != ControlMode::Explicit {
         return Err(Error::unavailable(format!(
@@ -778,21 +790,33 @@ pub async fn load_or_unload(
             }
         )));
     }
+    if let Some(file) = parameters.iter().find(|k| k.starts_with("file:")) {
+        return Err(Error::invalid(format!(
+            "failed to load '{name}': file overrides ('{file}') are not supported; \
+             put the model's files in the model repository"
+        )));
+    }
+    let supported: &[&str] = if is_load {
+        &["config", "unload_dependents"]
+    } else {
+        &["unload_dependents"]
+    };
     let unsupported: Vec<&&str> = parameters
         .iter()
-        .filter(|k| **k != "unload_dependents")
+        .filter(|k| !supported.contains(k))
         .collect();
     if !unsupported.is_empty() {
         return Err(Error::invalid(format!(
-            "load/unload parameters {unsupported:?} are not supported; \
-             change the files in the model repository instead"
+            "{} parameters {unsupported:?} are not supported (supported: {supported:?}); \
+             change the files in the model repository instead",
+            if is_load { "load" } else { "unload" }
         )));
     }
     // In a task of its own: a client that gives up must not cancel a load halfway.
     let (repo, name) = (repo.clone(), name.to_string());
     tokio::spawn(async move {
         if is_load {
-            repo.load(&name).await
+            repo.load_with(&name, config).await
         } else {
             repo.unload(&name).await
         }

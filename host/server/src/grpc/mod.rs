@@ -344,8 +344,18 @@ impl GrpcInferenceService for InferenceService {
         self.check(request.metadata(), ApiGroup::ModelRepository)?;
         let r = request.into_inner();
         let keys: Vec<&str> = r.parameters.keys().map(String::as_str).collect();
+        let config = match r.parameters.get("config").and_then(|p| p.parameter_choice.as_ref()) {
+            None => None,
+            Some(model_repository_parameter::ParameterChoice::StringParam(text)) => Some(text.clone()),
+            Some(other) => {
+                return Err(status(&Error::invalid(format!(
+                    "failed to load '{}': parameter 'config' must be a string_param holding the model configuration as JSON, got {other:?}",
+                    r.model_name
+                ))))
+            }
+        };
         ok(
-            api::load_or_unload(&self.state.repository, &r.model_name, true, &keys)
+            api::load_or_unload(&self.state.repository, &r.model_name, true, &keys, config)
                 .await
                 .map(|()| RepositoryModelLoadResponse {}),
         )
@@ -359,7 +369,7 @@ impl GrpcInferenceService for InferenceService {
         let r = request.into_inner();
         let keys: Vec<&str> = r.parameters.keys().map(String::as_str).collect();
         ok(
-            api::load_or_unload(&self.state.repository, &r.model_name, false, &keys)
+            api::load_or_unload(&self.state.repository, &r.model_name, false, &keys, None)
                 .await
                 .map(|()| RepositoryModelUnloadResponse {}),
         )

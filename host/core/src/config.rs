@@ -932,10 +932,10 @@ impl ModelConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const SIMPLE: &str = r#"
+    pub(crate) const SIMPLE: &str = r#"
         backend = "wasm"
         max_batch_size = 8
         [[input]]

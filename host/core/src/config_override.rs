@@ -395,26 +395,15 @@ mod tests {
     use super::*;
     use crate::config::ModelConfig;
 
-    const SIMPLE: &str = r#"backend = "wasm"
-max_batch_size = 8
-
-[[input]]
-name = "INPUT0"
-datatype = "INT32"
-dims = [16]
-
-[[output]]
-name = "OUTPUT0"
-datatype = "INT32"
-dims = [16]
-
-[parameters]
-threads = 2
-fast = false
-"#;
+    fn simple() -> String {
+        format!(
+            "{}\n[parameters]\nthreads = 2\nfast = false\n",
+            crate::config::tests::SIMPLE
+        )
+    }
 
     fn apply_and_parse(json: &str) -> Result<ModelConfig> {
-        ModelConfig::parse(&apply(SIMPLE, json)?, "simple")
+        ModelConfig::parse(&apply(&simple(), json)?, "simple")
     }
 
     #[test]

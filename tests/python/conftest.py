@@ -133,7 +133,7 @@ def _wait_ready(server: WispServer) -> None:
 
 
 @contextlib.contextmanager
-def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path = None):
+def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path = None, extra_args=()):
     """Starts wisp on a private copy of the model repository (or on `repository`); stops it
     with SIGTERM and asserts a graceful exit (code 0 within 30 s)."""
     binary = wisp_bin()
@@ -153,6 +153,7 @@ def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path
     ]
     for name in load_models:
         cmd += ["--load-model", name]
+    cmd += list(extra_args)
     log_path = workdir / "wisp.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -194,8 +195,10 @@ def _stop_gracefully(server: WispServer) -> None:
 
 @pytest.fixture(scope="module")
 def wisp_server(tmp_path_factory):
-    """A server in --model-control-mode none: every model loaded at startup."""
-    with run_wisp(tmp_path_factory.mktemp("wisp-none"), mode="none") as server:
+    """A server in --model-control-mode none: every model loaded at startup; clients may
+    register system shared memory."""
+    with run_wisp(tmp_path_factory.mktemp("wisp-none"), mode="none",
+                  extra_args=["--allow-client-shm", "true"]) as server:
         yield server
 
 

@@ -523,6 +523,102 @@ def test_load_with_a_config_override_like_tritons_model_control_example(explicit
     assert "failed to load" in e.value.message()
 
 
+# ---------------------------------------------------------------- system shared memory
+
+
+@pytest.fixture
+def shm_regions(client):
+    """Creates POSIX shared-memory regions and removes them (and their registrations)."""
+    import tritonclient.utils.shared_memory as shm
+
+    made = []
+
+    def make(name, key, byte_size):
+        handle = shm.create_shared_memory_region(name, key, byte_size)
+        made.append(handle)
+        return handle
+
+    yield make
+    client.unregister_system_shared_memory()
+    for handle in made:
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_system_shared_memory_like_tritons_shm_client(client, shm_regions):
+    """simple_http_shm_client.py's flow: both inputs in one region, each output in its
+    own, the response without data; status, then unregister."""
+    import tritonclient.utils.shared_memory as shm
+
+    in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+    in1 = np.ones((1, 16), dtype=np.int32)
+    size = in0.nbytes
+    ip = shm_regions("input_data", "/wisp_test_input_simple", size * 2)
+    op0 = shm_regions("output0_data", "/wisp_test_output0_simple", size)
+    op1 = shm_regions("output1_data", "/wisp_test_output1_simple", size)
+    shm.set_shared_memory_region(ip, [in0, in1])
+    client.register_system_shared_memory("input_data", "/wisp_test_input_simple", size * 2)
+    client.register_system_shared_memory("output0_data", "/wisp_test_output0_simple", size)
+    client.register_system_shared_memory("output1_data", "/wisp_test_output1_simple", size)
+    status = {r["name"]: r for r in client.get_system_shared_memory_status()}
+    assert status["input_data"] == {
+        "name": "input_data", "key": "/wisp_test_input_simple", "offset": 0, "byte_size": size * 2,
+    }
+    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs[0].set_shared_memory("input_data", size)
+    inputs[1].set_shared_memory("input_data", size, offset=size)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
+               httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)]
+    outputs[0].set_shared_memory("output0_data", size)
+    outputs[1].set_shared_memory("output1_data", size)
+    result = client.infer("simple", inputs, outputs=outputs)
+    for name, handle, want in (("OUTPUT0", op0, in0 + in1), ("OUTPUT1", op1, in0 - in1)):
+        output = result.get_output(name)
+        assert "data" not in output and output["parameters"]["shared_memory_region"]
+        got = shm.get_contents_as_numpy(handle, np.int32, output["shape"])
+        np.testing.assert_array_equal(got, want)
+    client.unregister_system_shared_memory("output1_data")
+    assert {r["name"] for r in client.get_system_shared_memory_status()} == {"input_data", "output0_data"}
+
+
+def test_shared_memory_bounds_and_names_are_checked(client, shm_regions):
+    import tritonclient.utils.shared_memory as shm
+
+    handle = shm_regions("small", "/wisp_test_small", 64)
+    shm.set_shared_memory_region(handle, [np.zeros(16, dtype=np.int32)])
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory("small", "/wisp_test_small", 128)
+    assert "has 64 bytes; region 'small' asks for 128 bytes" in e.value.message()
+    client.register_system_shared_memory("small", "/wisp_test_small", 64)
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory("small", "/wisp_test_small", 64)
+    assert "already registered" in e.value.message()
+    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+              httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs[0].set_shared_memory("small", 64)
+    inputs[1].set_shared_memory("small", 64, offset=32)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("simple", inputs)
+    assert "outside shared memory region 'small' (64 bytes)" in e.value.message()
+    inputs[1].set_shared_memory("nowhere", 64)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("simple", inputs)
+    assert "Unable to find system shared memory region: 'nowhere'" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.get_system_shared_memory_status("nowhere")
+    assert e.value.status() == "404"
+    with pytest.raises(InferenceServerException) as e:
+        client.register_cuda_shared_memory("gpu", b"handle", 0, 64)
+    assert "CUDA shared memory is not supported" in e.value.message()
+    assert client.get_cuda_shared_memory_status() == []
+
+
+def test_shared_memory_is_off_unless_allowed(explicit_client):
+    with pytest.raises(InferenceServerException) as e:
+        explicit_client.register_system_shared_memory("r", "/wisp_test_off", 64)
+    assert "--allow-client-shm true" in e.value.message() and e.value.status() == "400"
+
+
 # ---------------------------------------------------------------- 8. Triton's client examples
 
 

@@ -199,8 +199,9 @@ def test_errors_carry_grpc_codes_and_name_the_problem(gclient):
         gclient.infer("simple", [bad, simple_inputs(in0, in1)[1]])
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "INPUT0" in e.value.message()
+    assert gclient.get_cuda_shared_memory_status(as_json=True) == {}
     with pytest.raises(InferenceServerException) as e:
-        gclient.get_cuda_shared_memory_status()
+        gclient.get_trace_settings()
     assert e.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
@@ -213,6 +214,59 @@ def test_statistics_count_grpc_requests(gclient):
     assert stats["name"] == "simple" and stats["version"] == "1"
     assert int(stats["inference_count"]) >= int(before.get("inference_count", 0)) + 3
     assert int(stats["inference_stats"]["success"]["count"]) >= 3
+
+
+def test_system_shared_memory_like_tritons_grpc_shm_client(gclient):
+    """simple_grpc_shm_client.py's flow over gRPC: inputs and outputs in regions."""
+    import tritonclient.utils.shared_memory as shm
+
+    in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+    in1 = np.full((1, 16), 3, dtype=np.int32)
+    size = in0.nbytes
+    handles = []
+    try:
+        ip = shm.create_shared_memory_region("g_input", "/wisp_test_g_input", size * 2)
+        op = shm.create_shared_memory_region("g_output", "/wisp_test_g_output", size * 2)
+        handles += [ip, op]
+        shm.set_shared_memory_region(ip, [in0, in1])
+        gclient.register_system_shared_memory("g_input", "/wisp_test_g_input", size * 2)
+        gclient.register_system_shared_memory("g_output", "/wisp_test_g_output", size * 2)
+        status = gclient.get_system_shared_memory_status(as_json=True)["regions"]
+        assert status["g_input"]["key"] == "/wisp_test_g_input"
+        assert int(status["g_output"]["byte_size"]) == size * 2
+        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+                  grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
+        inputs[0].set_shared_memory("g_input", size)
+        inputs[1].set_shared_memory("g_input", size, offset=size)
+        outputs = [grpcclient.InferRequestedOutput("OUTPUT0"),
+                   grpcclient.InferRequestedOutput("OUTPUT1")]
+        outputs[0].set_shared_memory("g_output", size)
+        outputs[1].set_shared_memory("g_output", size, offset=size)
+        result = gclient.infer("simple", inputs, outputs=outputs)
+        out1 = result.get_output("OUTPUT1")
+        assert out1.parameters["shared_memory_region"].string_param == "g_output"
+        np.testing.assert_array_equal(
+            shm.get_contents_as_numpy(op, np.int32, [1, 16]), in0 + in1)
+        np.testing.assert_array_equal(
+            shm.get_contents_as_numpy(op, np.int32, [1, 16], offset=size), in0 - in1)
+        # One input inline, one in shared memory: raw_input_contents holds only the first.
+        mixed = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+                 grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
+        mixed[0].set_data_from_numpy(in0)
+        mixed[1].set_shared_memory("g_input", size, offset=size)
+        np.testing.assert_array_equal(gclient.infer("simple", mixed).as_numpy("OUTPUT0"), in0 + in1)
+        with pytest.raises(InferenceServerException) as e:
+            gclient.register_cuda_shared_memory("gpu", b"aGFuZGxl", 0, 64)
+        assert "CUDA shared memory is not supported" in e.value.message()
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException) as e:
+            gclient.get_system_shared_memory_status("nowhere")
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        gclient.unregister_system_shared_memory()
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
+    assert gclient.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
 
 
 def test_load_with_a_config_override(explicit_gclient):

@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// Serve the gRPC protocol (Triton's GRPCInferenceService and grpc.health.v1).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub allow_grpc: bool,
+    /// Let clients register system shared-memory regions (/dev/shm) for inputs and
+    /// outputs (Triton's system shared-memory extension). Only for clients you trust
+    /// on this machine: a region names a file of theirs that the server reads and writes.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_client_shm: bool,
     /// Address to bind the gRPC port on (default: --http-address).
     #[arg(long)]
     pub grpc_address: Option<String>,

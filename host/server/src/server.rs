@@ -78,6 +78,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ready: false.into(),
         strict_readiness: args.strict_readiness,
         http_metrics: api::HttpMetrics::register(&metrics).map_err(anyhow::Error::msg)?,
+        shm: Arc::new(api::shm::SystemSharedMemory::new(args.allow_client_shm)),
     });
 
     let http = TcpListener::bind((args.http_address.as_str(), args.http_port))

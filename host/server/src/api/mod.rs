@@ -1,6 +1,7 @@
 //! The HTTP front: Open Inference Protocol routes with Triton's extensions.
 
 pub mod protocol;
+pub mod shm;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -26,6 +27,7 @@ pub const EXTENSIONS: &[&str] = &[
     "parameters",
     "statistics",
     "logging",
+    "system_shared_memory",
 ];
 
 /// Groups of endpoints that `--http-restricted-api` can guard (Triton's names).
@@ -117,6 +119,8 @@ pub struct ServerState {
     /// Ready also requires every model that should be loaded to be ready (Triton's default).
     pub strict_readiness: bool,
     pub http_metrics: HttpMetrics,
+    /// Triton's system shared-memory regions (off unless `--allow-client-shm true`).
+    pub shm: Arc<shm::SystemSharedMemory>,
 }
 
 /// How long the server takes to answer, by status code: from the parsed request
@@ -385,6 +389,14 @@ enum Route<'a> {
     Load(&'a str),
     Unload(&'a str),
     Logging,
+    /// System shared memory: status of all regions or of one.
+    ShmStatus(Option<&'a str>),
+    ShmRegister(&'a str),
+    /// Unregister one region, or all.
+    ShmUnregister(Option<&'a str>),
+    /// CUDA shared memory: status (always empty) or a change (refused).
+    CudaShmStatus,
+    CudaShmChange,
 }
 
 impl Route<'_> {
@@ -397,14 +409,23 @@ impl Route<'_> {
             Route::Stats(..) => ApiGroup::Statistics,
             Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => ApiGroup::ModelRepository,
             Route::Logging => ApiGroup::Logging,
+            Route::ShmStatus(_)
+            | Route::ShmRegister(_)
+            | Route::ShmUnregister(_)
+            | Route::CudaShmStatus
+            | Route::CudaShmChange => ApiGroup::SharedMemory,
         }
     }
 
     fn method(&self) -> Method {
         match self {
-            Route::Infer(..) | Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => {
-                Method::POST
-            }
+            Route::Infer(..)
+            | Route::RepositoryIndex
+            | Route::Load(_)
+            | Route::Unload(_)
+            | Route::ShmRegister(_)
+            | Route::ShmUnregister(_)
+            | Route::CudaShmChange => Method::POST,
             _ => Method::GET,
         }
     }
@@ -419,6 +440,17 @@ fn route(segments: &[String]) -> Option<Route<'_>> {
         ["v2", "models", "stats"] => Route::Stats(None, None),
         ["v2", "repository", "index"] => Route::RepositoryIndex,
         ["v2", "logging"] => Route::Logging,
+        ["v2", "systemsharedmemory", "status"] => Route::ShmStatus(None),
+        ["v2", "systemsharedmemory", "unregister"] => Route::ShmUnregister(None),
+        ["v2", "systemsharedmemory", "region", r, "status"] => Route::ShmStatus(Some(r)),
+        ["v2", "systemsharedmemory", "region", r, "register"] => Route::ShmRegister(r),
+        ["v2", "systemsharedmemory", "region", r, "unregister"] => Route::ShmUnregister(Some(r)),
+        ["v2", "cudasharedmemory", "status"]
+        | ["v2", "cudasharedmemory", "region", _, "status"] => Route::CudaShmStatus,
+        ["v2", "cudasharedmemory", "unregister"]
+        | ["v2", "cudasharedmemory", "region", _, "register" | "unregister"] => {
+            Route::CudaShmChange
+        }
         ["v2", "repository", "models", m, "load"] => Route::Load(m),
         ["v2", "repository", "models", m, "unload"] => Route::Unload(m),
         ["v2", "models", m, rest @ ..] => {
@@ -616,6 +648,41 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             load_or_unload(repo, m, is_load, &keys, config).await?;
             Ok(empty(StatusCode::OK))
         }
+        Route::ShmStatus(region) => Ok(json_response(StatusCode::OK, &state.shm.status(region)?)),
+        Route::ShmUnregister(region) => {
+            state.shm.unregister(region)?;
+            Ok(empty(StatusCode::OK))
+        }
+        Route::ShmRegister(region) => {
+            let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+            let body = parse_json_body(&body)?;
+            let field = |key: &str| body.get(key);
+            let key = field("key").and_then(|k| k.as_str()).ok_or_else(|| {
+                Error::invalid("a shared memory registration needs 'key', a string")
+            })?;
+            let number = |key: &str, required: bool| -> Result<u64> {
+                match field(key) {
+                    None if !required => Ok(0),
+                    Some(v) if v.as_u64().is_some() => Ok(v.as_u64().expect("checked")),
+                    other => Err(Error::invalid(format!(
+                        "a shared memory registration needs '{key}', a non-negative integer; got {}",
+                        other.map_or("nothing".to_string(), |v| v.to_string())
+                    ))),
+                }
+            };
+            state.shm.register(
+                region,
+                key,
+                number("offset", false)?,
+                number("byte_size", true)?,
+            )?;
+            Ok(empty(StatusCode::OK))
+        }
+        Route::CudaShmStatus => Ok(json_response(StatusCode::OK, &json!([]))),
+        Route::CudaShmChange => Err(Error::invalid(
+            "CUDA shared memory is not supported by this server; use system shared memory \
+             (with --allow-client-shm true)",
+        )),
         Route::Infer(m, v) => {
             let model = repo.get(m, v.map(parse_version).transpose()?)?;
             let _reserved = match reserve_body(state, req.headers()) {
@@ -640,12 +707,19 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                 ),
             };
             let config = model.config.clone();
+            let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
             let request = cpu_work(body.len(), move || {
-                protocol::parse_request(body, header_length, &config)
+                let mut request = protocol::parse_request(body, header_length, &config)?;
+                protocol::read_shared_inputs(&mut request, &shm, limit)?;
+                Ok(request)
             })
             .await
             .map_err(|e| e.context(format!("model '{}'", model.name())))?;
             let response = model.infer(request.backend.clone()).await?;
+            if request.outputs.iter().any(|o| o.shared.is_some()) {
+                protocol::write_shared_outputs(&request, &response, &state.shm)
+                    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+            }
             let (name, version) = (model.name().to_string(), model.version);
             let output_bytes: usize = response.outputs.iter().map(|t| t.data.len()).sum();
             let compression = if accept_gzip.iter().any(|e| e == "gzip") {

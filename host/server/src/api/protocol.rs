@@ -141,6 +141,8 @@ pub struct OutputRequest {
     /// Triton's classification extension: the top `k` classes per batch row instead of
     /// the raw output.
     pub classification: Option<Classification>,
+    /// Written into this system shared-memory place instead of the response.
+    pub shared: Option<super::shm::SharedRef>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +161,8 @@ pub struct InferRequest {
     /// Outputs the client named, with their encoding; empty means all, encoded by `binary_default`.
     pub outputs: Vec<OutputRequest>,
     pub binary_default: bool,
+    /// Inputs whose data is in system shared memory: (index in `backend.inputs`, place).
+    pub shared_inputs: Vec<(usize, super::shm::SharedRef)>,
 }
 
 /// Request parameters that the protocol itself consumes; the rest reach the model.
@@ -233,11 +237,22 @@ pub fn parse_request(
 
     let mut binary = body.slice(header_length..);
     let mut inputs = Vec::with_capacity(request.inputs.len());
+    let mut shared_inputs = Vec::new();
     for ParsedInput {
         header, payload, ..
     } in request.inputs
     {
         let tensor = match payload {
+            // Filled from the region by `read_shared_inputs`.
+            Payload::Shared(at) => {
+                shared_inputs.push((inputs.len(), at));
+                Tensor {
+                    name: header.name,
+                    datatype: header.datatype,
+                    shape: header.shape,
+                    data: Bytes::new(),
+                }
+            }
             Payload::Binary(size) => {
                 if size > binary.len() {
                     return Err(Error::invalid(format!(
@@ -281,7 +296,11 @@ pub fn parse_request(
         let owner = format!("output '{}'", output.name);
         for key in output.parameters.0.keys() {
             match key.as_str() {
-                "binary_data" | "classification" => {}
+                "binary_data"
+                | "classification"
+                | "shared_memory_region"
+                | "shared_memory_byte_size"
+                | "shared_memory_offset" => {}
                 other => {
                     return Err(Error::invalid(format!(
                         "{owner} has unknown parameter '{other}'"
@@ -305,10 +324,12 @@ pub fn parse_request(
                 Some(classification(config, &output.name, k as usize, &owner)?)
             }
         };
+        let shared = super::shm::shared_ref(Some(&output.parameters.0), &owner)?;
         outputs.push(OutputRequest {
             name: output.name,
             binary,
             classification,
+            shared,
         });
     }
 
@@ -328,6 +349,7 @@ pub fn parse_request(
         },
         outputs,
         binary_default,
+        shared_inputs,
     })
 }
 
@@ -422,6 +444,8 @@ struct ParsedInput {
 enum Payload {
     /// `binary_data_size` bytes of the binary section.
     Binary(usize),
+    /// In a registered system shared-memory region (read after parsing).
+    Shared(super::shm::SharedRef),
     Json(Tensor),
     /// `data` came before the header; the second pass fills the builder.
     Deferred(TensorBuilder),
@@ -669,7 +693,22 @@ impl<'de> Visitor<'de> for InputSeed<'_, '_> {
         let datatype = datatype.ok_or_else(|| de::Error::missing_field("datatype"))?;
         let header = InputHeader::new(&name, &shape, &datatype).map_err(fail)?;
         let binary_size = binary_data_size(parameters.as_ref(), &name).map_err(fail)?;
+        let shared = super::shm::shared_ref(parameters.as_ref(), &format!("input '{name}'"))
+            .map_err(fail)?;
         let accepted = model_accepts(ctx.config, self.previous, &header);
+        if let Some(at) = shared {
+            if binary_size.is_some() || !matches!(data, None | Some(DataField::Absent)) {
+                return Err(fail(Error::invalid(format!(
+                    "input '{name}' names shared memory region '{}' and also has data",
+                    at.region
+                ))));
+            }
+            return Ok(ParsedInput {
+                header,
+                payload: Payload::Shared(at),
+                accepted,
+            });
+        }
         let payload = match (binary_size, data.unwrap_or(DataField::Absent)) {
             (Some(size), DataField::Absent) => Payload::Binary(size),
             (Some(_), _) => return Err(fail(both_data_and_binary(&name))),
@@ -1148,6 +1187,7 @@ fn parse_raw(body: Bytes, config: &ModelConfig) -> Result<InferRequest> {
         },
         outputs: Vec::new(),
         binary_default: true,
+        shared_inputs: Vec::new(),
     })
 }
 
@@ -1172,10 +1212,12 @@ pub fn encode_response(
             Some(classification) => classify(&tensor, classification)?,
             None => tensor,
         };
-        if !binary && tensor.datatype == DataType::Bytes {
+        // Written into shared memory already (`write_shared_outputs`): no data here.
+        let shared = wanted.and_then(|o| o.shared.as_ref());
+        if shared.is_none() && !binary && tensor.datatype == DataType::Bytes {
             check_utf8(&tensor)?;
         }
-        outputs.push((tensor, binary));
+        outputs.push((tensor, binary && shared.is_none(), shared));
     }
     let parameters: std::collections::BTreeMap<&str, ScalarOut> = response
         .parameters
@@ -1190,13 +1232,20 @@ pub fn encode_response(
         model_version: version.to_string(),
         outputs: outputs
             .iter()
-            .map(|(tensor, binary)| OutputHeader {
-                data: (!binary).then_some(JsonData(tensor)),
+            .map(|(tensor, binary, shared)| OutputHeader {
+                data: (!binary && shared.is_none()).then_some(JsonData(tensor)),
                 datatype: tensor.datatype.as_str(),
                 name: &tensor.name,
-                parameters: binary.then(|| BinarySize {
-                    binary_data_size: tensor.data.len(),
-                }),
+                parameters: match shared {
+                    Some(at) => Some(OutputParameters::Shared {
+                        shared_memory_byte_size: tensor.data.len() as u64,
+                        shared_memory_offset: (at.offset > 0).then_some(at.offset),
+                        shared_memory_region: &at.region,
+                    }),
+                    None => binary.then(|| OutputParameters::Binary {
+                        binary_data_size: tensor.data.len(),
+                    }),
+                },
                 shape: &tensor.shape,
             })
             .collect(),
@@ -1206,10 +1255,10 @@ pub fn encode_response(
     drop(header);
     let binary_bytes: usize = outputs
         .iter()
-        .filter(|(_, binary)| *binary)
-        .map(|(t, _)| t.data.len())
+        .filter(|(_, binary, _)| *binary)
+        .map(|(t, _, _)| t.data.len())
         .sum();
-    if !outputs.iter().any(|(_, binary)| *binary) {
+    if !outputs.iter().any(|(_, binary, _)| *binary) {
         return Ok(EncodedResponse {
             body,
             header_length: None,
@@ -1217,7 +1266,7 @@ pub fn encode_response(
     }
     let header_length = body.len();
     body.reserve(binary_bytes);
-    for (tensor, _) in outputs.iter().filter(|(_, binary)| *binary) {
+    for (tensor, _, _) in outputs.iter().filter(|(_, binary, _)| *binary) {
         body.extend_from_slice(&tensor.data);
     }
     Ok(EncodedResponse {
@@ -1258,13 +1307,22 @@ struct OutputHeader<'a> {
     datatype: &'a str,
     name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinarySize>,
+    parameters: Option<OutputParameters<'a>>,
     shape: &'a [i64],
 }
 
 #[derive(serde::Serialize)]
-struct BinarySize {
-    binary_data_size: usize,
+#[serde(untagged)]
+enum OutputParameters<'a> {
+    Binary {
+        binary_data_size: usize,
+    },
+    Shared {
+        shared_memory_byte_size: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        shared_memory_offset: Option<u64>,
+        shared_memory_region: &'a str,
+    },
 }
 
 struct ScalarOut<'a>(&'a ParameterValue);
@@ -1352,6 +1410,43 @@ impl serde::Serialize for JsonFloat {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         serialize_float(self.0, s)
     }
+}
+
+/// Reads the inputs that name system shared-memory places (`InferRequest::shared_inputs`)
+/// and checks their sizes against their shapes. `limit` bounds each input.
+pub fn read_shared_inputs(
+    request: &mut InferRequest,
+    shm: &super::shm::SystemSharedMemory,
+    limit: usize,
+) -> Result<()> {
+    for (index, at) in std::mem::take(&mut request.shared_inputs) {
+        let tensor = &mut request.backend.inputs[index];
+        tensor.data = shm.read(&at, &format!("input '{}'", tensor.name), limit)?;
+        tensor.validate_size()?;
+    }
+    Ok(())
+}
+
+/// Writes the outputs the client placed in system shared memory into their regions
+/// (before the response is encoded without their data).
+pub fn write_shared_outputs(
+    request: &InferRequest,
+    response: &BackendResponse,
+    shm: &super::shm::SystemSharedMemory,
+) -> Result<()> {
+    for wanted in request.outputs.iter().filter(|o| o.shared.is_some()) {
+        let at = wanted.shared.as_ref().expect("filtered");
+        if wanted.classification.is_some() {
+            return Err(Error::invalid(format!(
+                "output '{}' asks for classification and shared memory at once",
+                wanted.name
+            )));
+        }
+        if let Some(tensor) = response.outputs.iter().find(|t| t.name == wanted.name) {
+            shm.write(at, &format!("output '{}'", wanted.name), &tensor.data)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1959,8 +2054,10 @@ mod tests {
                 name: "RAW".into(),
                 binary: true,
                 classification: None,
+                shared: None,
             }],
             binary_default: false,
+            shared_inputs: Vec::new(),
         };
         let response = BackendResponse {
             outputs,
@@ -2005,6 +2102,7 @@ mod tests {
             backend: BackendRequest::default(),
             outputs: Vec::new(),
             binary_default: false,
+            shared_inputs: Vec::new(),
         };
         let e = encode_response("m", 1, &request, response).unwrap_err();
         assert!(e.message.contains("not UTF-8"), "{e}");

@@ -8,6 +8,7 @@ use super::pb::{
     ModelInferRequest, ModelInferResponse,
 };
 use crate::api::protocol::{classification, classify, Classification};
+use crate::api::shm::{shared_ref, SharedRef, SystemSharedMemory};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use wisp_core::backend::{BackendRequest, BackendResponse};
@@ -21,6 +22,30 @@ pub struct Converted {
     pub id: String,
     /// Requested outputs with Triton's classification extension.
     pub classifications: Vec<(String, Classification)>,
+    /// Inputs whose data is in system shared memory: (index, place).
+    pub shared_inputs: Vec<(usize, SharedRef)>,
+    /// Outputs to write into system shared memory instead of the response.
+    pub shared_outputs: Vec<(String, SharedRef)>,
+}
+
+/// Triton's tensor parameters as the JSON map the HTTP front reads them from.
+fn json_parameters(
+    parameters: &HashMap<String, InferParameter>,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    parameters
+        .iter()
+        .filter_map(|(k, v)| {
+            let value = match v.parameter_choice.as_ref()? {
+                ParameterChoice::BoolParam(b) => Value::Bool(*b),
+                ParameterChoice::Int64Param(i) => Value::from(*i),
+                ParameterChoice::Uint64Param(u) => Value::from(*u),
+                ParameterChoice::DoubleParam(f) => Value::from(*f),
+                ParameterChoice::StringParam(s) => Value::String(s.clone()),
+            };
+            Some((k.clone(), value))
+        })
+        .collect()
 }
 
 pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Converted> {
@@ -32,19 +57,58 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
         raw_input_contents,
         ..
     } = message;
-    if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
+    // Inputs in shared memory have no entry in raw_input_contents.
+    let mut shared_inputs = Vec::new();
+    let mut places = Vec::with_capacity(inputs.len());
+    for input in &inputs {
+        let owner = format!("input '{}'", input.name);
+        places.push(shared_ref(
+            Some(&json_parameters(&input.parameters)),
+            &owner,
+        )?);
+    }
+    let in_messages = places.iter().filter(|p| p.is_none()).count();
+    if !raw_input_contents.is_empty() && raw_input_contents.len() != in_messages {
         return Err(Error::invalid(format!(
-            "raw_input_contents has {} entries for {} inputs; send every input's data there, or none",
+            "raw_input_contents has {} entries for {in_messages} inputs not in shared memory; send every such input's data there, or none",
             raw_input_contents.len(),
-            inputs.len()
         )));
     }
     let mut raw = raw_input_contents.into_iter();
     let mut tensors = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let data = raw.next();
-        tensors.push(input_tensor(input, data)?);
+    for (input, place) in inputs.into_iter().zip(places) {
+        match place {
+            Some(at) => {
+                if input
+                    .contents
+                    .is_some_and(|c| c != InferTensorContents::default())
+                {
+                    return Err(Error::invalid(format!(
+                        "input '{}' names shared memory region '{}' and also has contents",
+                        input.name, at.region
+                    )));
+                }
+                let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "input '{}' has unknown datatype '{}'",
+                        input.name, input.datatype
+                    ))
+                })?;
+                shared_inputs.push((tensors.len(), at));
+                tensors.push(Tensor {
+                    name: input.name,
+                    datatype,
+                    shape: input.shape,
+                    data: Bytes::new(),
+                });
+            }
+            None => {
+                let data = raw.next();
+                tensors.push(input_tensor(input, data)?);
+            }
+        }
     }
+    let mut shared_outputs = Vec::new();
     let mut classifications = Vec::new();
     let mut requested = Vec::with_capacity(outputs.len());
     for output in outputs {
@@ -52,7 +116,10 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
         for (key, value) in &output.parameters {
             match key.as_str() {
                 // Binary or not is an HTTP matter: gRPC outputs are always raw.
-                "binary_data" => {}
+                "binary_data"
+                | "shared_memory_region"
+                | "shared_memory_byte_size"
+                | "shared_memory_offset" => {}
                 "classification" => {
                     let k = match value.parameter_choice {
                         Some(ParameterChoice::Int64Param(k)) if (1..=10_000).contains(&k) => k,
@@ -74,6 +141,14 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
                     )))
                 }
             }
+        }
+        if let Some(at) = shared_ref(Some(&json_parameters(&output.parameters)), &owner)? {
+            if classifications.iter().any(|(n, _)| *n == output.name) {
+                return Err(Error::invalid(format!(
+                    "{owner} asks for classification and shared memory at once"
+                )));
+            }
+            shared_outputs.push((output.name.clone(), at));
         }
         requested.push(output.name);
     }
@@ -97,7 +172,23 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
         },
         id,
         classifications,
+        shared_inputs,
+        shared_outputs,
     })
+}
+
+/// Reads the inputs in shared memory (`Converted::shared_inputs`), each at most `limit` bytes.
+pub fn read_shared_inputs(
+    converted: &mut Converted,
+    shm: &SystemSharedMemory,
+    limit: usize,
+) -> Result<()> {
+    for (index, at) in std::mem::take(&mut converted.shared_inputs) {
+        let tensor = &mut converted.backend.inputs[index];
+        tensor.data = shm.read(&at, &format!("input '{}'", tensor.name), limit)?;
+        tensor.validate_size()?;
+    }
+    Ok(())
 }
 
 fn parameter_value(key: &str, value: InferParameter) -> Result<ParameterValue> {
@@ -231,28 +322,60 @@ fn typed_bytes(name: &str, datatype: DataType, contents: InferTensorContents) ->
     })
 }
 
+/// The response message. Outputs the client placed in shared memory are written there
+/// (`shm`) and carry their place as parameters instead of data, as Triton answers.
 pub fn response(
     model: &str,
     version: u64,
-    id: String,
-    classifications: &[(String, Classification)],
+    converted: &Converted,
     response: BackendResponse,
+    shm: &SystemSharedMemory,
 ) -> Result<ModelInferResponse> {
     let mut outputs = Vec::with_capacity(response.outputs.len());
     let mut raw = Vec::with_capacity(response.outputs.len());
     for tensor in response.outputs {
-        let tensor = match classifications.iter().find(|(n, _)| *n == tensor.name) {
+        let tensor = match converted
+            .classifications
+            .iter()
+            .find(|(n, _)| *n == tensor.name)
+        {
             Some((_, classification)) => classify(&tensor, classification)?,
             None => tensor,
         };
+        let mut parameters = HashMap::new();
+        if let Some((_, at)) = converted
+            .shared_outputs
+            .iter()
+            .find(|(n, _)| *n == tensor.name)
+        {
+            shm.write(at, &format!("output '{}'", tensor.name), &tensor.data)?;
+            let param = |choice| InferParameter {
+                parameter_choice: Some(choice),
+            };
+            parameters.insert(
+                "shared_memory_region".to_string(),
+                param(ParameterChoice::StringParam(at.region.clone())),
+            );
+            parameters.insert(
+                "shared_memory_byte_size".to_string(),
+                param(ParameterChoice::Int64Param(tensor.data.len() as i64)),
+            );
+            if at.offset > 0 {
+                parameters.insert(
+                    "shared_memory_offset".to_string(),
+                    param(ParameterChoice::Int64Param(at.offset as i64)),
+                );
+            }
+        } else {
+            raw.push(tensor.data);
+        }
         outputs.push(InferOutputTensor {
             name: tensor.name,
             datatype: tensor.datatype.as_str().to_string(),
             shape: tensor.shape,
-            parameters: HashMap::new(),
+            parameters,
             contents: None,
         });
-        raw.push(tensor.data);
     }
     let parameters = response
         .parameters
@@ -262,7 +385,7 @@ pub fn response(
     Ok(ModelInferResponse {
         model_name: model.to_string(),
         model_version: version.to_string(),
-        id,
+        id: converted.id.clone(),
         parameters,
         outputs,
         raw_output_contents: raw,
@@ -407,15 +530,22 @@ dims = [2]
             shape: vec![1, 2],
             data: Bytes::from_static(&[1, 0, 0, 0, 2, 0, 0, 0]),
         };
+        let converted = Converted {
+            backend: BackendRequest::default(),
+            id: "req-7".into(),
+            classifications: Vec::new(),
+            shared_inputs: Vec::new(),
+            shared_outputs: Vec::new(),
+        };
         let out = response(
             "simple",
             1,
-            "req-7".into(),
-            &[],
+            &converted,
             BackendResponse {
                 outputs: vec![tensor],
                 parameters: vec![("sequence_end".into(), ParameterValue::Bool(true))],
             },
+            &SystemSharedMemory::new(false),
         )
         .unwrap();
         assert_eq!(

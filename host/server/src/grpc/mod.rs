@@ -105,17 +105,23 @@ async fn infer(state: &ServerState, message: ModelInferRequest) -> Result<ModelI
     let size = message.encoded_len();
     let _reserved = api::reserve_bytes(state, size)?;
     let config = model.config.clone();
-    let converted = api::cpu_work(size, move || convert::request(message, &config))
-        .await
-        .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-    let response = model.infer(converted.backend).await?;
+    let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
+    let converted = api::cpu_work(size, move || {
+        let mut converted = convert::request(message, &config)?;
+        convert::read_shared_inputs(&mut converted, &shm, limit)?;
+        Ok(converted)
+    })
+    .await
+    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+    let response = model.infer(converted.backend.clone()).await?;
     convert::response(
         model.name(),
         model.version,
-        converted.id,
-        &converted.classifications,
+        &converted,
         response,
+        &state.shm,
     )
+    .map_err(|e| e.context(format!("model '{}'", model.name())))
 }
 
 /// A message of Triton's protocol from the JSON the HTTP front answers with: the two
@@ -380,7 +386,30 @@ impl GrpcInferenceService for InferenceService {
         request: Request<SystemSharedMemoryStatusRequest>,
     ) -> GrpcResult<SystemSharedMemoryStatusResponse> {
         self.check(request.metadata(), ApiGroup::SharedMemory)?;
-        Err(not_served("system shared memory"))
+        let r = request.into_inner();
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        ok((|| {
+            let status = self.state.shm.status(name)?;
+            let regions = status
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|region| {
+                    let text = |k: &str| region[k].as_str().unwrap_or_default().to_string();
+                    let number = |k: &str| region[k].as_u64().unwrap_or(0);
+                    (
+                        text("name"),
+                        system_shared_memory_status_response::RegionStatus {
+                            name: text("name"),
+                            key: text("key"),
+                            offset: number("offset"),
+                            byte_size: number("byte_size"),
+                        },
+                    )
+                })
+                .collect();
+            Ok(SystemSharedMemoryStatusResponse { regions })
+        })())
     }
 
     async fn system_shared_memory_register(
@@ -388,7 +417,12 @@ impl GrpcInferenceService for InferenceService {
         request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> GrpcResult<SystemSharedMemoryRegisterResponse> {
         self.check(request.metadata(), ApiGroup::SharedMemory)?;
-        Err(not_served("system shared memory"))
+        let r = request.into_inner();
+        ok(self
+            .state
+            .shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map(|()| SystemSharedMemoryRegisterResponse {}))
     }
 
     async fn system_shared_memory_unregister(
@@ -396,7 +430,13 @@ impl GrpcInferenceService for InferenceService {
         request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<SystemSharedMemoryUnregisterResponse> {
         self.check(request.metadata(), ApiGroup::SharedMemory)?;
-        Err(not_served("system shared memory"))
+        let r = request.into_inner();
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        ok(self
+            .state
+            .shm
+            .unregister(name)
+            .map(|()| SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(
@@ -404,7 +444,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<CudaSharedMemoryStatusRequest>,
     ) -> GrpcResult<CudaSharedMemoryStatusResponse> {
         self.check(request.metadata(), ApiGroup::SharedMemory)?;
-        Err(not_served("CUDA shared memory"))
+        Ok(Response::new(CudaSharedMemoryStatusResponse::default()))
     }
 
     async fn cuda_shared_memory_register(
@@ -412,7 +452,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<CudaSharedMemoryRegisterRequest>,
     ) -> GrpcResult<CudaSharedMemoryRegisterResponse> {
         self.check(request.metadata(), ApiGroup::SharedMemory)?;
-        Err(not_served("CUDA shared memory"))
+        Err(status(&no_cuda_shared_memory()))
     }
 
     async fn cuda_shared_memory_unregister(
@@ -420,7 +460,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<CudaSharedMemoryUnregisterResponse> {
         self.check(request.metadata(), ApiGroup::SharedMemory)?;
-        Err(not_served("CUDA shared memory"))
+        Err(status(&no_cuda_shared_memory()))
     }
 
     async fn trace_setting(
@@ -478,6 +518,12 @@ impl GrpcInferenceService for InferenceService {
             .collect();
         Ok(Response::new(LogSettingsResponse { settings }))
     }
+}
+
+fn no_cuda_shared_memory() -> Error {
+    Error::invalid(
+        "CUDA shared memory is not supported by this server; use system shared memory (with --allow-client-shm true)",
+    )
 }
 
 fn not_served(what: &str) -> Status {

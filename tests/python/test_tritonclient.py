@@ -581,6 +581,39 @@ def test_system_shared_memory_like_tritons_shm_client(client, shm_regions):
     assert {r["name"] for r in client.get_system_shared_memory_status()} == {"input_data", "output0_data"}
 
 
+def test_bytes_in_shared_memory_like_tritons_shm_string_client(client, shm_regions):
+    """simple_http_shm_string_client.py's flow: BYTES tensors serialized into regions,
+    simple_string's outputs written back serialized."""
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient.utils import serialize_byte_tensor, serialized_byte_size, deserialize_bytes_tensor
+
+    in0 = np.array([str(x).encode() for x in range(16)], dtype=np.object_).reshape(1, 16)
+    in1 = np.array([b"1"] * 16, dtype=np.object_).reshape(1, 16)
+    s0, s1 = serialize_byte_tensor(in0), serialize_byte_tensor(in1)
+    size0, size1 = serialized_byte_size(s0), serialized_byte_size(s1)
+    ip = shm_regions("s_input", "/wisp_test_s_input", size0 + size1)
+    out_size = 64 * 16  # room for each serialized output string
+    op = shm_regions("s_output", "/wisp_test_s_output", 2 * out_size)
+    shm.set_shared_memory_region(ip, [s0])
+    shm.set_shared_memory_region(ip, [s1], offset=size0)
+    client.register_system_shared_memory("s_input", "/wisp_test_s_input", size0 + size1)
+    client.register_system_shared_memory("s_output", "/wisp_test_s_output", 2 * out_size)
+    inputs = [httpclient.InferInput("INPUT0", [1, 16], "BYTES"),
+              httpclient.InferInput("INPUT1", [1, 16], "BYTES")]
+    inputs[0].set_shared_memory("s_input", size0)
+    inputs[1].set_shared_memory("s_input", size1, offset=size0)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
+               httpclient.InferRequestedOutput("OUTPUT1", binary_data=True)]
+    outputs[0].set_shared_memory("s_output", out_size)
+    outputs[1].set_shared_memory("s_output", out_size, offset=out_size)
+    result = client.infer("simple_string", inputs, outputs=outputs)
+    out0 = result.get_output("OUTPUT0")
+    written = out0["parameters"]["shared_memory_byte_size"]
+    raw = shm.get_contents_as_numpy(op, np.uint8, [written]).tobytes()
+    sums = deserialize_bytes_tensor(raw)
+    assert [int(x) for x in sums] == [x + 1 for x in range(16)]
+
+
 def test_shared_memory_bounds_and_names_are_checked(client, shm_regions):
     import tritonclient.utils.shared_memory as shm
 

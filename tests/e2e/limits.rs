@@ -248,3 +248,62 @@ fn checkpoint_paths_stay_inside_the_version_folder() {
     assert!(reason.contains("'parameters.checkpoint'"), "{reason}");
     server.infer("tiny", &ids_request()).ok();
 }
+
+/// Inputs read from system shared memory take server memory as bodies do: they count
+/// against the in-flight budget (503 past it), and a region the client shrinks after
+/// registering fails the request, not the server.
+#[test]
+fn shared_memory_inputs_count_against_the_in_flight_budget() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let server = Server::start(
+        repo.path(),
+        &[
+            "--allow-client-shm",
+            "true",
+            "--http-max-inflight-bytes",
+            "65536",
+        ],
+    );
+    let object = format!("wisp-e2e-{}", std::process::id());
+    let path = std::path::Path::new("/dev/shm").join(&object);
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(path.clone());
+    let register = json!({"key": format!("/{object}"), "byte_size": 1 << 20});
+    let registered = server.post_json("/v2/systemsharedmemory/region/big/register", &register);
+    assert_eq!(
+        registered.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&registered.body)
+    );
+    let in_region = |byte_size: u64| {
+        json!({"inputs": [
+            {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32",
+             "parameters": {"shared_memory_region": "big", "shared_memory_byte_size": byte_size}},
+            {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": vec![0; 16]}
+        ]})
+    };
+    // 128 KiB from shared memory is over the 64 KiB budget: refused before it is read.
+    let error = server.infer("simple", &in_region(128 << 10)).error(503);
+    assert!(error.contains("--http-max-inflight-bytes"), "{error}");
+    // 64 bytes fit, and are checked against the shape.
+    let reply = server.infer("simple", &in_region(64)).ok();
+    assert_eq!(reply["outputs"][0]["data"], json!(vec![0; 16]));
+    // The client shrinks its object: the request fails with a reason, the server lives.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(8)
+        .unwrap();
+    let error = server.infer("simple", &in_region(64)).error(400);
+    assert!(error.contains("was its object truncated"), "{error}");
+    assert_eq!(server.get("/v2/health/live").status, 200);
+}

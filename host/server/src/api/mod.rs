@@ -247,6 +247,15 @@ fn reserve_body(
 
 /// Reserves `bytes` in the server-wide budget of request bytes in flight (both fronts),
 /// or refuses at once.
+/// Bytes that inputs in shared memory will take once read (saturating: a sum past
+/// the budget is refused by `reserve_bytes` anyway).
+pub(crate) fn shared_bytes(places: &[(usize, shm::SharedRef)]) -> usize {
+    places
+        .iter()
+        .map(|(_, at)| usize::try_from(at.byte_size).unwrap_or(usize::MAX))
+        .fold(0, usize::saturating_add)
+}
+
 pub(crate) fn reserve_bytes(
     state: &ServerState,
     bytes: usize,
@@ -707,14 +716,26 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
                 ),
             };
             let config = model.config.clone();
-            let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
-            let request = cpu_work(body.len(), move || {
-                let mut request = protocol::parse_request(body, header_length, &config)?;
-                protocol::read_shared_inputs(&mut request, &shm, limit)?;
-                Ok(request)
+            let mut request = cpu_work(body.len(), move || {
+                protocol::parse_request(body, header_length, &config)
             })
             .await
             .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+            // Inputs read from shared memory count against the in-flight budget too.
+            let _shared_reserved = match shared_bytes(&request.shared_inputs) {
+                0 => None,
+                bytes => {
+                    let reserved = reserve_bytes(state, bytes)?;
+                    let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
+                    request = cpu_work(bytes, move || {
+                        protocol::read_shared_inputs(&mut request, &shm, limit)?;
+                        Ok(request)
+                    })
+                    .await
+                    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+                    Some(reserved)
+                }
+            };
             let response = model.infer(request.backend.clone()).await?;
             if request.outputs.iter().any(|o| o.shared.is_some()) {
                 protocol::write_shared_outputs(&request, &response, &state.shm)

@@ -1419,12 +1419,8 @@ pub fn read_shared_inputs(
     shm: &super::shm::SystemSharedMemory,
     limit: usize,
 ) -> Result<()> {
-    for (index, at) in std::mem::take(&mut request.shared_inputs) {
-        let tensor = &mut request.backend.inputs[index];
-        tensor.data = shm.read(&at, &format!("input '{}'", tensor.name), limit)?;
-        tensor.validate_size()?;
-    }
-    Ok(())
+    let places = std::mem::take(&mut request.shared_inputs);
+    shm.fill_inputs(&mut request.backend.inputs, places, limit)
 }
 
 /// Writes the outputs the client placed in system shared memory into their regions

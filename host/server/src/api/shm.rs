@@ -203,6 +203,22 @@ impl SystemSharedMemory {
         Ok(data.into())
     }
 
+    /// Fills the inputs at `places` (index in `inputs`, place) from their regions and
+    /// checks each against its shape; each input is at most `limit` bytes.
+    pub fn fill_inputs(
+        &self,
+        inputs: &mut [wisp_core::tensor::Tensor],
+        places: Vec<(usize, SharedRef)>,
+        limit: usize,
+    ) -> Result<()> {
+        for (index, at) in places {
+            let tensor = &mut inputs[index];
+            tensor.data = self.read(&at, &format!("input '{}'", tensor.name), limit)?;
+            tensor.validate_size()?;
+        }
+        Ok(())
+    }
+
     /// Writes an output into its place, which must hold it.
     pub fn write(&self, at: &SharedRef, what: &str, data: &[u8]) -> Result<()> {
         if data.len() as u64 > at.byte_size {

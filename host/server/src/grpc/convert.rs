@@ -183,12 +183,8 @@ pub fn read_shared_inputs(
     shm: &SystemSharedMemory,
     limit: usize,
 ) -> Result<()> {
-    for (index, at) in std::mem::take(&mut converted.shared_inputs) {
-        let tensor = &mut converted.backend.inputs[index];
-        tensor.data = shm.read(&at, &format!("input '{}'", tensor.name), limit)?;
-        tensor.validate_size()?;
-    }
-    Ok(())
+    let places = std::mem::take(&mut converted.shared_inputs);
+    shm.fill_inputs(&mut converted.backend.inputs, places, limit)
 }
 
 fn parameter_value(key: &str, value: InferParameter) -> Result<ParameterValue> {

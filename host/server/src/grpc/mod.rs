@@ -105,14 +105,24 @@ async fn infer(state: &ServerState, message: ModelInferRequest) -> Result<ModelI
     let size = message.encoded_len();
     let _reserved = api::reserve_bytes(state, size)?;
     let config = model.config.clone();
-    let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
-    let converted = api::cpu_work(size, move || {
-        let mut converted = convert::request(message, &config)?;
-        convert::read_shared_inputs(&mut converted, &shm, limit)?;
-        Ok(converted)
-    })
-    .await
-    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+    let mut converted = api::cpu_work(size, move || convert::request(message, &config))
+        .await
+        .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+    // Inputs read from shared memory count against the in-flight budget too.
+    let _shared_reserved = match api::shared_bytes(&converted.shared_inputs) {
+        0 => None,
+        bytes => {
+            let reserved = api::reserve_bytes(state, bytes)?;
+            let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
+            converted = api::cpu_work(bytes, move || {
+                convert::read_shared_inputs(&mut converted, &shm, limit)?;
+                Ok(converted)
+            })
+            .await
+            .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+            Some(reserved)
+        }
+    };
     let response = model.infer(converted.backend.clone()).await?;
     convert::response(
         model.name(),

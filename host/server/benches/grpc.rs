@@ -34,80 +34,28 @@ fn main() {
         echo_server();
         return;
     }
-    let secs: u64 = env_or("WISP_BENCH_SECS", 5);
-    let rounds: usize = env_or("WISP_BENCH_ROUNDS", 1).max(1);
-    let levels: Vec<usize> = std::env::var("WISP_BENCH_CONCURRENCY")
-        .unwrap_or_else(|_| "1,64".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-
+    let sweep = support::Sweep::from_env();
     let repo = support::simple_repository();
 
     let (mut wisp, wisp_addr) = support::start_wisp_grpc(repo.path());
     let (mut echo, echo_addr) = spawn_echo();
     let servers = [
-        ("wisp simple (gRPC)", wisp_addr),
-        ("bare tonic echo", echo_addr),
+        ("wisp simple (gRPC)".to_string(), wisp_addr),
+        ("bare tonic echo".to_string(), echo_addr),
     ];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    for (name, addr) in &servers {
-        let r = runtime.block_on(run_load(
-            addr,
-            1,
-            Duration::from_millis(200),
-            Duration::ZERO,
-        ));
-        assert!(
-            r.errors == 0 && r.latencies_ns.len() > 10,
-            "{name} at {addr} did not answer cleanly"
-        );
-    }
-
-    println!("simple over gRPC (raw contents), {secs} s per step, loopback, same load generator");
-    println!("| server | concurrency | requests | throughput (req/s) | p50 (µs) | p90 (µs) | p99 (µs) | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut rows = Vec::new();
-    for _ in 0..rounds {
-        for &c in &levels {
-            for (name, addr) in &servers {
-                let r = runtime.block_on(run_load(
-                    addr,
-                    c,
-                    Duration::from_secs(secs),
-                    Duration::from_secs(1),
-                ));
-                let row = r.summary(c);
-                println!(
-                    "| {name} | {c} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
-                    row.requests, row.throughput, row.p50_us, row.p90_us, row.p99_us, row.errors
-                );
-                rows.push(row);
-            }
-        }
-    }
-    println!();
-    for pair in rows.chunks(2) {
-        let (w, e) = (&pair[0], &pair[1]);
-        println!(
-            "concurrency {}: wisp/echo throughput {:.2}, p50 latency wisp/echo {:.2}",
-            w.concurrency,
-            w.throughput / e.throughput,
-            w.p50_us / e.p50_us
-        );
-    }
+    sweep.run(
+        "simple over gRPC (raw contents)",
+        &servers,
+        |addr, concurrency, duration, warm_up| {
+            runtime.block_on(run_load(addr, concurrency, duration, warm_up))
+        },
+    );
     let _ = wisp.kill();
     let _ = echo.kill();
-}
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
 }
 
 fn simple_request() -> ModelInferRequest {

@@ -36,23 +36,9 @@ fn main() {
         echo_server();
         return;
     }
-    let secs: u64 = std::env::var("WISP_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let levels: Vec<usize> = std::env::var("WISP_BENCH_CONCURRENCY")
-        .unwrap_or_else(|_| "1,64".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-
+    let sweep = support::Sweep::from_env();
     let repo = support::simple_repository();
 
-    let rounds: usize = std::env::var("WISP_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
-        .max(1);
     let (mut wisp, wisp_addr) = support::start_wisp(repo.path());
     let mut servers = vec![("wisp simple".to_string(), wisp_addr.clone())];
     let mut baseline = std::env::var_os("WISP_BENCH_BASELINE").map(|binary| {
@@ -71,72 +57,21 @@ fn main() {
         .build()
         .unwrap();
     servers.push(("bare hyper echo".to_string(), echo_addr.clone()));
-    // Check each answers with a 200 and the same-sized body before measuring.
-    for (_, addr) in &servers {
-        let r = runtime.block_on(run_load(
-            addr,
-            &body,
-            header_len,
-            1,
-            Duration::from_millis(200),
-            Duration::ZERO,
-        ));
-        assert!(
-            r.errors == 0 && r.latencies_ns.len() > 10,
-            "{addr} did not answer cleanly"
-        );
-    }
-
-    println!("simple over binary HTTP, {secs} s per step, loopback, same load generator");
-    println!("| server | concurrency | requests | throughput (req/s) | p50 (µs) | p90 (µs) | p99 (µs) | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut rows = Vec::new();
-    for _ in 0..rounds {
-        for &c in &levels {
-            for (name, addr) in &servers {
-                let r = runtime.block_on(run_load(
-                    addr,
-                    &body,
-                    header_len,
-                    c,
-                    Duration::from_secs(secs),
-                    Duration::from_secs(1),
-                ));
-                let row = r.summary(c);
-                println!(
-                    "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
-                    name,
-                    c,
-                    row.requests,
-                    row.throughput,
-                    row.p50_us,
-                    row.p90_us,
-                    row.p99_us,
-                    row.errors
-                );
-                rows.push(row);
-            }
-        }
-    }
-    println!();
-    for group in rows.chunks(servers.len()) {
-        let (w, e) = (&group[0], &group[group.len() - 1]);
-        print!(
-            "concurrency {}: wisp/echo throughput {:.2}, p50 latency wisp/echo {:.2}",
-            w.concurrency,
-            w.throughput / e.throughput,
-            w.p50_us / e.p50_us
-        );
-        if group.len() == 3 {
-            let b = &group[1];
-            print!(
-                "; wisp/baseline throughput {:.3}, p50 latency wisp/baseline {:.3}",
-                w.throughput / b.throughput,
-                w.p50_us / b.p50_us
-            );
-        }
-        println!();
-    }
+    // Each must answer with a 200 and the same-sized body before measuring.
+    sweep.run(
+        "simple over binary HTTP",
+        &servers,
+        |addr, concurrency, duration, warm_up| {
+            runtime.block_on(run_load(
+                addr,
+                &body,
+                header_len,
+                concurrency,
+                duration,
+                warm_up,
+            ))
+        },
+    );
     if let Some(baseline) = baseline.as_mut() {
         let _ = baseline.kill();
     }

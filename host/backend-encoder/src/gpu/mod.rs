@@ -16,7 +16,8 @@ use cudarc::driver::{result as driver, sys, CudaContext, CudaStream};
 use std::sync::Arc;
 use wisp_core::error::{Error, Result};
 
-/// One GPU: its context and compute capability.
+/// One GPU: its context and compute capability (cheap to clone: shared handles).
+#[derive(Clone)]
 pub struct Gpu {
     pub context: Arc<CudaContext>,
     pub ordinal: usize,

@@ -152,3 +152,99 @@ impl LoadResult {
         }
     }
 }
+
+/// Benchmark settings from the environment: `WISP_BENCH_SECS` per step (5),
+/// `WISP_BENCH_ROUNDS` (1), `WISP_BENCH_CONCURRENCY` levels ("1,64").
+pub struct Sweep {
+    pub secs: u64,
+    pub rounds: usize,
+    pub levels: Vec<usize>,
+}
+
+impl Sweep {
+    pub fn from_env() -> Sweep {
+        let var = |key: &str| std::env::var(key).ok();
+        Sweep {
+            secs: var("WISP_BENCH_SECS")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(5),
+            rounds: var("WISP_BENCH_ROUNDS")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1usize)
+                .max(1),
+            levels: var("WISP_BENCH_CONCURRENCY")
+                .unwrap_or_else(|| "1,64".into())
+                .split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .collect(),
+        }
+    }
+
+    /// Checks that each server answers cleanly, then runs every level against every
+    /// server in turn (`load(addr, concurrency, duration, warm_up)`), printing the table
+    /// under `title` and then each level's ratios: the first server over the last (the
+    /// bare echo), and over the middle one when there are three (a baseline build).
+    pub fn run(
+        &self,
+        title: &str,
+        servers: &[(String, String)],
+        load: impl Fn(&str, usize, Duration, Duration) -> LoadResult,
+    ) {
+        for (name, addr) in servers {
+            let r = load(addr, 1, Duration::from_millis(200), Duration::ZERO);
+            assert!(
+                r.errors == 0 && r.latencies_ns.len() > 10,
+                "{name} at {addr} did not answer cleanly"
+            );
+        }
+        println!(
+            "{title}, {} s per step, loopback, same load generator",
+            self.secs
+        );
+        println!("| server | concurrency | requests | throughput (req/s) | p50 (µs) | p90 (µs) | p99 (µs) | errors |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut rows = Vec::new();
+        for _ in 0..self.rounds {
+            for &c in &self.levels {
+                for (name, addr) in servers {
+                    let r = load(
+                        addr,
+                        c,
+                        Duration::from_secs(self.secs),
+                        Duration::from_secs(1),
+                    );
+                    let row = r.summary(c);
+                    println!(
+                        "| {name} | {c} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                        row.requests,
+                        row.throughput,
+                        row.p50_us,
+                        row.p90_us,
+                        row.p99_us,
+                        row.errors
+                    );
+                    rows.push(row);
+                }
+            }
+        }
+        println!();
+        for group in rows.chunks(servers.len()) {
+            let (w, e) = (&group[0], &group[group.len() - 1]);
+            print!(
+                "concurrency {}: wisp/echo throughput {:.2}, p50 latency wisp/echo {:.2}",
+                w.concurrency,
+                w.throughput / e.throughput,
+                w.p50_us / e.p50_us
+            );
+            if group.len() == 3 {
+                let b = &group[1];
+                print!(
+                    "; wisp/baseline throughput {:.3}, p50 latency wisp/baseline {:.3}",
+                    w.throughput / b.throughput,
+                    w.p50_us / b.p50_us
+                );
+            }
+            println!();
+        }
+    }
+}

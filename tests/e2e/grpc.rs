@@ -25,7 +25,7 @@ async fn connect(server: &Server) -> GrpcInferenceServiceClient<tonic::transport
 }
 
 /// `simple` with raw INT32 inputs of `elements` each (16 makes a valid request).
-fn simple_infer(elements: usize) -> ModelInferRequest {
+pub(crate) fn simple_infer(elements: usize) -> ModelInferRequest {
     let input = |name: &str| InferInputTensor {
         name: name.into(),
         datatype: "INT32".into(),

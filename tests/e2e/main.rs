@@ -10,3 +10,4 @@ mod repository;
 mod sandbox;
 mod scheduling;
 mod sequence;
+mod trace;

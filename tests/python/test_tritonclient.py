@@ -858,3 +858,23 @@ def test_log_settings(client):
     assert "log_colour" in e.value.message() and e.value.status() == "400"
     client.update_log_settings({"log_verbose_level": 0, "log_info": True})
     assert client.get_log_settings()["log_info"] is True
+
+
+def test_trace_settings(client):
+    """Triton's trace extension with tritonclient's own calls: a model's settings over
+    the global ones, cleared with None; bad settings refused by name."""
+    assert "trace" in client.get_server_metadata()["extensions"]
+    settings = client.get_trace_settings()
+    assert settings["trace_level"] == ["OFF"] and settings["trace_mode"] == "opentelemetry"
+    updated = client.update_trace_settings(
+        model_name="simple_identity", settings={"trace_rate": "7", "trace_count": "3"}
+    )
+    assert updated["trace_rate"] == "7" and updated["trace_count"] == "3"
+    assert client.get_trace_settings()["trace_rate"] == settings["trace_rate"]
+    with pytest.raises(InferenceServerException) as e:
+        client.update_trace_settings(settings={"trace_level": ["SOMETIMES"]})
+    assert "SOMETIMES" in e.value.message() and e.value.status() == "400"
+    cleared = client.update_trace_settings(
+        model_name="simple_identity", settings={"trace_rate": None, "trace_count": None}
+    )
+    assert cleared == settings

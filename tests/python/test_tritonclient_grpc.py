@@ -328,3 +328,19 @@ def test_log_settings(gclient):
         gclient.update_log_settings({"log_file": "/tmp/elsewhere.log"})
     assert "log_file" in e.value.message()
     gclient.update_log_settings({"log_verbose_level": 0})
+
+
+def test_trace_settings(gclient):
+    settings = gclient.get_trace_settings(as_json=True)["settings"]
+    assert settings["trace_level"]["value"] == ["OFF"]
+    updated = gclient.update_trace_settings(
+        model_name="simple_identity", settings={"trace_rate": "7"}, as_json=True
+    )
+    assert updated["settings"]["trace_rate"]["value"] == ["7"]
+    with pytest.raises(InferenceServerException) as e:
+        gclient.update_trace_settings(settings={"trace_count": "-5"})
+    assert "trace_count" in e.value.message()
+    cleared = gclient.update_trace_settings(
+        model_name="simple_identity", settings={"trace_rate": None}, as_json=True
+    )
+    assert cleared["settings"] == settings

@@ -19,6 +19,8 @@ pub struct BackendRequest {
     pub parameters: Vec<(String, ParameterValue)>,
     /// How many ensembles this request is nested in (0 for a client's request).
     pub depth: u8,
+    /// Set when the request is traced: each model it passes records its spans here.
+    pub trace: Option<crate::trace::TraceHandle>,
 }
 
 #[derive(Debug, Clone, Default)]

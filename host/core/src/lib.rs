@@ -9,6 +9,7 @@ pub mod config_override;
 pub mod error;
 pub mod paths;
 pub mod tensor;
+pub mod trace;
 pub mod worker;
 
 pub use error::{Error, ErrorKind, Result};

@@ -78,6 +78,13 @@ pub struct ServeArgs {
     /// Connections the gRPC port holds at once; more are closed as they arrive.
     #[arg(long, default_value_t = 1024)]
     pub grpc_max_connections: usize,
+    /// Tracing (Triton's spelling): `level=TIMESTAMPS`, `rate=N` (every N-th request),
+    /// `count=N` (-1: no limit), `mode=opentelemetry`, `opentelemetry,url=URL` (OTLP/HTTP,
+    /// default http://localhost:4318/v1/traces), `opentelemetry,resource=KEY=VALUE`,
+    /// `opentelemetry,bsp_max_queue_size=N`, `bsp_schedule_delay=MS`,
+    /// `bsp_max_export_batch_size=N`. Repeatable.
+    #[arg(long = "trace-config")]
+    pub trace_config: Vec<String>,
     /// How long shutdown waits for in-flight requests before it gives up.
     #[arg(long, default_value_t = 30)]
     pub exit_timeout_secs: u64,

@@ -9,3 +9,4 @@ pub mod cli;
 pub mod grpc;
 pub mod log;
 pub mod server;
+pub mod trace;

@@ -79,6 +79,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         strict_readiness: args.strict_readiness,
         http_metrics: api::HttpMetrics::register(&metrics).map_err(anyhow::Error::msg)?,
         shm: Arc::new(api::shm::SystemSharedMemory::new(args.allow_client_shm)),
+        tracing: crate::trace::Tracing::new(
+            &crate::trace::TraceConfig::from_args(&args.trace_config)
+                .map_err(|e| anyhow::anyhow!(e.message))?,
+        )?,
     });
 
     let http = TcpListener::bind((args.http_address.as_str(), args.http_port))
@@ -232,6 +236,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     loader.abort();
     metrics_task.abort();
+    // Spans still buffered leave now (bounded by the exporter's timeout); off the async
+    // workers, as the exporter's HTTP client blocks.
+    let tracing = state.tracing.clone();
+    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     Ok(())
 }
 

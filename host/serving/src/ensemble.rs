@@ -292,6 +292,7 @@ impl EnsembleBackend {
                     requested_outputs: step.output_map.keys().cloned().collect(),
                     parameters: request.parameters.clone(),
                     depth: request.depth + 1,
+                    trace: request.trace.clone(),
                 };
                 running.spawn(async move { (i, model.infer(step_request).await) });
             }

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use wisp_core::backend::{Backend, BackendRequest, BackendResponse, ExecutionTimes};
-use wisp_core::config::ModelConfig;
+use wisp_core::config::{BackendKind, ModelConfig};
 use wisp_core::error::{Error, Result};
+use wisp_core::trace::{SpanId, SpanRecord, TraceRecorder};
 
 #[derive(Default)]
 struct Duration {
@@ -86,6 +87,25 @@ impl ModelStats {
             "batch_stats": batch_stats,
             "memory_usage": [],
         })
+    }
+}
+
+/// When a request passed each stage, for its trace.
+struct Stages {
+    started: Instant,
+    /// Since `started`, when validation ended (and the request went to its scheduler).
+    validated_ns: Option<u64>,
+    /// The queue time and the compute times of the batch it ran in.
+    executed: Option<(u64, ExecutionTimes)>,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            started: Instant::now(),
+            validated_ns: None,
+            executed: None,
+        }
     }
 }
 
@@ -294,11 +314,18 @@ impl LoadedModel {
         })
     }
 
-    /// Validates and runs one request, recording statistics and metrics.
-    pub async fn infer(&self, request: BackendRequest) -> Result<BackendResponse> {
-        let started = Instant::now();
-        let result = self.run(request).await;
-        let elapsed = started.elapsed().as_nanos() as u64;
+    /// Validates and runs one request, recording statistics and metrics, and its
+    /// spans when it is traced.
+    pub async fn infer(&self, mut request: BackendRequest) -> Result<BackendResponse> {
+        let trace = request.trace.as_mut().map(|handle| {
+            // This model's span: the request's later spans (ensemble steps) hang from it.
+            let id = handle.recorder.new_span_id();
+            let parent = std::mem::replace(&mut handle.parent, id);
+            (handle.recorder.clone(), id, parent, SystemTime::now())
+        });
+        let mut stages = Stages::default();
+        let result = self.run(request, &mut stages).await;
+        let elapsed = stages.started.elapsed().as_nanos() as u64;
         match &result {
             Ok(_) => {
                 self.stats.success.add(elapsed);
@@ -314,13 +341,18 @@ impl LoadedModel {
         }
         self.series.request_duration_us.inc_by(elapsed as f64 / 1e3);
         self.series.request_latency.observe(elapsed as f64 / 1e9);
+        if let Some((recorder, id, parent, start)) = trace {
+            self.record_spans(&recorder, id, parent, start, elapsed, &stages, &result);
+        }
         result
     }
 
-    async fn run(&self, request: BackendRequest) -> Result<BackendResponse> {
+    async fn run(&self, request: BackendRequest, stages: &mut Stages) -> Result<BackendResponse> {
         let batch_size = self.validate(&request)?;
+        stages.validated_ns = Some(stages.started.elapsed().as_nanos() as u64);
         let requested = request.requested_outputs.clone();
         let outcome = self.scheduler.schedule(request, batch_size).await?;
+        stages.executed = Some((outcome.queue_ns, outcome.times));
         if outcome.records_batch {
             self.record_batch(outcome.batch_size, outcome.times);
         }
@@ -328,6 +360,67 @@ impl LoadedModel {
         // Triton counts inferences and their times for successes only.
         self.record_request(batch_size, outcome.queue_ns, outcome.times);
         Ok(response)
+    }
+
+    /// This model's span (Triton's model span: request start, queue start, request end)
+    /// and, when a batch ran, its compute span (input, infer and output stages). The
+    /// compute stages are the batch's, as Triton reports them.
+    #[allow(clippy::too_many_arguments)]
+    fn record_spans(
+        &self,
+        recorder: &TraceRecorder,
+        id: SpanId,
+        parent: SpanId,
+        start: SystemTime,
+        elapsed_ns: u64,
+        stages: &Stages,
+        result: &Result<BackendResponse>,
+    ) {
+        let at = |ns: u64| start + std::time::Duration::from_nanos(ns.min(elapsed_ns));
+        let end = at(elapsed_ns);
+        let mut events = vec![("REQUEST_START", start)];
+        if let Some(validated) = stages.validated_ns {
+            events.push(("QUEUE_START", at(validated)));
+        }
+        events.push(("REQUEST_END", end));
+        let attributes = vec![
+            ("triton.model_name", self.name().to_string()),
+            ("triton.model_version", self.version_label.clone()),
+        ];
+        let error = result.as_ref().err().map(|e| e.message.clone());
+        if let (Some(validated), Some((queue_ns, t))) = (stages.validated_ns, stages.executed) {
+            if self.config.backend != BackendKind::Ensemble {
+                let compute_start = validated + queue_ns;
+                let input_end = compute_start + t.compute_input_ns;
+                let output_start = input_end + t.compute_infer_ns;
+                let compute_end = output_start + t.compute_output_ns;
+                recorder.record(SpanRecord {
+                    id: recorder.new_span_id(),
+                    parent: Some(id),
+                    name: "compute".into(),
+                    start: at(compute_start),
+                    end: at(compute_end),
+                    events: vec![
+                        ("COMPUTE_START", at(compute_start)),
+                        ("COMPUTE_INPUT_END", at(input_end)),
+                        ("COMPUTE_OUTPUT_START", at(output_start)),
+                        ("COMPUTE_END", at(compute_end)),
+                    ],
+                    attributes: attributes.clone(),
+                    error: None,
+                });
+            }
+        }
+        recorder.record(SpanRecord {
+            id,
+            parent: Some(parent),
+            name: self.name().to_string(),
+            start,
+            end,
+            events,
+            attributes,
+            error,
+        });
     }
 
     /// One execution (a batch of `batch_size` inferences, one or more requests).

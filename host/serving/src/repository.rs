@@ -242,6 +242,18 @@ impl Repository {
         names
     }
 
+    /// Triton's unknown-model error unless `name` is a model of the repository, loaded
+    /// or not (settings may name a model before it loads).
+    pub fn check_known(&self, name: &str) -> Result<()> {
+        let known = self.models.load().contains_key(name)
+            || (check_model_name(name).is_ok() && self.root.join(name).is_dir());
+        if known {
+            Ok(())
+        } else {
+            Err(Error::unknown_model(name, None))
+        }
+    }
+
     /// The ready model for `name` and `version` (latest ready version when none).
     pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedModel>> {
         let models = self.models.load();

@@ -3,6 +3,7 @@
 pub mod protocol;
 pub mod shm;
 
+use crate::trace::ActiveTrace;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use wisp_core::error::{Error, ErrorKind, Result};
 use wisp_serving::metrics::Metrics;
+use wisp_serving::model::LoadedModel;
 use wisp_serving::repository::{ControlMode, Repository};
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -28,6 +30,7 @@ pub const EXTENSIONS: &[&str] = &[
     "statistics",
     "logging",
     "system_shared_memory",
+    "trace",
 ];
 
 /// Groups of endpoints that `--http-restricted-api` can guard (Triton's names).
@@ -121,6 +124,8 @@ pub struct ServerState {
     pub http_metrics: HttpMetrics,
     /// Triton's system shared-memory regions (off unless `--allow-client-shm true`).
     pub shm: Arc<shm::SystemSharedMemory>,
+    /// Trace settings, sampling and export.
+    pub tracing: Arc<crate::trace::Tracing>,
 }
 
 /// How long the server takes to answer, by status code: from the parsed request
@@ -398,6 +403,8 @@ enum Route<'a> {
     Load(&'a str),
     Unload(&'a str),
     Logging,
+    /// Trace settings, global or of one model.
+    Trace(Option<&'a str>),
     /// System shared memory: status of all regions or of one.
     ShmStatus(Option<&'a str>),
     ShmRegister(&'a str),
@@ -418,6 +425,7 @@ impl Route<'_> {
             Route::Stats(..) => ApiGroup::Statistics,
             Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => ApiGroup::ModelRepository,
             Route::Logging => ApiGroup::Logging,
+            Route::Trace(_) => ApiGroup::Trace,
             Route::ShmStatus(_)
             | Route::ShmRegister(_)
             | Route::ShmUnregister(_)
@@ -449,6 +457,7 @@ fn route(segments: &[String]) -> Option<Route<'_>> {
         ["v2", "models", "stats"] => Route::Stats(None, None),
         ["v2", "repository", "index"] => Route::RepositoryIndex,
         ["v2", "logging"] => Route::Logging,
+        ["v2", "trace", "setting"] => Route::Trace(None),
         ["v2", "systemsharedmemory", "status"] => Route::ShmStatus(None),
         ["v2", "systemsharedmemory", "unregister"] => Route::ShmUnregister(None),
         ["v2", "systemsharedmemory", "region", r, "status"] => Route::ShmStatus(Some(r)),
@@ -473,6 +482,7 @@ fn route(segments: &[String]) -> Option<Route<'_>> {
                 ["config"] => Route::ModelConfig(m, version),
                 ["infer"] => Route::Infer(m, version),
                 ["stats"] => Route::Stats(Some(m), version),
+                ["trace", "setting"] if version.is_none() => Route::Trace(Some(m)),
                 _ => return None,
             }
         }
@@ -551,8 +561,8 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
     let expected = route.method();
     let allowed = method == expected
         || (expected == Method::GET && method == Method::HEAD)
-        // GET reads the log settings, POST changes them.
-        || (matches!(route, Route::Logging) && method == Method::POST);
+        // GET reads the log and trace settings, POST changes them.
+        || (matches!(route, Route::Logging | Route::Trace(_)) && method == Method::POST);
     if !allowed {
         return Err(Error::new(
             ErrorKind::MethodNotAllowed,
@@ -637,6 +647,29 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             }
             Ok(json_response(StatusCode::OK, &control.settings()))
         }
+        Route::Trace(model) => {
+            if let Some(m) = model {
+                repo.check_known(m)?;
+            }
+            let settings = if method == Method::POST {
+                let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+                let changes = trace_changes(&parse_json_body(&body)?)?;
+                state.tracing.update(model, &changes)?
+            } else {
+                state.tracing.settings(model)
+            };
+            let settings: serde_json::Map<String, Value> = settings
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        crate::trace::SettingValue::One(s) => json!(s),
+                        crate::trace::SettingValue::List(l) => json!(l),
+                    };
+                    (k, v)
+                })
+                .collect();
+            Ok(json_response(StatusCode::OK, &Value::Object(settings)))
+        }
         Route::Load(m) | Route::Unload(m) => {
             let is_load = matches!(route, Route::Load(_));
             let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
@@ -694,92 +727,159 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
         )),
         Route::Infer(m, v) => {
             let model = repo.get(m, v.map(parse_version).transpose()?)?;
-            let _reserved = match reserve_body(state, req.headers()) {
-                Ok(reserved) => reserved,
-                Err(e) => {
-                    // Read and discard a small body so the client sees the 503 rather
-                    // than a reset while it is still sending; larger ones close.
-                    discard_body(req.into_body(), DISCARD_LIMIT, state.body_timeout).await;
-                    return Err(e);
-                }
-            };
-            let (parts, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
-            let header_length = match parts.headers.get(HEADER_LENGTH) {
-                None => None,
-                Some(v) => Some(
-                    v.to_str()
-                        .ok()
-                        .and_then(|s| s.trim().parse::<usize>().ok())
-                        .ok_or_else(|| {
-                            Error::invalid("Inference-Header-Content-Length is not a number")
-                        })?,
-                ),
-            };
-            let config = model.config.clone();
-            let mut request = cpu_work(body.len(), move || {
-                protocol::parse_request(body, header_length, &config)
+            let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+            let parent = crate::trace::remote_parent(header("traceparent"), header("tracestate"));
+            let mut trace = state.tracing.start(model.name(), parent);
+            if let Some(trace) = &mut trace {
+                trace.event("HTTP_RECV_START");
+            }
+            let result = infer(state, req, model, &accept_gzip, &mut trace).await;
+            if let Some(trace) = trace {
+                trace.finish(result.as_ref().err());
+            }
+            result
+        }
+    }
+}
+
+/// One inference request over HTTP, traced when `trace` is set.
+async fn infer(
+    state: &ServerState,
+    req: Request<Incoming>,
+    model: Arc<LoadedModel>,
+    accept_gzip: &[String],
+    trace: &mut Option<ActiveTrace>,
+) -> Result<Response<Body>> {
+    let _reserved = match reserve_body(state, req.headers()) {
+        Ok(reserved) => reserved,
+        Err(e) => {
+            // Read and discard a small body so the client sees the 503 rather
+            // than a reset while it is still sending; larger ones close.
+            discard_body(req.into_body(), DISCARD_LIMIT, state.body_timeout).await;
+            return Err(e);
+        }
+    };
+    let (parts, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+    if let Some(trace) = trace {
+        trace.event("HTTP_RECV_END");
+    }
+    let header_length = match parts.headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| Error::invalid("Inference-Header-Content-Length is not a number"))?,
+        ),
+    };
+    let config = model.config.clone();
+    let mut request = cpu_work(body.len(), move || {
+        protocol::parse_request(body, header_length, &config)
+    })
+    .await
+    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+    // Inputs read from shared memory count against the in-flight budget too.
+    let _shared_reserved = match shared_bytes(&request.shared_inputs) {
+        0 => None,
+        bytes => {
+            let reserved = reserve_bytes(state, bytes)?;
+            let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
+            request = cpu_work(bytes, move || {
+                protocol::read_shared_inputs(&mut request, &shm, limit)?;
+                Ok(request)
             })
             .await
             .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-            // Inputs read from shared memory count against the in-flight budget too.
-            let _shared_reserved = match shared_bytes(&request.shared_inputs) {
-                0 => None,
-                bytes => {
-                    let reserved = reserve_bytes(state, bytes)?;
-                    let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
-                    request = cpu_work(bytes, move || {
-                        protocol::read_shared_inputs(&mut request, &shm, limit)?;
-                        Ok(request)
-                    })
-                    .await
-                    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-                    Some(reserved)
-                }
-            };
-            let response = model.infer(request.backend.clone()).await?;
-            if request.outputs.iter().any(|o| o.shared.is_some()) {
-                protocol::write_shared_outputs(&request, &response, &state.shm)
-                    .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-            }
-            let (name, version) = (model.name().to_string(), model.version);
-            let output_bytes: usize = response.outputs.iter().map(|t| t.data.len()).sum();
-            let compression = if accept_gzip.iter().any(|e| e == "gzip") {
-                Some(true)
-            } else if accept_gzip.iter().any(|e| e == "deflate") {
-                Some(false)
-            } else {
-                None
-            };
-            let (encoded, body) = cpu_work(output_bytes, move || {
-                let mut encoded = protocol::encode_response(&name, version, &request, response)?;
-                let body = match compression {
-                    Some(gzip) => compress(&encoded.body, gzip),
-                    None => std::mem::take(&mut encoded.body),
-                };
-                Ok((encoded, body))
-            })
-            .await?;
-            let mut builder = Response::builder().status(StatusCode::OK);
-            builder = match encoded.header_length {
-                Some(len) => builder
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header(HEADER_LENGTH, len),
-                None => builder.header(CONTENT_TYPE, "application/json"),
-            };
-            match compression {
-                Some(true) => {
-                    builder = builder.header(CONTENT_ENCODING, HeaderValue::from_static("gzip"))
-                }
-                Some(false) => {
-                    builder = builder.header(CONTENT_ENCODING, HeaderValue::from_static("deflate"))
-                }
-                None => {}
-            }
-            Ok(builder
-                .body(Full::new(Bytes::from(body)))
-                .expect("valid response"))
+            Some(reserved)
         }
+    };
+    let mut backend_request = request.backend.clone();
+    if let Some(trace) = trace {
+        if let Some(id) = &request.id {
+            let id = id.as_str().map_or_else(|| id.to_string(), str::to_string);
+            trace.attribute("triton.request_id", id);
+        }
+        backend_request.trace = Some(trace.handle());
     }
+    let response = model.infer(backend_request).await?;
+    if let Some(trace) = trace {
+        trace.event("HTTP_SEND_START");
+    }
+    if request.outputs.iter().any(|o| o.shared.is_some()) {
+        protocol::write_shared_outputs(&request, &response, &state.shm)
+            .map_err(|e| e.context(format!("model '{}'", model.name())))?;
+    }
+    let (name, version) = (model.name().to_string(), model.version);
+    let output_bytes: usize = response.outputs.iter().map(|t| t.data.len()).sum();
+    let compression = if accept_gzip.iter().any(|e| e == "gzip") {
+        Some(true)
+    } else if accept_gzip.iter().any(|e| e == "deflate") {
+        Some(false)
+    } else {
+        None
+    };
+    let (encoded, body) = cpu_work(output_bytes, move || {
+        let mut encoded = protocol::encode_response(&name, version, &request, response)?;
+        let body = match compression {
+            Some(gzip) => compress(&encoded.body, gzip),
+            None => std::mem::take(&mut encoded.body),
+        };
+        Ok((encoded, body))
+    })
+    .await?;
+    let mut builder = Response::builder().status(StatusCode::OK);
+    builder = match encoded.header_length {
+        Some(len) => builder
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(HEADER_LENGTH, len),
+        None => builder.header(CONTENT_TYPE, "application/json"),
+    };
+    match compression {
+        Some(true) => builder = builder.header(CONTENT_ENCODING, HeaderValue::from_static("gzip")),
+        Some(false) => {
+            builder = builder.header(CONTENT_ENCODING, HeaderValue::from_static("deflate"))
+        }
+        None => {}
+    }
+    Ok(builder
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response"))
+}
+
+/// A trace-setting request's body: each key to a string, a list of strings, a number
+/// (as its text) or null (clear).
+fn trace_changes(body: &Value) -> Result<Vec<crate::trace::SettingChange>> {
+    let object = body
+        .as_object()
+        .ok_or_else(|| Error::invalid("the trace settings must be a JSON object"))?;
+    object
+        .iter()
+        .map(|(key, value)| {
+            let strings = match value {
+                Value::Null => None,
+                Value::String(s) => Some(vec![s.clone()]),
+                Value::Number(n) => Some(vec![n.to_string()]),
+                Value::Array(items) => Some(
+                    items
+                        .iter()
+                        .map(|item| {
+                            item.as_str().map(str::to_string).ok_or_else(|| {
+                                Error::invalid(format!(
+                                    "trace setting '{key}': expected strings in the list"
+                                ))
+                            })
+                        })
+                        .collect::<Result<_>>()?,
+                ),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "trace setting '{key}': expected a string, a list of strings or null"
+                    )))
+                }
+            };
+            Ok((key.clone(), strings))
+        })
+        .collect()
 }
 
 /// Ready: startup loading finished, not shutting down, and (with strict readiness)

@@ -169,6 +169,7 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
             requested_outputs: requested,
             parameters: backend_parameters,
             depth: 0,
+            trace: None,
         },
         id,
         classifications,

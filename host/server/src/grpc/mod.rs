@@ -5,12 +5,15 @@
 pub mod convert;
 
 use crate::api::{self, ApiGroup, Restriction, ServerState};
+use crate::trace::ActiveTrace;
+use opentelemetry::trace::SpanContext;
 use prost::Message;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use wisp_core::error::{Error, ErrorKind, Result};
+use wisp_serving::model::LoadedModel;
 
 /// Triton's protocol, generated from host/server/proto at build time.
 #[allow(clippy::all, missing_docs)]
@@ -95,11 +98,42 @@ fn version(v: &str) -> Result<Option<u64>> {
         .map_err(|_| Error::invalid(format!("model version '{v}' is not a number")))
 }
 
-/// One inference, as `ModelInfer` and each request of `ModelStreamInfer` run it.
-async fn infer(state: &ServerState, message: ModelInferRequest) -> Result<ModelInferResponse> {
+/// The client's W3C trace context, from the request's metadata.
+fn trace_parent(metadata: &tonic::metadata::MetadataMap) -> Option<SpanContext> {
+    let header = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+    crate::trace::remote_parent(header("traceparent"), header("tracestate"))
+}
+
+/// One inference, as `ModelInfer` and each request of `ModelStreamInfer` run it; traced
+/// when the settings say so (as a child of `parent`, the client's span, if given).
+async fn infer(
+    state: &ServerState,
+    message: ModelInferRequest,
+    parent: Option<SpanContext>,
+) -> Result<ModelInferResponse> {
     let model = state
         .repository
         .get(&message.model_name, version(&message.model_version)?)?;
+    let mut trace = state.tracing.start(model.name(), parent);
+    if let Some(trace) = &mut trace {
+        trace.event("GRPC_RECV_END");
+        if !message.id.is_empty() {
+            trace.attribute("triton.request_id", message.id.clone());
+        }
+    }
+    let result = infer_model(state, message, model, &mut trace).await;
+    if let Some(trace) = trace {
+        trace.finish(result.as_ref().err());
+    }
+    result
+}
+
+async fn infer_model(
+    state: &ServerState,
+    message: ModelInferRequest,
+    model: Arc<LoadedModel>,
+    trace: &mut Option<ActiveTrace>,
+) -> Result<ModelInferResponse> {
     // The message is already decoded (within the message size limit); it still counts
     // against the server-wide budget of request bytes in flight while it is served.
     let size = message.encoded_len();
@@ -123,7 +157,12 @@ async fn infer(state: &ServerState, message: ModelInferRequest) -> Result<ModelI
             Some(reserved)
         }
     };
-    let response = model.infer(converted.backend.clone()).await?;
+    let mut request = converted.backend.clone();
+    request.trace = trace.as_ref().map(ActiveTrace::handle);
+    let response = model.infer(request).await?;
+    if let Some(trace) = trace {
+        trace.event("GRPC_SEND_START");
+    }
     convert::response(
         model.name(),
         model.version,
@@ -237,7 +276,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> GrpcResult<ModelInferResponse> {
         self.check(request.metadata(), ApiGroup::Inference)?;
-        ok(infer(&self.state, request.into_inner()).await)
+        let parent = trace_parent(request.metadata());
+        ok(infer(&self.state, request.into_inner(), parent).await)
     }
 
     /// Requests of a stream run concurrently (up to `STREAM_WINDOW` ahead of the client),
@@ -249,6 +289,8 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> GrpcResult<tonic::codegen::BoxStream<ModelStreamInferResponse>> {
         self.check(request.metadata(), ApiGroup::Inference)?;
+        // A trace context on the stream is the parent of each of its traced requests.
+        let parent = trace_parent(request.metadata());
         let mut incoming = request.into_inner();
         let (responses, receiver) = mpsc::channel(STREAM_WINDOW);
         let (order, mut in_order) =
@@ -272,12 +314,13 @@ impl GrpcInferenceService for InferenceService {
                     None
                 };
                 let state = state.clone();
+                let parent = parent.clone();
                 let task = tokio::spawn(async move {
                     if let Some(previous) = wait_for {
                         let _ = previous.await;
                     }
                     let id = message.id.clone();
-                    let result = infer(&state, message).await;
+                    let result = infer(&state, message, parent).await;
                     let _ = done.send(());
                     match result {
                         Ok(response) => ModelStreamInferResponse {
@@ -478,7 +521,36 @@ impl GrpcInferenceService for InferenceService {
         request: Request<TraceSettingRequest>,
     ) -> GrpcResult<TraceSettingResponse> {
         self.check(request.metadata(), ApiGroup::Trace)?;
-        Err(not_served("the trace extension"))
+        let r = request.into_inner();
+        ok((|| {
+            let model = (!r.model_name.is_empty()).then_some(r.model_name.as_str());
+            if let Some(m) = model {
+                self.state.repository.check_known(m)?;
+            }
+            let settings = if r.settings.is_empty() {
+                self.state.tracing.settings(model)
+            } else {
+                // An empty value list clears the setting (Triton's protocol).
+                let changes: Vec<_> = r
+                    .settings
+                    .into_iter()
+                    .map(|(k, v)| (k, Some(v.value).filter(|v| !v.is_empty())))
+                    .collect();
+                self.state.tracing.update(model, &changes)?
+            };
+            Ok(TraceSettingResponse {
+                settings: settings
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let value = match v {
+                            crate::trace::SettingValue::One(s) => vec![s],
+                            crate::trace::SettingValue::List(l) => l,
+                        };
+                        (k, trace_setting_response::SettingValue { value })
+                    })
+                    .collect(),
+            })
+        })())
     }
 
     async fn log_settings(
@@ -534,10 +606,6 @@ fn no_cuda_shared_memory() -> Error {
     Error::invalid(
         "CUDA shared memory is not supported by this server; use system shared memory (with --allow-client-shm true)",
     )
-}
-
-fn not_served(what: &str) -> Status {
-    Status::unimplemented(format!("wisp does not serve {what} yet"))
 }
 
 /// `grpc.health.v1.Health`: SERVING once the server is ready (as `ServerReady`).

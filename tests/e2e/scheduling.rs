@@ -224,6 +224,62 @@ fn queue_timeouts_reject_and_can_be_overridden() {
     assert_eq!(running.join().unwrap().0, 200);
 }
 
+/// `wisp perf -i grpc --shared-memory system`: every request served from registered
+/// regions over gRPC; the regions are unregistered and removed afterwards.
+#[test]
+fn wisp_perf_over_grpc_with_system_shared_memory() {
+    let repo = TestRepo::new();
+    repo.simple();
+    let server = Server::start(repo.path(), &["--allow-client-shm", "true"]);
+    let out = tempfile::tempdir().unwrap();
+    let csv = out.path().join("perf.csv");
+    let perf = |protocol: &str, url: &str, shm: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wisp"))
+            .args(["perf", "-m", "simple", "-i", protocol, "-u", url])
+            .args(["--shared-memory", shm, "--concurrency-range", "2"])
+            .args(["--measurement-interval", "200", "--max-trials", "3"])
+            .arg("-f")
+            .arg(&csv)
+            .output()
+            .unwrap()
+    };
+    let http = server.base.trim_start_matches("http://");
+    for (protocol, url, shm) in [
+        ("grpc", server.grpc.as_str(), "system"),
+        ("grpc", server.grpc.as_str(), "none"),
+        ("http", http, "system"),
+    ] {
+        let output = perf(protocol, url, shm);
+        let what = format!("-i {protocol} --shared-memory {shm}");
+        assert!(
+            output.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
+        assert!(row[9].parse::<u64>().unwrap() > 0, "{what}: {text}");
+        assert_eq!(row[10], "0", "{what}: errors: {text}");
+        assert!(row[8].parse::<f64>().unwrap() > 0.0, "{what}: server compute: {text}");
+    }
+    assert_eq!(server.get("/v2/systemsharedmemory/status").ok(), json!([]));
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("wisp_perf_"))
+        .collect();
+    assert!(left.is_empty(), "regions left in /dev/shm: {left:?}");
+
+    // A server that does not allow client shared memory: a clear error, nothing left.
+    let strict = Server::start(repo.path(), &[]);
+    let output = perf("grpc", &strict.grpc, "system");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--allow-client-shm"), "{stderr}");
+    let output = perf("http", strict.base.trim_start_matches("http://"), "cuda");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--shared-memory cuda"));
+}
+
 #[test]
 fn wisp_perf_writes_csv_and_plot() {
     let repo = TestRepo::new();

@@ -69,7 +69,10 @@ fn main() {
             let args = PerfArgs {
                 model: model.into(),
                 version: None,
-                url: addr.clone(),
+                url: Some(addr.clone()),
+                protocol: perf::Protocol::Http,
+                shared_memory: perf::SharedMemory::None,
+                output_shm_bytes: 102_400,
                 concurrency_range: c.trim().to_string(),
                 request_rate_range: None,
                 batch_size: 1,

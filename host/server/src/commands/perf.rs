@@ -1,10 +1,12 @@
 //! `wisp perf`: a load generator in the manner of Triton's perf_analyzer.
 //!
 //! For each concurrency level it keeps that many requests in flight (one
-//! keep-alive HTTP/1.1 connection each), measures windows until throughput is
-//! stable, and reports latency percentiles, throughput and the server's own
-//! queue/compute split (from `/stats` before and after), as a table, CSV and
-//! an SVG plot of latency against throughput.
+//! keep-alive connection each: HTTP/1.1, or HTTP/2 with `-i grpc`), measures
+//! windows until throughput is stable, and reports latency percentiles,
+//! throughput and the server's own queue/compute split (from the model's
+//! statistics before and after), as a table, CSV and an SVG plot of latency
+//! against throughput. With `--shared-memory system` tensors travel in POSIX
+//! shared-memory regions instead of the requests, as perf_analyzer's do.
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -28,9 +30,22 @@ pub struct PerfArgs {
     /// Model version (the latest ready one when not given).
     #[arg(short = 'x', long = "model-version")]
     pub version: Option<u64>,
-    /// Server address, `host:port` (an `http://` prefix is accepted).
-    #[arg(short = 'u', long, default_value = "127.0.0.1:8000")]
-    pub url: String,
+    /// Server address, `host:port` (an `http://` prefix is accepted); default
+    /// 127.0.0.1:8000, or 127.0.0.1:8001 with `-i grpc`.
+    #[arg(short = 'u', long)]
+    pub url: Option<String>,
+    /// Protocol (perf_analyzer's `-i`): `http`, or `grpc` (Triton's GRPCInferenceService;
+    /// metadata, statistics and shared-memory registration go over it too).
+    #[arg(short = 'i', long = "protocol", value_enum, default_value_t = Protocol::Http)]
+    pub protocol: Protocol,
+    /// Where tensors travel: `none` (in the requests) or `system` (POSIX shared-memory
+    /// regions, written once, that the server reads inputs from and writes outputs into;
+    /// the server needs --allow-client-shm true). `cuda` is refused.
+    #[arg(long = "shared-memory", value_enum, default_value_t = SharedMemory::None)]
+    pub shared_memory: SharedMemory,
+    /// Bytes of each output's shared-memory region (with `--shared-memory system`).
+    #[arg(long = "output-shared-memory-size", default_value_t = 102_400)]
+    pub output_shm_bytes: usize,
     /// Concurrency levels, `start:end:step` (perf_analyzer's syntax).
     #[arg(long, default_value = "1:1:1")]
     pub concurrency_range: String,
@@ -65,6 +80,19 @@ pub struct PerfArgs {
     /// Write an SVG plot of p95 latency against throughput.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedMemory {
+    None,
+    System,
+    Cuda,
 }
 
 /// One concurrency level's results.
@@ -162,8 +190,25 @@ async fn get_json(addr: &str, path: &str) -> Result<Value> {
     Ok(value)
 }
 
-/// A request body, and the JSON header's length when tensors follow it in binary.
+/// An HTTP request body, and the JSON header's length when tensors follow it in binary.
 type Body = (Bytes, Option<usize>);
+
+/// One request as it is sent, again and again.
+#[derive(Clone)]
+enum Prepared {
+    Http(Body),
+    #[cfg(feature = "grpc")]
+    Grpc(Box<wisp::grpc::pb::ModelInferRequest>),
+}
+
+/// One input of a request: its values (for JSON) and its bytes (binary, gRPC, shm).
+struct InputTensor {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+    values: Value,
+    data: Vec<u8>,
+}
 
 /// The values of one input: given in a perf_analyzer data file, or generated.
 fn input_values(datatype: &str, count: usize, random: bool) -> Vec<Value> {
@@ -180,10 +225,10 @@ fn input_values(datatype: &str, count: usize, random: bool) -> Vec<Value> {
         .collect()
 }
 
-/// Builds the request bodies: one per entry of a perf_analyzer `--input-data`
+/// The inputs of each request: one per entry of a perf_analyzer `--input-data`
 /// file (`{"data": [{"INPUT0": [..] | {"content": [..], "shape": [..]}}]}`), or
 /// one of zero or random values shaped from the model's metadata.
-fn build_requests(meta: &Value, args: &PerfArgs, batched: bool) -> Result<Vec<Body>> {
+fn build_entries(meta: &Value, args: &PerfArgs, batched: bool) -> Result<Vec<Vec<InputTensor>>> {
     let entries: Vec<Option<Value>> = match args.input_data.as_str() {
         "random" | "zero" => vec![None],
         path => {
@@ -202,10 +247,9 @@ fn build_requests(meta: &Value, args: &PerfArgs, batched: bool) -> Result<Vec<Bo
         }
     };
     let random = args.input_data == "random";
-    let mut bodies = Vec::new();
+    let mut requests = Vec::new();
     for entry in entries {
         let mut inputs = Vec::new();
-        let mut binary = Vec::new();
         for input in meta["inputs"]
             .as_array()
             .ok_or_else(|| anyhow!("model metadata has no inputs"))?
@@ -262,27 +306,132 @@ fn build_requests(meta: &Value, args: &PerfArgs, batched: bool) -> Result<Vec<Bo
                 .ok_or_else(|| anyhow!("input '{name}' has unknown datatype {datatype}"))?;
             let tensor = wisp_core::tensor::Tensor::from_json(name, dt, shape.clone(), &values)
                 .map_err(|e| anyhow!("input '{name}': {}", e.message))?;
-            if args.json {
-                inputs.push(
-                    json!({"name": name, "datatype": datatype, "shape": shape, "data": values}),
-                );
-            } else {
-                inputs.push(json!({"name": name, "datatype": datatype, "shape": shape,
-                                   "parameters": {"binary_data_size": tensor.data.len()}}));
-                binary.extend_from_slice(&tensor.data);
-            }
+            inputs.push(InputTensor {
+                name: name.to_string(),
+                datatype: datatype.to_string(),
+                shape,
+                values,
+                data: tensor.data.to_vec(),
+            });
         }
-        let header = json!({"inputs": inputs, "parameters": {"binary_data_output": !args.json}});
-        let mut body = serde_json::to_vec(&header)?;
-        if args.json {
-            bodies.push((Bytes::from(body), None));
-        } else {
-            let header_len = body.len();
-            body.extend_from_slice(&binary);
-            bodies.push((Bytes::from(body), Some(header_len)));
-        }
+        requests.push(inputs);
     }
-    Ok(bodies)
+    Ok(requests)
+}
+
+/// Where one request's tensors are in shared memory: a region per input, and a region
+/// (with its size) per output.
+struct ShmPlacement<'a> {
+    inputs: &'a [String],
+    outputs: &'a [(String, String, usize)],
+}
+
+/// An HTTP body: JSON, the binary extension, or only region names with shared memory.
+fn http_body(inputs: &[InputTensor], json: bool, shm: Option<ShmPlacement<'_>>) -> Body {
+    let mut header_inputs = Vec::new();
+    let mut binary = Vec::new();
+    for (i, t) in inputs.iter().enumerate() {
+        let (name, datatype, shape) = (&t.name, &t.datatype, &t.shape);
+        header_inputs.push(match &shm {
+            Some(shm) => json!({"name": name, "datatype": datatype, "shape": shape,
+                "parameters": {"shared_memory_region": shm.inputs[i],
+                               "shared_memory_byte_size": t.data.len()}}),
+            None if json => json!({"name": name, "datatype": datatype, "shape": shape,
+                                   "data": t.values}),
+            None => {
+                binary.extend_from_slice(&t.data);
+                json!({"name": name, "datatype": datatype, "shape": shape,
+                       "parameters": {"binary_data_size": t.data.len()}})
+            }
+        });
+    }
+    let mut header = json!({"inputs": header_inputs});
+    match &shm {
+        Some(shm) => {
+            header["outputs"] = shm
+                .outputs
+                .iter()
+                .map(|(name, region, size)| {
+                    json!({"name": name, "parameters": {"shared_memory_region": region,
+                                                        "shared_memory_byte_size": size}})
+                })
+                .collect();
+        }
+        None => header["parameters"] = json!({"binary_data_output": !json}),
+    }
+    let mut body = serde_json::to_vec(&header).expect("JSON");
+    if binary.is_empty() {
+        (Bytes::from(body), None)
+    } else {
+        let header_len = body.len();
+        body.extend_from_slice(&binary);
+        (Bytes::from(body), Some(header_len))
+    }
+}
+
+/// A gRPC `ModelInferRequest`: raw input contents, or region names with shared memory.
+#[cfg(feature = "grpc")]
+fn grpc_request(
+    model: &str,
+    version: Option<u64>,
+    inputs: &[InputTensor],
+    shm: Option<ShmPlacement<'_>>,
+) -> wisp::grpc::pb::ModelInferRequest {
+    use std::collections::HashMap;
+    use wisp::grpc::pb::infer_parameter::ParameterChoice;
+    use wisp::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+    use wisp::grpc::pb::{InferParameter, ModelInferRequest};
+    let region = |name: &str, size: usize| -> HashMap<String, InferParameter> {
+        let p = |choice| InferParameter {
+            parameter_choice: Some(choice),
+        };
+        HashMap::from([
+            (
+                "shared_memory_region".to_string(),
+                p(ParameterChoice::StringParam(name.to_string())),
+            ),
+            (
+                "shared_memory_byte_size".to_string(),
+                p(ParameterChoice::Int64Param(size as i64)),
+            ),
+        ])
+    };
+    let tensors = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| InferInputTensor {
+            name: t.name.clone(),
+            datatype: t.datatype.clone(),
+            shape: t.shape.clone(),
+            parameters: match &shm {
+                Some(shm) => region(&shm.inputs[i], t.data.len()),
+                None => HashMap::new(),
+            },
+            contents: None,
+        })
+        .collect();
+    ModelInferRequest {
+        model_name: model.to_string(),
+        model_version: version.map(|v| v.to_string()).unwrap_or_default(),
+        inputs: tensors,
+        outputs: shm
+            .as_ref()
+            .map(|shm| {
+                shm.outputs
+                    .iter()
+                    .map(|(name, r, size)| InferRequestedOutputTensor {
+                        name: name.clone(),
+                        parameters: region(r, *size),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        raw_input_contents: match shm {
+            Some(_) => vec![],
+            None => inputs.iter().map(|t| Bytes::from(t.data.clone())).collect(),
+        },
+        ..Default::default()
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -292,16 +441,386 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)] as f64 / 1e3
 }
 
-/// Server-side (queue ns, compute ns, request count) from the model's statistics.
-async fn server_totals(addr: &str, stats_path: &str) -> Result<(u64, u64, u64)> {
-    let stats = get_json(addr, stats_path).await?;
-    let s = &stats["model_stats"][0]["inference_stats"];
-    let ns = |k: &str| s[k]["ns"].as_u64().unwrap_or(0);
-    Ok((
-        ns("queue"),
-        ns("compute_input") + ns("compute_infer") + ns("compute_output"),
-        s["success"]["count"].as_u64().unwrap_or(0),
-    ))
+#[cfg(feature = "grpc")]
+type GrpcClient = wisp::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient<
+    tonic::transport::Channel,
+>;
+
+#[cfg(feature = "grpc")]
+async fn grpc_connect(addr: &str) -> Result<GrpcClient> {
+    Ok(GrpcClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| format!("connecting to the gRPC port {addr}"))?
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// The server's control calls (metadata, config, statistics, shared-memory regions) over
+/// the protocol being measured.
+enum Api {
+    Http {
+        addr: String,
+        base: String,
+    },
+    #[cfg(feature = "grpc")]
+    Grpc {
+        addr: String,
+        client: GrpcClient,
+        model: String,
+        version: String,
+    },
+}
+
+#[cfg(feature = "grpc")]
+fn grpc_error(what: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
+    move |status| anyhow!("{what}: {}", status.message())
+}
+
+impl Api {
+    async fn connect(args: &PerfArgs) -> Result<Api> {
+        let default = match args.protocol {
+            Protocol::Http => "127.0.0.1:8000",
+            Protocol::Grpc => "127.0.0.1:8001",
+        };
+        let addr = args
+            .url
+            .as_deref()
+            .unwrap_or(default)
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        match args.protocol {
+            Protocol::Http => Ok(Api::Http {
+                addr,
+                base: match args.version {
+                    Some(v) => format!("/v2/models/{}/versions/{v}", args.model),
+                    None => format!("/v2/models/{}", args.model),
+                },
+            }),
+            #[cfg(feature = "grpc")]
+            Protocol::Grpc => Ok(Api::Grpc {
+                client: grpc_connect(&addr).await?,
+                addr,
+                model: args.model.clone(),
+                version: args.version.map(|v| v.to_string()).unwrap_or_default(),
+            }),
+            #[cfg(not(feature = "grpc"))]
+            Protocol::Grpc => bail!("this build of wisp has no gRPC client (cargo feature `grpc`)"),
+        }
+    }
+
+    /// The model's metadata in the HTTP front's JSON shape (`inputs`/`outputs` with
+    /// name, datatype, shape), and whether it batches.
+    async fn model(&mut self) -> Result<(Value, bool)> {
+        match self {
+            Api::Http { addr, base } => {
+                let meta = get_json(addr, base).await?;
+                let config = get_json(addr, &format!("{base}/config")).await?;
+                Ok((meta, config["max_batch_size"].as_u64().unwrap_or(0) > 0))
+            }
+            #[cfg(feature = "grpc")]
+            Api::Grpc {
+                client,
+                model,
+                version,
+                ..
+            } => {
+                use wisp::grpc::pb::{ModelConfigRequest, ModelMetadataRequest};
+                let meta = client
+                    .model_metadata(ModelMetadataRequest {
+                        name: model.clone(),
+                        version: version.clone(),
+                    })
+                    .await
+                    .map_err(grpc_error("ModelMetadata"))?
+                    .into_inner();
+                let config = client
+                    .model_config(ModelConfigRequest {
+                        name: model.clone(),
+                        version: version.clone(),
+                    })
+                    .await
+                    .map_err(grpc_error("ModelConfig"))?
+                    .into_inner();
+                let tensors = |ts: Vec<wisp::grpc::pb::model_metadata_response::TensorMetadata>| {
+                    ts.into_iter()
+                        .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+                        .collect::<Vec<_>>()
+                };
+                let batched = config.config.is_some_and(|c| c.max_batch_size > 0);
+                Ok((
+                    json!({"inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)}),
+                    batched,
+                ))
+            }
+        }
+    }
+
+    /// Server-side (queue ns, compute ns, request count) from the model's statistics.
+    async fn totals(&mut self) -> Result<(u64, u64, u64)> {
+        match self {
+            Api::Http { addr, base } => {
+                let stats = get_json(addr, &format!("{base}/stats")).await?;
+                let s = &stats["model_stats"][0]["inference_stats"];
+                let ns = |k: &str| s[k]["ns"].as_u64().unwrap_or(0);
+                Ok((
+                    ns("queue"),
+                    ns("compute_input") + ns("compute_infer") + ns("compute_output"),
+                    s["success"]["count"].as_u64().unwrap_or(0),
+                ))
+            }
+            #[cfg(feature = "grpc")]
+            Api::Grpc {
+                client,
+                model,
+                version,
+                ..
+            } => {
+                let stats = client
+                    .model_statistics(wisp::grpc::pb::ModelStatisticsRequest {
+                        name: model.clone(),
+                        version: version.clone(),
+                    })
+                    .await
+                    .map_err(grpc_error("ModelStatistics"))?
+                    .into_inner();
+                let s = stats
+                    .model_stats
+                    .first()
+                    .and_then(|m| m.inference_stats.clone())
+                    .unwrap_or_default();
+                let ns = |d: Option<wisp::grpc::pb::StatisticDuration>| d.map_or(0, |d| d.ns);
+                Ok((
+                    ns(s.queue),
+                    ns(s.compute_input) + ns(s.compute_infer) + ns(s.compute_output),
+                    s.success.map_or(0, |d| d.count),
+                ))
+            }
+        }
+    }
+
+    async fn register(&mut self, name: &str, key: &str, size: usize) -> Result<()> {
+        match self {
+            Api::Http { addr, .. } => {
+                let mut conn = Connection::open(addr).await?;
+                let body = json!({"key": key, "offset": 0, "byte_size": size}).to_string();
+                let path = format!("/v2/systemsharedmemory/region/{name}/register");
+                let (status, reply) = conn.send("POST", &path, &[], Bytes::from(body)).await?;
+                if status != 200 {
+                    bail!(
+                        "registering shared-memory region '{name}': {status} {}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
+                Ok(())
+            }
+            #[cfg(feature = "grpc")]
+            Api::Grpc { client, .. } => {
+                client
+                    .system_shared_memory_register(
+                        wisp::grpc::pb::SystemSharedMemoryRegisterRequest {
+                            name: name.into(),
+                            key: key.into(),
+                            offset: 0,
+                            byte_size: size as u64,
+                        },
+                    )
+                    .await
+                    .map_err(grpc_error("registering a shared-memory region"))?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn unregister(&mut self, name: &str) -> Result<()> {
+        match self {
+            Api::Http { addr, .. } => {
+                let mut conn = Connection::open(addr).await?;
+                let path = format!("/v2/systemsharedmemory/region/{name}/unregister");
+                conn.send("POST", &path, &[], Bytes::new()).await?;
+                Ok(())
+            }
+            #[cfg(feature = "grpc")]
+            Api::Grpc { client, .. } => {
+                client
+                    .system_shared_memory_unregister(
+                        wisp::grpc::pb::SystemSharedMemoryUnregisterRequest { name: name.into() },
+                    )
+                    .await
+                    .map_err(grpc_error("unregistering a shared-memory region"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// What opens the workers' connections.
+    fn connector(&self) -> Connector {
+        match self {
+            Api::Http { addr, base } => Connector::Http {
+                addr: addr.clone(),
+                path: format!("{base}/infer"),
+            },
+            #[cfg(feature = "grpc")]
+            Api::Grpc { addr, .. } => Connector::Grpc { addr: addr.clone() },
+        }
+    }
+
+    /// A new connection for one worker.
+    async fn sender(&self) -> Result<Sender> {
+        self.connector().open().await
+    }
+}
+
+#[derive(Clone)]
+enum Connector {
+    Http {
+        addr: String,
+        path: String,
+    },
+    #[cfg(feature = "grpc")]
+    Grpc {
+        addr: String,
+    },
+}
+
+impl Connector {
+    async fn open(&self) -> Result<Sender> {
+        match self {
+            Connector::Http { addr, path } => Ok(Sender::Http {
+                conn: Some(Connection::open(addr).await?),
+                addr: addr.clone(),
+                path: path.clone(),
+            }),
+            #[cfg(feature = "grpc")]
+            Connector::Grpc { addr } => Ok(Sender::Grpc(grpc_connect(addr).await?)),
+        }
+    }
+}
+
+/// One worker's connection.
+enum Sender {
+    Http {
+        conn: Option<Connection>,
+        addr: String,
+        path: String,
+    },
+    #[cfg(feature = "grpc")]
+    Grpc(GrpcClient),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http { conn, .. } => conn.as_ref().is_none_or(|c| c.sender.is_closed()),
+            #[cfg(feature = "grpc")]
+            Sender::Grpc(_) => false,
+        }
+    }
+
+    /// Sends one request (reopening an HTTP connection after a failure); whether it
+    /// succeeded.
+    async fn send(&mut self, request: &Prepared) -> bool {
+        match (self, request) {
+            (Sender::Http { conn, addr, path }, Prepared::Http(body)) => {
+                if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
+                    *conn = Connection::open(addr).await.ok();
+                }
+                match conn.as_mut() {
+                    Some(c) => matches!(
+                        c.send("POST", path, &headers_for(body.1), body.0.clone())
+                            .await,
+                        Ok((200, _))
+                    ),
+                    None => false,
+                }
+            }
+            #[cfg(feature = "grpc")]
+            (Sender::Grpc(client), Prepared::Grpc(message)) => {
+                client.model_infer(message.as_ref().clone()).await.is_ok()
+            }
+            #[cfg(feature = "grpc")]
+            _ => false,
+        }
+    }
+}
+
+/// The shared-memory regions of a run (perf_analyzer's layout): one per input of each
+/// request, written once, and one per output, which every request writes into. The
+/// objects are removed from /dev/shm when this is dropped; `release` also unregisters.
+struct ShmRegions {
+    /// (region name, /dev/shm path)
+    regions: Vec<(String, PathBuf)>,
+    inputs: Vec<Vec<String>>,
+    outputs: Vec<(String, String, usize)>,
+}
+
+impl ShmRegions {
+    async fn create(
+        api: &mut Api,
+        entries: &[Vec<InputTensor>],
+        meta: &Value,
+        output_bytes: usize,
+    ) -> Result<ShmRegions> {
+        let mut regions = ShmRegions {
+            regions: vec![],
+            inputs: vec![],
+            outputs: vec![],
+        };
+        let prefix = format!("wisp_perf_{}", std::process::id());
+        let add = |regions: &mut ShmRegions, data: Option<&[u8]>, size: usize| -> Result<String> {
+            let name = format!("{prefix}_{}", regions.regions.len());
+            let path = PathBuf::from(format!("/dev/shm/{name}"));
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            regions.regions.push((name.clone(), path.clone()));
+            match data {
+                Some(data) => std::fs::write(&path, data),
+                None => file.set_len(size as u64),
+            }
+            .with_context(|| format!("writing {}", path.display()))?;
+            Ok(name)
+        };
+        for entry in entries {
+            let names = entry
+                .iter()
+                .map(|t| add(&mut regions, Some(&t.data), t.data.len()))
+                .collect::<Result<Vec<_>>>()?;
+            regions.inputs.push(names);
+        }
+        for output in meta["outputs"].as_array().into_iter().flatten() {
+            let name = output["name"].as_str().unwrap_or_default().to_string();
+            let region = add(&mut regions, None, output_bytes)?;
+            regions.outputs.push((name, region, output_bytes));
+        }
+        for (name, _) in &regions.regions {
+            let size = std::fs::metadata(format!("/dev/shm/{name}"))?.len() as usize;
+            api.register(name, &format!("/{name}"), size).await?;
+        }
+        Ok(regions)
+    }
+
+    fn placement(&self, entry: usize) -> ShmPlacement<'_> {
+        ShmPlacement {
+            inputs: &self.inputs[entry],
+            outputs: &self.outputs,
+        }
+    }
+
+    async fn release(self, api: &mut Api) {
+        for (name, _) in &self.regions {
+            if let Err(e) = api.unregister(name).await {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for ShmRegions {
+    fn drop(&mut self) {
+        for (_, path) in &self.regions {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// How load is offered in one step.
@@ -327,65 +846,45 @@ fn headers_for(header_len: Option<usize>) -> Vec<(&'static str, String)> {
     headers
 }
 
-/// Sends one request on `conn` (reopening it after a failure) and records it.
-async fn send_one(
-    conn: &mut Option<Connection>,
-    addr: &str,
-    path: &str,
-    body: &Body,
-    records: &Records,
-    sent: Instant,
-) {
-    if conn.as_ref().is_none_or(|c| c.sender.is_closed()) {
-        *conn = Connection::open(addr).await.ok();
-    }
-    let ok = match conn.as_mut() {
-        Some(c) => matches!(
-            c.send("POST", path, &headers_for(body.1), body.0.clone())
-                .await,
-            Ok((200, _))
-        ),
-        None => false,
-    };
+/// Sends one request and records it.
+async fn send_one(sender: &mut Sender, request: &Prepared, records: &Records, sent: Instant) {
+    let ok = sender.send(request).await;
     records
         .lock()
         .push((Instant::now(), sent.elapsed().as_nanos() as u64, ok));
 }
 
 async fn run_step(
-    addr: &str,
-    infer_path: &str,
-    stats_path: &str,
-    bodies: &[Body],
+    api: &mut Api,
+    bodies: &[Prepared],
     load: Load,
     args: &PerfArgs,
 ) -> Result<StepResult> {
     let records: Records = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let bodies: Arc<Vec<Body>> = Arc::new(bodies.to_vec());
+    let bodies: Arc<Vec<Prepared>> = Arc::new(bodies.to_vec());
     let mut workers = Vec::new();
     match load {
         Load::Concurrency(concurrency) => {
             for worker in 0..concurrency {
-                let mut conn = Some(Connection::open(addr).await?);
+                let mut sender = api.sender().await?;
                 let (records, stop, bodies) = (records.clone(), stop.clone(), bodies.clone());
-                let (addr, path) = (addr.to_string(), infer_path.to_string());
                 workers.push(tokio::spawn(async move {
                     let mut next = worker;
                     while !stop.load(Ordering::Relaxed) {
                         let body = &bodies[next % bodies.len()];
                         next += 1;
-                        send_one(&mut conn, &addr, &path, body, &records, Instant::now()).await;
+                        send_one(&mut sender, body, &records, Instant::now()).await;
                     }
                 }));
             }
         }
         Load::Rate(rate) => {
             // Idle connections are reused; each request runs in a task of its own.
-            let idle: Arc<Mutex<Vec<Connection>>> = Arc::default();
+            let idle: Arc<Mutex<Vec<Sender>>> = Arc::default();
             let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
             let (records, stop, bodies) = (records.clone(), stop.clone(), bodies.clone());
-            let (addr, path) = (addr.to_string(), infer_path.to_string());
+            let connector = api.connector();
             workers.push(tokio::spawn(async move {
                 let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
                 let mut ticker = tokio::time::interval(period);
@@ -400,13 +899,22 @@ async fn run_step(
                     };
                     let body = bodies[next % bodies.len()].clone();
                     next += 1;
-                    let (idle, records, addr, path) =
-                        (idle.clone(), records.clone(), addr.clone(), path.clone());
+                    let (idle, records, connector) =
+                        (idle.clone(), records.clone(), connector.clone());
                     tokio::spawn(async move {
-                        let mut conn = idle.lock().pop();
-                        send_one(&mut conn, &addr, &path, &body, &records, scheduled).await;
-                        if let Some(c) = conn.filter(|c| !c.sender.is_closed()) {
-                            idle.lock().push(c);
+                        let idle_sender = idle.lock().pop();
+                        let sender = match idle_sender {
+                            Some(sender) => Ok(sender),
+                            None => connector.open().await,
+                        };
+                        match sender {
+                            Ok(mut sender) => {
+                                send_one(&mut sender, &body, &records, scheduled).await;
+                                if !sender.is_closed() {
+                                    idle.lock().push(sender);
+                                }
+                            }
+                            Err(_) => records.lock().push((Instant::now(), 0, false)),
                         }
                         drop(permit);
                     });
@@ -418,7 +926,7 @@ async fn run_step(
     // Warm-up: one window not counted.
     tokio::time::sleep(window).await;
     records.lock().clear();
-    let before = server_totals(addr, stats_path).await?;
+    let before = api.totals().await?;
     let mut windows: Vec<Vec<(Instant, u64, bool)>> = Vec::new();
     let mut stable = false;
     while windows.len() < args.max_windows.max(3) {
@@ -440,7 +948,7 @@ async fn run_step(
             }
         }
     }
-    let after = server_totals(addr, stats_path).await?;
+    let after = api.totals().await?;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
@@ -581,19 +1089,49 @@ pub fn print_table(results: &[StepResult]) {
 
 /// Runs every concurrency level against the server and returns the results.
 pub async fn measure(args: &PerfArgs) -> Result<Vec<StepResult>> {
-    let addr = args
-        .url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let base = match args.version {
-        Some(v) => format!("/v2/models/{}/versions/{v}", args.model),
-        None => format!("/v2/models/{}", args.model),
+    if args.shared_memory == SharedMemory::Cuda {
+        bail!("--shared-memory cuda: wisp serves no CUDA shared memory; use system");
+    }
+    let mut api = Api::connect(args).await?;
+    let (meta, batched) = api.model().await?;
+    let entries = build_entries(&meta, args, batched)?;
+    let shm = match args.shared_memory {
+        SharedMemory::System => {
+            Some(ShmRegions::create(&mut api, &entries, &meta, args.output_shm_bytes).await?)
+        }
+        _ => None,
     };
-    let meta = get_json(&addr, &base).await?;
-    let config = get_json(&addr, &format!("{base}/config")).await?;
-    let batched = config["max_batch_size"].as_u64().unwrap_or(0) > 0;
-    let bodies = build_requests(&meta, args, batched)?;
+    let requests: Vec<Prepared> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, inputs)| {
+            let placement = shm.as_ref().map(|shm| shm.placement(i));
+            match args.protocol {
+                Protocol::Http => Prepared::Http(http_body(inputs, args.json, placement)),
+                #[cfg(feature = "grpc")]
+                Protocol::Grpc => Prepared::Grpc(Box::new(grpc_request(
+                    &args.model,
+                    args.version,
+                    inputs,
+                    placement,
+                ))),
+                #[cfg(not(feature = "grpc"))]
+                Protocol::Grpc => unreachable!("refused by Api::connect"),
+            }
+        })
+        .collect();
+    let result = run_loads(&mut api, &requests, args).await;
+    if let Some(shm) = shm {
+        shm.release(&mut api).await;
+    }
+    result
+}
+
+async fn run_loads(
+    api: &mut Api,
+    requests: &[Prepared],
+    args: &PerfArgs,
+) -> Result<Vec<StepResult>> {
     let loads: Vec<Load> = match &args.request_rate_range {
         Some(range) => parse_range(range)?
             .into_iter()
@@ -606,15 +1144,7 @@ pub async fn measure(args: &PerfArgs) -> Result<Vec<StepResult>> {
     };
     let mut results = Vec::new();
     for load in loads {
-        let step = run_step(
-            &addr,
-            &format!("{base}/infer"),
-            &format!("{base}/stats"),
-            &bodies,
-            load,
-            args,
-        )
-        .await?;
+        let step = run_step(api, requests, load, args).await?;
         let what = match load {
             Load::Concurrency(c) => format!("concurrency {c}"),
             Load::Rate(r) => format!("request rate {r:.0}/s"),

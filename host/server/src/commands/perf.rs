@@ -587,7 +587,7 @@ impl Api {
                 let s = stats
                     .model_stats
                     .first()
-                    .and_then(|m| m.inference_stats.clone())
+                    .and_then(|m| m.inference_stats)
                     .unwrap_or_default();
                 let ns = |d: Option<wisp::grpc::pb::StatisticDuration>| d.map_or(0, |d| d.ns);
                 Ok((

@@ -119,23 +119,33 @@ def main():
 
             shared()
             np.testing.assert_array_equal(shm.get_contents_as_numpy(op, np.float32, [elements]), data)
+            def compute_totals():
+                stats = client.get_inference_statistics("identity_fp32")["model_stats"][0]
+                s = stats["inference_stats"]
+                return s["success"]["count"], [s[k]["ns"] for k in
+                                               ("compute_input", "compute_infer", "compute_output")]
+
             rows = []
             for _ in range(2):  # interleaved, twice: the machine is shared and noisy
-                rows.append(("inline binary HTTP", *timed(inline, args.runs)))
-                rows.append(("system shared memory", *timed(shared, args.runs)))
-            for name, median, p90 in rows:
-                print(f"{name:<22} {args.mib} MiB in + {args.mib} MiB out: median {median:8.2f} ms  p90 {p90:8.2f} ms")
+                for name, fn in (("inline binary HTTP", inline), ("system shared memory", shared)):
+                    count0, ns0 = compute_totals()
+                    median, p90 = timed(fn, args.runs)
+                    count1, ns1 = compute_totals()
+                    per = [(b - a) / (count1 - count0) / 1e6 for a, b in zip(ns0, ns1)]
+                    rows.append((name, median, p90, per))
+            for name, median, p90, per in rows:
+                print(f"{name:<22} {args.mib} MiB in + {args.mib} MiB out: median {median:8.2f} ms  "
+                      f"p90 {p90:8.2f} ms  model input/infer/output "
+                      f"{per[0]:.2f}/{per[1]:.2f}/{per[2]:.2f} ms")
             inline_ms = statistics.median([r[1] for r in rows if r[0].startswith("inline")])
             shared_ms = statistics.median([r[1] for r in rows if r[0].startswith("system")])
             print(f"ratio (inline / shared memory, medians): {inline_ms / shared_ms:.2f}x")
-            # The model's own time is the same in both paths: what is left is transport.
-            stats = client.get_inference_statistics("identity_fp32")["model_stats"][0]
-            count = stats["inference_stats"]["success"]["count"]
-            compute_ms = sum(stats["inference_stats"][k]["ns"]
-                             for k in ("compute_input", "compute_infer", "compute_output")) / count / 1e6
-            print(f"model compute per request (server statistics, both paths): {compute_ms:.2f} ms; "
-                  f"without it: inline {inline_ms - compute_ms:.2f} ms, shared memory "
-                  f"{shared_ms - compute_ms:.2f} ms, ratio {(inline_ms - compute_ms) / (shared_ms - compute_ms):.2f}x")
+            # What is left without the model's own time (its statistics, per path).
+            inline_model = statistics.median([sum(r[3]) for r in rows if r[0].startswith("inline")])
+            shared_model = statistics.median([sum(r[3]) for r in rows if r[0].startswith("system")])
+            print(f"without the model's time: inline {inline_ms - inline_model:.2f} ms, shared memory "
+                  f"{shared_ms - shared_model:.2f} ms, ratio "
+                  f"{(inline_ms - inline_model) / (shared_ms - shared_model):.2f}x")
         finally:
             try:
                 client.unregister_system_shared_memory()

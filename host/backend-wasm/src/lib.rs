@@ -675,7 +675,9 @@ async fn run_batch(
                     name: t.name,
                     datatype: datatype_to_wit(t.datatype),
                     shape: t.shape,
-                    data: t.data.to_vec(),
+                    // No copy when the request alone holds a whole buffer (JSON,
+                    // shared memory); slices of a body are copied.
+                    data: Vec::from(t.data),
                 })
                 .collect(),
             requested_outputs: r.requested_outputs,

@@ -793,7 +793,9 @@ async fn infer(
             Some(reserved)
         }
     };
-    let mut backend_request = request.backend.clone();
+    // Moved, not cloned: a tensor the request alone holds (JSON, shared memory) can then
+    // reach the backend without a copy.
+    let mut backend_request = std::mem::take(&mut request.backend);
     if let Some(trace) = trace {
         if let Some(id) = &request.id {
             let id = id.as_str().map_or_else(|| id.to_string(), str::to_string);

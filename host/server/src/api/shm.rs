@@ -190,16 +190,12 @@ impl SystemSharedMemory {
             )));
         }
         let (region, position) = self.locate(at, what)?;
-        let mut data = vec![0u8; at.byte_size as usize];
-        region
-            .file
-            .read_exact_at(&mut data, position)
-            .map_err(|e| {
-                Error::invalid(format!(
+        let data = read_exact_uninit(&region.file, at.byte_size as usize, position).map_err(|e| {
+            Error::invalid(format!(
                 "{what}: cannot read shared memory region '{}' ({e}; was its object truncated?)",
                 at.region
             ))
-            })?;
+        })?;
         Ok(data.into())
     }
 
@@ -236,6 +232,40 @@ impl SystemSharedMemory {
             ))
         })
     }
+}
+
+/// `len` bytes at `position`, read into a buffer that is not zeroed first: a large input
+/// is then written once, by the kernel, instead of twice.
+fn read_exact_uninit(file: &std::fs::File, len: usize, position: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut data: Vec<u8> = Vec::with_capacity(len);
+    while data.len() < len {
+        let filled = data.len();
+        let spare = &mut data.spare_capacity_mut()[..len - filled];
+        // SAFETY: pread writes at most `spare.len()` bytes into memory the Vec owns.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (position + filled as u64) as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                // SAFETY: the kernel initialised the next `n` bytes.
+                unsafe { data.set_len(filled + n as usize) }
+            }
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(data)
 }
 
 /// The `shared_memory_region`, `shared_memory_byte_size` and `shared_memory_offset`

@@ -157,7 +157,7 @@ async fn infer_model(
             Some(reserved)
         }
     };
-    let mut request = converted.backend.clone();
+    let mut request = std::mem::take(&mut converted.backend);
     request.trace = trace.as_ref().map(ActiveTrace::handle);
     let response = model.infer(request).await?;
     if let Some(trace) = trace {

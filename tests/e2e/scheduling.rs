@@ -260,7 +260,10 @@ fn wisp_perf_over_grpc_with_system_shared_memory() {
         let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
         assert!(row[9].parse::<u64>().unwrap() > 0, "{what}: {text}");
         assert_eq!(row[10], "0", "{what}: errors: {text}");
-        assert!(row[8].parse::<f64>().unwrap() > 0.0, "{what}: server compute: {text}");
+        assert!(
+            row[8].parse::<f64>().unwrap() > 0.0,
+            "{what}: server compute: {text}"
+        );
     }
     assert_eq!(server.get("/v2/systemsharedmemory/status").ok(), json!([]));
     let left: Vec<_> = std::fs::read_dir("/dev/shm")

@@ -878,3 +878,45 @@ def test_trace_settings(client):
         model_name="simple_identity", settings={"trace_rate": None, "trace_count": None}
     )
     assert cleared == settings
+
+
+def test_asyncio_client_like_tritons_http_aio_examples(wisp_server):
+    """The simple_http_aio_* examples: health, metadata, inference, strings and a
+    sequence with tritonclient.http.aio (aiohttp)."""
+    import asyncio
+
+    import tritonclient.http.aio as aioclient
+
+    async def run():
+        client = aioclient.InferenceServerClient(wisp_server.url)
+        assert await client.is_server_live() and await client.is_server_ready()
+        assert (await client.get_model_metadata("simple"))["name"] == "simple"
+        in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+        in1 = np.ones((1, 16), dtype=np.int32)
+        inputs = [aioclient.InferInput("INPUT0", [1, 16], "INT32"),
+                  aioclient.InferInput("INPUT1", [1, 16], "INT32")]
+        inputs[0].set_data_from_numpy(in0)
+        inputs[1].set_data_from_numpy(in1, binary_data=False)
+        result = await client.infer("simple", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), in0 + in1)
+
+        strings = np.array([[str(v).encode() for v in range(16)]], dtype=np.object_)
+        ones = np.array([[b"1"] * 16], dtype=np.object_)
+        inputs = [aioclient.InferInput("INPUT0", [1, 16], "BYTES"),
+                  aioclient.InferInput("INPUT1", [1, 16], "BYTES")]
+        inputs[0].set_data_from_numpy(strings)
+        inputs[1].set_data_from_numpy(ones)
+        result = await client.infer("simple_string", inputs)
+        assert [int(v) for v in result.as_numpy("OUTPUT0")[0]] == [v + 1 for v in range(16)]
+
+        got = []
+        for i, value in enumerate([0, 11, 7]):
+            inp = aioclient.InferInput("INPUT", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.full((1, 1), value, dtype=np.int32))
+            result = await client.infer("simple_sequence", [inp], sequence_id=4242,
+                                        sequence_start=i == 0, sequence_end=i == 2)
+            got.append(int(result.as_numpy("OUTPUT")[0][0]))
+        assert got == [1, 11, 7]  # simple_sequence: INPUT + START
+        await client.close()
+
+    asyncio.run(run())

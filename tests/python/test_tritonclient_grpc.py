@@ -269,6 +269,46 @@ def test_system_shared_memory_like_tritons_grpc_shm_client(gclient):
     assert gclient.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
 
 
+def test_bytes_in_shared_memory_like_tritons_grpc_shm_string_client(gclient):
+    """simple_grpc_shm_string_client.py's flow: serialized BYTES in regions, simple_string's
+    outputs written back serialized, their written size in the response's parameters."""
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient.utils import (deserialize_bytes_tensor, serialize_byte_tensor,
+                                    serialized_byte_size)
+
+    in0 = np.array([str(x).encode() for x in range(16)], dtype=np.object_).reshape(1, 16)
+    in1 = np.array([b"1"] * 16, dtype=np.object_).reshape(1, 16)
+    s0, s1 = serialize_byte_tensor(in0), serialize_byte_tensor(in1)
+    size0, size1 = serialized_byte_size(s0), serialized_byte_size(s1)
+    out_size = 64 * 16
+    handles = []
+    try:
+        ip = shm.create_shared_memory_region("gs_input", "/wisp_test_gs_input", size0 + size1)
+        op = shm.create_shared_memory_region("gs_output", "/wisp_test_gs_output", 2 * out_size)
+        handles += [ip, op]
+        shm.set_shared_memory_region(ip, [s0])
+        shm.set_shared_memory_region(ip, [s1], offset=size0)
+        gclient.register_system_shared_memory("gs_input", "/wisp_test_gs_input", size0 + size1)
+        gclient.register_system_shared_memory("gs_output", "/wisp_test_gs_output", 2 * out_size)
+        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "BYTES"),
+                  grpcclient.InferInput("INPUT1", [1, 16], "BYTES")]
+        inputs[0].set_shared_memory("gs_input", size0)
+        inputs[1].set_shared_memory("gs_input", size1, offset=size0)
+        outputs = [grpcclient.InferRequestedOutput("OUTPUT0"),
+                   grpcclient.InferRequestedOutput("OUTPUT1")]
+        outputs[0].set_shared_memory("gs_output", out_size)
+        outputs[1].set_shared_memory("gs_output", out_size, offset=out_size)
+        result = gclient.infer("simple_string", inputs, outputs=outputs)
+        for k, (name, want) in enumerate((("OUTPUT0", 1), ("OUTPUT1", -1))):
+            written = result.get_output(name).parameters["shared_memory_byte_size"].int64_param
+            raw = shm.get_contents_as_numpy(op, np.uint8, [written], offset=k * out_size).tobytes()
+            assert [int(x) for x in deserialize_bytes_tensor(raw)] == [x + want for x in range(16)]
+    finally:
+        gclient.unregister_system_shared_memory()
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
+
+
 def test_load_with_a_config_override(explicit_gclient):
     """simple_grpc_model_control.py's override: max_batch_size 8 -> 16, then back."""
     explicit_gclient.load_model("simple")
@@ -344,3 +384,138 @@ def test_trace_settings(gclient):
         model_name="simple_identity", settings={"trace_rate": None}, as_json=True
     )
     assert cleared["settings"] == settings
+
+
+# ------------------------------------------------ Triton's gRPC examples, by what they do
+
+
+def test_explicit_contents_like_tritons_grpc_explicit_content_clients(wisp_server):
+    """grpc_explicit_int_content_client.py and grpc_explicit_byte_content_client.py: the
+    generated stubs, typed `contents` in, raw outputs back; mixing typed and raw contents
+    and a malformed version are refused in Triton's words."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    with grpc.insecure_channel(wisp_server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def request(model, datatype, values0, values1):
+            r = service_pb2.ModelInferRequest(model_name=model)
+            for name, values in (("INPUT0", values0), ("INPUT1", values1)):
+                tensor = service_pb2.ModelInferRequest.InferInputTensor(
+                    name=name, datatype=datatype, shape=[1, 16])
+                if datatype == "BYTES":
+                    tensor.contents.bytes_contents.extend(values)
+                else:
+                    tensor.contents.int_contents.extend(values)
+                r.inputs.append(tensor)
+            for name in ("OUTPUT0", "OUTPUT1"):
+                r.outputs.append(service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name))
+            return r
+
+        a = list(range(16))
+        r = request("simple", "INT32", a, [1] * 16)
+        response = stub.ModelInfer(r)
+        sums = np.frombuffer(response.raw_output_contents[0], dtype=np.int32)
+        diffs = np.frombuffer(response.raw_output_contents[1], dtype=np.int32)
+        assert list(sums) == [v + 1 for v in a] and list(diffs) == [v - 1 for v in a]
+        assert [list(o.shape) for o in response.outputs] == [[1, 16], [1, 16]]
+
+        r.raw_input_contents.append(np.array(a[:8], dtype=np.int32).tobytes())
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(r)
+        assert ("contents field must not be specified when using raw_input_contents "
+                "for 'INPUT0' for model 'simple'") in e.value.details()
+
+        strings = [str(v).encode() for v in a]
+        response = stub.ModelInfer(request("simple_string", "BYTES", strings, [b"1"] * 16))
+        sums = deserialize_bytes_tensor(response.raw_output_contents[0])
+        diffs = deserialize_bytes_tensor(response.raw_output_contents[1])
+        assert [int(s) for s in sums] == [v + 1 for v in a]
+        assert [int(d) for d in diffs] == [v - 1 for v in a]
+
+        r = request("simple", "INT32", a, [1] * 16)
+        r.model_version = "wrong_specification"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(r)
+        assert ("failed to get model version from specified version string "
+                "'wrong_specification'") in e.value.details()
+
+
+@pytest.mark.parametrize("dyna", [False, True])
+def test_interleaved_sequences_like_tritons_grpc_sequence_sync_client(gclient, dyna):
+    """simple_grpc_sequence_sync_infer_client.py's flow: the sequences' steps interleaved,
+    each a unary ModelInfer carrying its sequence id, start and end."""
+    plan = sequence_plan(dyna)
+    expected = expected_sequence_outputs(dyna, plan)
+    got = [[] for _ in plan]
+    for step in range(max(len(inputs) for _, _, inputs in plan)):
+        for k, (model, sid, inputs) in enumerate(plan):
+            if step >= len(inputs):
+                continue
+            inp = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.full((1, 1), inputs[step], dtype=np.int32))
+            result = gclient.infer(model, [inp], sequence_id=sid,
+                                   sequence_start=(step == 0),
+                                   sequence_end=(step == len(inputs) - 1))
+            got[k].append(int(result.as_numpy("OUTPUT")[0][0]))
+    assert got == expected
+
+
+def test_keepalive_and_channel_args_like_tritons_grpc_examples(wisp_server):
+    """simple_grpc_keepalive_client.py and simple_grpc_custom_args_client.py: the client's
+    keepalive options and custom channel arguments work against the server."""
+    keepalive = grpcclient.KeepAliveOptions(
+        keepalive_time_ms=2**31 - 1, keepalive_timeout_ms=20000,
+        keepalive_permit_without_calls=False, http2_max_pings_without_data=2)
+    args = [("grpc.max_send_message_length", 1 << 20),
+            ("grpc.max_receive_message_length", 1 << 20),
+            ("grpc.primary_user_agent", "wisp-tests")]
+    for client in (grpcclient.InferenceServerClient(wisp_server.grpc_url, keepalive_options=keepalive),
+                   grpcclient.InferenceServerClient(wisp_server.grpc_url, channel_args=args)):
+        in0, in1 = simple_data()
+        result = client.infer("simple", simple_inputs(in0, in1))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), in0 + in1)
+        client.close()
+
+
+def test_asyncio_client_like_tritons_grpc_aio_examples(wisp_server):
+    """The simple_grpc_aio_* examples: health, metadata, inference and a sequence over a
+    stream with tritonclient.grpc.aio."""
+    import asyncio
+
+    import tritonclient.grpc.aio as aioclient
+
+    async def run():
+        client = aioclient.InferenceServerClient(wisp_server.grpc_url)
+        assert await client.is_server_live() and await client.is_server_ready()
+        assert await client.is_model_ready("simple")
+        metadata = await client.get_model_metadata("simple", as_json=True)
+        assert [i["name"] for i in metadata["inputs"]] == ["INPUT0", "INPUT1"]
+        in0, in1 = simple_data()
+        inputs = [aioclient.InferInput("INPUT0", [1, 16], "INT32"),
+                  aioclient.InferInput("INPUT1", [1, 16], "INT32")]
+        inputs[0].set_data_from_numpy(in0)
+        inputs[1].set_data_from_numpy(in1)
+        result = await client.infer("simple", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), in0 - in1)
+
+        values = [0, 11, 7, 5]
+
+        async def requests():
+            for i, v in enumerate(values):
+                inp = aioclient.InferInput("INPUT", [1, 1], "INT32")
+                inp.set_data_from_numpy(np.full((1, 1), v, dtype=np.int32))
+                yield {"model_name": "simple_dyna_sequence", "inputs": [inp],
+                       "sequence_id": 77, "sequence_start": i == 0,
+                       "sequence_end": i == len(values) - 1}
+
+        got = []
+        async for result, error in client.stream_infer(requests()):
+            assert error is None, error
+            got.append(int(result.as_numpy("OUTPUT")[0][0]))
+        # simple_dyna_sequence: INPUT + START, and the id added at the end.
+        assert got == [1, 11, 7, 5 + 77]
+        await client.close()
+
+    asyncio.run(run())

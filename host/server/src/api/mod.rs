@@ -384,9 +384,14 @@ fn parse_json_body(body: &Bytes) -> Result<Value> {
     serde_json::from_slice(body).map_err(|e| Error::invalid(format!("malformed JSON body: {e}")))
 }
 
-fn parse_version(v: &str) -> Result<u64> {
-    v.parse()
-        .map_err(|_| Error::invalid(format!("model version '{v}' is not a number")))
+/// A model version from a path or a message (Triton's wording when it is not one).
+pub(crate) fn parse_version(v: &str) -> Result<u64> {
+    v.parse().map_err(|_| {
+        Error::invalid(format!(
+            "failed to get model version from specified version string '{v}' \
+             (value must be a non-negative integer)"
+        ))
+    })
 }
 
 /// The route a path names, with the API group that guards it.

@@ -190,12 +190,13 @@ impl SystemSharedMemory {
             )));
         }
         let (region, position) = self.locate(at, what)?;
-        let data = read_exact_uninit(&region.file, at.byte_size as usize, position).map_err(|e| {
-            Error::invalid(format!(
+        let data =
+            read_exact_uninit(&region.file, at.byte_size as usize, position).map_err(|e| {
+                Error::invalid(format!(
                 "{what}: cannot read shared memory region '{}' ({e}; was its object truncated?)",
                 at.region
             ))
-        })?;
+            })?;
         Ok(data.into())
     }
 

@@ -67,6 +67,22 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
             &owner,
         )?);
     }
+    if !raw_input_contents.is_empty() {
+        // Triton's check and wording: one request uses one of the two, never both.
+        if let Some(input) = inputs.iter().zip(&places).find_map(|(input, place)| {
+            (place.is_none()
+                && input
+                    .contents
+                    .as_ref()
+                    .is_some_and(|c| *c != InferTensorContents::default()))
+            .then_some(input)
+        }) {
+            return Err(Error::invalid(format!(
+                "contents field must not be specified when using raw_input_contents for '{}' for model '{}'",
+                input.name, config.name
+            )));
+        }
+    }
     let in_messages = places.iter().filter(|p| p.is_none()).count();
     if !raw_input_contents.is_empty() && raw_input_contents.len() != in_messages {
         return Err(Error::invalid(format!(

@@ -93,9 +93,7 @@ fn version(v: &str) -> Result<Option<u64>> {
     if v.is_empty() {
         return Ok(None);
     }
-    v.parse()
-        .map(Some)
-        .map_err(|_| Error::invalid(format!("model version '{v}' is not a number")))
+    api::parse_version(v).map(Some)
 }
 
 /// The client's W3C trace context, from the request's metadata.

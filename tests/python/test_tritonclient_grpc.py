@@ -200,9 +200,6 @@ def test_errors_carry_grpc_codes_and_name_the_problem(gclient):
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "INPUT0" in e.value.message()
     assert gclient.get_cuda_shared_memory_status(as_json=True) == {}
-    with pytest.raises(InferenceServerException) as e:
-        gclient.get_trace_settings()
-    assert e.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_statistics_count_grpc_requests(gclient):

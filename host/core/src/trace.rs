@@ -42,18 +42,24 @@ impl TraceRecorder {
         Arc::new(Self::default())
     }
 
-    /// A fresh id; ids grow, so a parent's is always below its children's.
-    pub fn new_span_id(&self) -> SpanId {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+    /// A fresh id; ids grow, so a parent's is always below its children's. `None` past
+    /// the trace's limit: that span is not recorded (and is counted), and its children
+    /// hang from the nearest recorded ancestor. The front's root span is always the first.
+    pub fn new_span_id(&self) -> Option<SpanId> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if (id as usize) < MAX_SPANS_PER_TRACE {
+            Some(id)
+        } else {
+            self.next_id
+                .store(MAX_SPANS_PER_TRACE as u32, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 
+    /// Records a finished span whose id came from [`Self::new_span_id`].
     pub fn record(&self, span: SpanRecord) {
-        let mut spans = self.spans.lock();
-        if spans.len() < MAX_SPANS_PER_TRACE {
-            spans.push(span);
-        } else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.spans.lock().push(span);
     }
 
     /// The spans recorded so far, parents before children, and how many were dropped.
@@ -75,10 +81,10 @@ pub struct TraceHandle {
 mod tests {
     use super::*;
 
-    fn span(recorder: &TraceRecorder, parent: Option<SpanId>) -> SpanRecord {
+    fn span(recorder: &TraceRecorder, parent: Option<SpanId>) -> Option<SpanRecord> {
         let now = SystemTime::now();
-        SpanRecord {
-            id: recorder.new_span_id(),
+        Some(SpanRecord {
+            id: recorder.new_span_id()?,
             parent,
             name: "s".into(),
             start: now,
@@ -86,24 +92,26 @@ mod tests {
             events: vec![],
             attributes: vec![],
             error: None,
-        }
+        })
     }
 
     #[test]
     fn parents_come_first_and_the_count_is_bounded() {
         let recorder = TraceRecorder::new();
-        let root = span(&recorder, None);
-        let child = span(&recorder, Some(root.id));
+        let root = span(&recorder, None).unwrap();
+        let child = span(&recorder, Some(root.id)).unwrap();
         // Children finish (and are recorded) before their parents.
         recorder.record(child);
         recorder.record(root);
         let (spans, dropped) = recorder.take();
         assert_eq!(spans.iter().map(|s| s.id).collect::<Vec<_>>(), [0, 1]);
         assert_eq!(dropped, 0);
-        for _ in 0..MAX_SPANS_PER_TRACE + 3 {
-            recorder.record(span(&recorder, Some(0)));
-        }
-        let (spans, dropped) = recorder.take();
-        assert_eq!((spans.len(), dropped), (MAX_SPANS_PER_TRACE, 3));
+        // Past the limit no id is given: the spans that exist (the root first) stay.
+        let created = (0..MAX_SPANS_PER_TRACE + 3)
+            .filter_map(|_| span(&recorder, Some(0)))
+            .count();
+        assert_eq!(created, MAX_SPANS_PER_TRACE - 2);
+        let (_, dropped) = recorder.take();
+        assert_eq!(dropped, 5);
     }
 }

@@ -195,9 +195,12 @@ impl TraceConfig {
                  bsp_max_queue_size",
             ));
         }
-        if config.schedule_delay > Duration::from_millis(MAX_SCHEDULE_DELAY_MS) {
+        // Zero would make the exporter's thread spin.
+        if config.schedule_delay < Duration::from_millis(1)
+            || config.schedule_delay > Duration::from_millis(MAX_SCHEDULE_DELAY_MS)
+        {
             return Err(Error::invalid(format!(
-                "--trace-config opentelemetry,bsp_schedule_delay: at most {MAX_SCHEDULE_DELAY_MS} ms"
+                "--trace-config opentelemetry,bsp_schedule_delay: 1 to {MAX_SCHEDULE_DELAY_MS} ms"
             )));
         }
         Ok(config)
@@ -353,8 +356,9 @@ impl Tracing {
                     }) => (*rate, seen),
                     _ => (state.global.rate, &mut state.seen),
                 };
-                let due = rate > 0 && *seen % rate == 0;
+                // Triton's count: requests N, 2N, 3N … of the scope are traced.
                 *seen = seen.wrapping_add(1);
+                let due = rate > 0 && *seen % rate == 0;
                 let own = state.models.get_mut(model);
                 let remaining = match own {
                     Some(ModelSettings {
@@ -377,7 +381,9 @@ impl Tracing {
         }
         let recorder = TraceRecorder::new();
         Some(ActiveTrace {
-            root: recorder.new_span_id(),
+            root: recorder
+                .new_span_id()
+                .expect("a new trace gives its first span id"),
             recorder,
             parent,
             start: SystemTime::now(),
@@ -606,6 +612,9 @@ impl Exporter {
             resource = resource.with_attribute(opentelemetry::KeyValue::new(k.clone(), v.clone()));
         }
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            // wisp decides what to trace (rate, count, a client's context): every span it
+            // starts is recorded, whatever the client's sampled flag or OTEL_TRACES_SAMPLER.
+            .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
             .with_span_processor(processor)
             .with_resource(resource.build())
             .build();
@@ -623,7 +632,11 @@ impl Exporter {
         };
         let mut contexts: HashMap<SpanId, SpanContext> = HashMap::with_capacity(spans.len());
         for record in spans {
-            let context = match record.parent.and_then(|p| contexts.get(&p)) {
+            // A span whose parent was not recorded hangs from the root span.
+            let parent = record
+                .parent
+                .and_then(|p| contexts.get(&p).or_else(|| contexts.get(&0)));
+            let context = match parent {
                 Some(parent) => Context::new().with_remote_span_context(parent.clone()),
                 None => root_context.clone(),
             };
@@ -712,13 +725,13 @@ mod tests {
     }
 
     #[test]
-    fn rate_samples_the_first_and_every_nth_and_count_runs_out() {
+    fn rate_samples_every_nth_and_count_runs_out() {
         let t = tracing(&["level=TIMESTAMPS", "rate=3", "count=2"]);
         let sampled: Vec<bool> = (0..9).map(|_| t.start("m", None).is_some()).collect();
-        // Due at requests 0, 3, 6; the count allows two.
+        // Due at requests 3, 6, 9 (as Triton counts); the count allows two.
         assert_eq!(
             sampled,
-            [true, false, false, true, false, false, false, false, false]
+            [false, false, true, false, false, true, false, false, false]
         );
         assert_eq!(
             get(&t.settings(None), "trace_count"),
@@ -838,6 +851,7 @@ mod tests {
             ("triton,file=/tmp/x", "OpenTelemetry (OTLP) only"),
             ("rate", "expected SETTING=VALUE"),
             ("opentelemetry,bsp_max_queue_size=0", "bsp_max_queue_size"),
+            ("opentelemetry,bsp_schedule_delay=0", "bsp_schedule_delay"),
             ("opentelemetry,colour=blue", "unknown trace setting"),
         ] {
             let e = TraceConfig::from_args(&[entry.to_string()]).unwrap_err();

@@ -317,11 +317,12 @@ impl LoadedModel {
     /// Validates and runs one request, recording statistics and metrics, and its
     /// spans when it is traced.
     pub async fn infer(&self, mut request: BackendRequest) -> Result<BackendResponse> {
-        let trace = request.trace.as_mut().map(|handle| {
-            // This model's span: the request's later spans (ensemble steps) hang from it.
-            let id = handle.recorder.new_span_id();
+        // This model's span (none past the trace's span limit): the request's later
+        // spans (ensemble steps) hang from it.
+        let trace = request.trace.as_mut().and_then(|handle| {
+            let id = handle.recorder.new_span_id()?;
             let parent = std::mem::replace(&mut handle.parent, id);
-            (handle.recorder.clone(), id, parent, SystemTime::now())
+            Some((handle.recorder.clone(), id, parent, SystemTime::now()))
         });
         let mut stages = Stages::default();
         let result = self.run(request, &mut stages).await;
@@ -352,7 +353,9 @@ impl LoadedModel {
         stages.validated_ns = Some(stages.started.elapsed().as_nanos() as u64);
         let requested = request.requested_outputs.clone();
         let outcome = self.scheduler.schedule(request, batch_size).await?;
-        stages.executed = Some((outcome.queue_ns, outcome.times));
+        if outcome.executed {
+            stages.executed = Some((outcome.queue_ns, outcome.times));
+        }
         if outcome.records_batch {
             self.record_batch(outcome.batch_size, outcome.times);
         }
@@ -389,13 +392,16 @@ impl LoadedModel {
         ];
         let error = result.as_ref().err().map(|e| e.message.clone());
         if let (Some(validated), Some((queue_ns, t))) = (stages.validated_ns, stages.executed) {
-            if self.config.backend != BackendKind::Ensemble {
+            if let (true, Some(compute_id)) = (
+                self.config.backend != BackendKind::Ensemble,
+                recorder.new_span_id(),
+            ) {
                 let compute_start = validated + queue_ns;
                 let input_end = compute_start + t.compute_input_ns;
                 let output_start = input_end + t.compute_infer_ns;
                 let compute_end = output_start + t.compute_output_ns;
                 recorder.record(SpanRecord {
-                    id: recorder.new_span_id(),
+                    id: compute_id,
                     parent: Some(id),
                     name: "compute".into(),
                     start: at(compute_start),

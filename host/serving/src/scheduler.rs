@@ -39,6 +39,8 @@ pub struct Outcome {
     pub batch_size: u64,
     /// Set on one request per batch that ran: it records the batch's statistics.
     pub records_batch: bool,
+    /// Whether the request ran in a batch (false when it timed out in the queue).
+    pub executed: bool,
 }
 
 pub enum Scheduler {
@@ -160,6 +162,7 @@ impl Scheduler {
                     times: t,
                     queue_ns: (arrived.elapsed().as_nanos() as u64).saturating_sub(compute),
                     batch_size,
+                    executed: true,
                 })
             }
             Scheduler::Dynamic(batcher) => {
@@ -364,6 +367,7 @@ impl Shared {
                                 queue_ns: (waited * 1000) as u64,
                                 batch_size: p.batch_size,
                                 records_batch: false,
+                                executed: false,
                             });
                         }
                         TimeoutAction::Delay => delayed.push_back(Pending {
@@ -447,6 +451,7 @@ fn answer(
             queue_ns: started.duration_since(arrived).as_nanos() as u64,
             batch_size,
             records_batch: i == 0 && any_ok,
+            executed: true,
         });
     }
 }

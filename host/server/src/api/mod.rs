@@ -812,12 +812,20 @@ async fn infer(
     if let Some(trace) = trace {
         trace.event("HTTP_SEND_START");
     }
-    if request.outputs.iter().any(|o| o.shared.is_some()) {
-        protocol::write_shared_outputs(&request, &response, &state.shm)
-            .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-    }
     let (name, version) = (model.name().to_string(), model.version);
     let output_bytes: usize = response.outputs.iter().map(|t| t.data.len()).sum();
+    // Outputs placed in shared memory are written there (large ones off the async workers).
+    let (request, response) = if request.outputs.iter().any(|o| o.shared.is_some()) {
+        let (shm, label) = (state.shm.clone(), format!("model '{name}'"));
+        cpu_work(output_bytes, move || {
+            protocol::write_shared_outputs(&request, &response, &shm)
+                .map_err(|e| e.context(label))?;
+            Ok((request, response))
+        })
+        .await?
+    } else {
+        (request, response)
+    };
     let compression = if accept_gzip.iter().any(|e| e == "gzip") {
         Some(true)
     } else if accept_gzip.iter().any(|e| e == "deflate") {

@@ -637,7 +637,13 @@ impl Api {
             Api::Http { addr, .. } => {
                 let mut conn = Connection::open(addr).await?;
                 let path = format!("/v2/systemsharedmemory/region/{name}/unregister");
-                conn.send("POST", &path, &[], Bytes::new()).await?;
+                let (status, reply) = conn.send("POST", &path, &[], Bytes::new()).await?;
+                if status != 200 {
+                    bail!(
+                        "unregistering shared-memory region '{name}': {status} {}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
                 Ok(())
             }
             #[cfg(feature = "grpc")]
@@ -761,6 +767,21 @@ impl ShmRegions {
         meta: &Value,
         output_bytes: usize,
     ) -> Result<ShmRegions> {
+        let outputs = meta["outputs"].as_array().map_or(0, Vec::len);
+        let count = entries.iter().map(Vec::len).sum::<usize>() + outputs;
+        if count > wisp::api::shm::MAX_REGIONS {
+            bail!(
+                "--shared-memory system needs {count} regions (one per input of each data \
+                 entry, one per output); the server holds at most {}",
+                wisp::api::shm::MAX_REGIONS
+            );
+        }
+        if let Some(t) = entries.iter().flatten().find(|t| t.data.is_empty()) {
+            bail!(
+                "--shared-memory system: input '{}' has no data to place",
+                t.name
+            );
+        }
         let mut regions = ShmRegions {
             regions: vec![],
             inputs: vec![],
@@ -792,9 +813,15 @@ impl ShmRegions {
             let region = add(&mut regions, None, output_bytes)?;
             regions.outputs.push((name, region, output_bytes));
         }
-        for (name, _) in &regions.regions {
-            let size = std::fs::metadata(format!("/dev/shm/{name}"))?.len() as usize;
-            api.register(name, &format!("/{name}"), size).await?;
+        for (i, (name, path)) in regions.regions.iter().enumerate() {
+            let size = std::fs::metadata(path)?.len() as usize;
+            if let Err(e) = api.register(name, &format!("/{name}"), size).await {
+                // The server keeps what was registered until it is unregistered.
+                for (registered, _) in &regions.regions[..i] {
+                    let _ = api.unregister(registered).await;
+                }
+                return Err(e);
+            }
         }
         Ok(regions)
     }
@@ -854,6 +881,14 @@ async fn send_one(sender: &mut Sender, request: &Prepared, records: &Records, se
         .push((Instant::now(), sent.elapsed().as_nanos() as u64, ok));
 }
 
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 async fn run_step(
     api: &mut Api,
     bodies: &[Prepared],
@@ -862,6 +897,8 @@ async fn run_step(
 ) -> Result<StepResult> {
     let records: Records = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    // However the step ends (an error included), its workers stop.
+    let _stop_on_exit = StopOnDrop(stop.clone());
     let bodies: Arc<Vec<Prepared>> = Arc::new(bodies.to_vec());
     let mut workers = Vec::new();
     match load {

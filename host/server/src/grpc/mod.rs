@@ -161,14 +161,19 @@ async fn infer_model(
     if let Some(trace) = trace {
         trace.event("GRPC_SEND_START");
     }
-    convert::response(
-        model.name(),
-        model.version,
-        &converted,
-        response,
-        &state.shm,
-    )
-    .map_err(|e| e.context(format!("model '{}'", model.name())))
+    // Shared-memory outputs are written here: large ones off the async workers.
+    let shared: usize = response
+        .outputs
+        .iter()
+        .filter(|t| converted.shared_outputs.iter().any(|(n, _)| *n == t.name))
+        .map(|t| t.data.len())
+        .sum();
+    let (name, version, shm) = (model.name().to_string(), model.version, state.shm.clone());
+    api::cpu_work(shared, move || {
+        convert::response(&name, version, &converted, response, &shm)
+            .map_err(|e| e.context(format!("model '{name}'")))
+    })
+    .await
 }
 
 /// A message of Triton's protocol from the JSON the HTTP front answers with: the two

@@ -111,6 +111,48 @@ pub struct WorkerPool {
 /// guards against a bug turning into unbounded memory.
 pub const QUEUE_CAPACITY: usize = 65_536;
 
+/// How long an instance that finished a batch keeps looking for the next one before
+/// its thread sleeps, in µs (0: it sleeps at once). A batch that arrives meanwhile
+/// starts without waking a sleeping thread, a wake-up that costs tens of µs (more on a
+/// VM); the price is CPU while it looks. Process-wide; `wisp serve` sets it from
+/// `--instance-idle-spin-us`.
+static IDLE_SPIN_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The longest idle spin accepted (10 ms).
+pub const MAX_IDLE_SPIN_US: u64 = 10_000;
+
+/// Sets how long idle instances look for work before sleeping (clamped to 10 ms).
+pub fn set_idle_spin(spin: Duration) {
+    let us = (spin.as_micros() as u64).min(MAX_IDLE_SPIN_US);
+    IDLE_SPIN_US.store(us, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn idle_spin() -> Duration {
+    Duration::from_micros(IDLE_SPIN_US.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// A job from either queue if one arrives within `spin` (pinned ones first).
+fn spin_for_job<J>(
+    own_queue: &crossbeam_channel::Receiver<J>,
+    queue: &crossbeam_channel::Receiver<J>,
+    spin: Duration,
+) -> Option<J> {
+    if spin.is_zero() {
+        return None;
+    }
+    let until = std::time::Instant::now() + spin;
+    loop {
+        if let Ok(job) = own_queue.try_recv().or_else(|_| queue.try_recv()) {
+            return Some(job);
+        }
+        if std::time::Instant::now() >= until {
+            return None;
+        }
+        // Lets other threads of this core run while it looks.
+        std::thread::yield_now();
+    }
+}
+
 fn fail_all(count: usize, e: Error) -> Execution {
     Execution {
         results: (0..count).map(|_| Err(e.clone())).collect(),
@@ -319,9 +361,13 @@ fn instance_loop<W: Worker>(
             }
         }
         // Batches pinned to this instance first, then the shared queue.
-        let job = match own_queue.try_recv() {
-            Ok(job) => job,
-            Err(_) => crossbeam_channel::select! {
+        let job = match own_queue
+            .try_recv()
+            .ok()
+            .or_else(|| spin_for_job(own_queue, queue, idle_spin()))
+        {
+            Some(job) => job,
+            None => crossbeam_channel::select! {
                 recv(own_queue) -> job => match job { Ok(job) => job, Err(_) => return },
                 recv(queue) -> job => match job { Ok(job) => job, Err(_) => return },
             },
@@ -617,5 +663,23 @@ mod tests {
         assert_eq!(r.delay(2), Duration::from_millis(50));
         assert_eq!(r.delay(3), Duration::from_millis(100));
         assert_eq!(r.delay(40), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_idle_instance_takes_a_job_that_arrives_while_it_spins() {
+        let (own_tx, own_rx) = crossbeam_channel::unbounded::<u32>();
+        let (tx, rx) = crossbeam_channel::unbounded::<u32>();
+        // Nothing comes: it gives up (then sleeps in select!).
+        assert_eq!(spin_for_job(&own_rx, &rx, Duration::from_micros(200)), None);
+        assert_eq!(spin_for_job(&own_rx, &rx, Duration::ZERO), None);
+        // Pinned jobs first.
+        tx.send(1).unwrap();
+        own_tx.send(2).unwrap();
+        assert_eq!(spin_for_job(&own_rx, &rx, Duration::from_secs(5)), Some(2));
+        assert_eq!(spin_for_job(&own_rx, &rx, Duration::from_secs(5)), Some(1));
+        // A job sent while it looks is taken (the spin is long; it returns at once).
+        let sender = std::thread::spawn(move || tx.send(3).unwrap());
+        assert_eq!(spin_for_job(&own_rx, &rx, Duration::from_secs(30)), Some(3));
+        sender.join().unwrap();
     }
 }

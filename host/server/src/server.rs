@@ -51,6 +51,14 @@ pub fn backends() -> anyhow::Result<BackendRegistry> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.instance_idle_spin_us > wisp_core::worker::MAX_IDLE_SPIN_US {
+        anyhow::bail!(
+            "--instance-idle-spin-us {}: at most {}",
+            args.instance_idle_spin_us,
+            wisp_core::worker::MAX_IDLE_SPIN_US
+        );
+    }
+    wisp_core::worker::set_idle_spin(Duration::from_micros(args.instance_idle_spin_us));
     let metrics = Arc::new(Metrics::new());
     #[cfg(feature = "encoder")]
     if let Some(gpus) = wisp_backend_encoder::gpu::monitor::GpuMetrics::open() {

@@ -160,30 +160,50 @@ struct HostState {
     model: Arc<str>,
 }
 
-impl bindings::wisp::plugin::output::Host for HostState {
-    fn emit(&mut self, request_index: u32, tensor: wit::Tensor) -> std::result::Result<(), String> {
-        let collector = &mut self.outputs;
-        // Every tensor costs its bookkeeping too, so a loop of empty tensors runs
-        // into the budget like a large one.
-        let size =
-            TENSOR_OVERHEAD_BYTES + tensor.data.len() + tensor.name.len() + tensor.shape.len() * 8;
-        if collector.bytes + size > collector.budget {
-            // Drop everything: the call failed, and its memory goes back now.
-            collector.per_request.iter_mut().for_each(Vec::clear);
-            collector.bytes = collector.budget;
-            return Err(format!(
-                "output limit of {} MiB exceeded (sandbox.max_output_mib)",
-                collector.budget >> 20
-            ));
-        }
-        let slot = collector
-            .per_request
-            .get_mut(request_index as usize)
-            .ok_or_else(|| format!("no request {request_index} in this batch"))?;
-        collector.bytes += size;
-        slot.push(tensor);
-        Ok(())
+/// An output tensor as a plugin emits it. Its data is left in the plugin's memory until
+/// the budget allows it, then copied out in one piece: wasmtime's generic lift of a
+/// `list<u8>` would copy it element by element, and before any budget check.
+#[derive(wasmtime::component::ComponentType, wasmtime::component::Lift)]
+#[component(record)]
+struct EmittedTensor {
+    name: String,
+    datatype: wit::Datatype,
+    shape: Vec<i64>,
+    data: wasmtime::component::WasmList<u8>,
+}
+
+/// `wisp:plugin/output.emit`.
+fn emit(
+    mut store: wasmtime::StoreContextMut<'_, HostState>,
+    request_index: u32,
+    tensor: EmittedTensor,
+) -> std::result::Result<(), String> {
+    let collector = &mut store.data_mut().outputs;
+    // Every tensor costs its bookkeeping too, so a loop of empty tensors runs into the
+    // budget like a large one.
+    let size =
+        TENSOR_OVERHEAD_BYTES + tensor.data.len() + tensor.name.len() + tensor.shape.len() * 8;
+    if collector.bytes + size > collector.budget {
+        // Drop everything: the call failed, and its memory goes back now.
+        collector.per_request.iter_mut().for_each(Vec::clear);
+        collector.bytes = collector.budget;
+        return Err(format!(
+            "output limit of {} MiB exceeded (sandbox.max_output_mib)",
+            collector.budget >> 20
+        ));
     }
+    if request_index as usize >= collector.per_request.len() {
+        return Err(format!("no request {request_index} in this batch"));
+    }
+    collector.bytes += size;
+    let data = tensor.data.as_le_slice(&store).to_vec();
+    store.data_mut().outputs.per_request[request_index as usize].push(wit::Tensor {
+        name: tensor.name,
+        datatype: tensor.datatype,
+        shape: tensor.shape,
+        data,
+    });
+    Ok(())
 }
 
 impl WasiView for HostState {
@@ -553,7 +573,21 @@ impl WasmBackend {
         })?;
         let mut linker: Linker<HostState> = Linker::new(&runtime.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .and_then(|_| Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s))
+            .and_then(|_| {
+                bindings::wisp::plugin::log::add_to_linker::<_, HasSelf<HostState>>(
+                    &mut linker,
+                    |s| s,
+                )
+            })
+            .and_then(|_| {
+                // `emit` by hand, to copy the tensor's bytes out of the plugin in one piece.
+                linker.instance("wisp:plugin/output@0.1.0")?.func_wrap(
+                    "emit",
+                    |store, (request_index, tensor): (u32, EmittedTensor)| {
+                        Ok((emit(store, request_index, tensor),))
+                    },
+                )
+            })
             .map_err(|e| Error::internal(format!("linking host functions failed: {e:#}")))?;
         let pre = linker.instantiate_pre(&component).map_err(|e| {
             Error::unavailable(format!(

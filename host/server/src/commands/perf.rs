@@ -190,6 +190,16 @@ async fn get_json(addr: &str, path: &str) -> Result<Value> {
     Ok(value)
 }
 
+/// POSTs `body` to `path`; anything but 200 is an error with the server's answer.
+async fn post_ok(addr: &str, path: &str, body: Bytes) -> Result<()> {
+    let mut conn = Connection::open(addr).await?;
+    let (status, reply) = conn.send("POST", path, &[], body).await?;
+    if status != 200 {
+        bail!("{status} {}", String::from_utf8_lossy(&reply));
+    }
+    Ok(())
+}
+
 /// An HTTP request body, and the JSON header's length when tensors follow it in binary.
 type Body = (Bytes, Option<usize>);
 
@@ -602,17 +612,14 @@ impl Api {
     async fn register(&mut self, name: &str, key: &str, size: usize) -> Result<()> {
         match self {
             Api::Http { addr, .. } => {
-                let mut conn = Connection::open(addr).await?;
                 let body = json!({"key": key, "offset": 0, "byte_size": size}).to_string();
-                let path = format!("/v2/systemsharedmemory/region/{name}/register");
-                let (status, reply) = conn.send("POST", &path, &[], Bytes::from(body)).await?;
-                if status != 200 {
-                    bail!(
-                        "registering shared-memory region '{name}': {status} {}",
-                        String::from_utf8_lossy(&reply)
-                    );
-                }
-                Ok(())
+                post_ok(
+                    addr,
+                    &format!("/v2/systemsharedmemory/region/{name}/register"),
+                    Bytes::from(body),
+                )
+                .await
+                .with_context(|| format!("registering shared-memory region '{name}'"))
             }
             #[cfg(feature = "grpc")]
             Api::Grpc { client, .. } => {
@@ -634,18 +641,13 @@ impl Api {
 
     async fn unregister(&mut self, name: &str) -> Result<()> {
         match self {
-            Api::Http { addr, .. } => {
-                let mut conn = Connection::open(addr).await?;
-                let path = format!("/v2/systemsharedmemory/region/{name}/unregister");
-                let (status, reply) = conn.send("POST", &path, &[], Bytes::new()).await?;
-                if status != 200 {
-                    bail!(
-                        "unregistering shared-memory region '{name}': {status} {}",
-                        String::from_utf8_lossy(&reply)
-                    );
-                }
-                Ok(())
-            }
+            Api::Http { addr, .. } => post_ok(
+                addr,
+                &format!("/v2/systemsharedmemory/region/{name}/unregister"),
+                Bytes::new(),
+            )
+            .await
+            .with_context(|| format!("unregistering shared-memory region '{name}'")),
             #[cfg(feature = "grpc")]
             Api::Grpc { client, .. } => {
                 client

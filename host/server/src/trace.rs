@@ -216,13 +216,16 @@ struct Settings {
 }
 
 /// A model's own settings: each unset one follows the global settings.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
+/// As in Triton, a model with settings of its own also has its own counters: requests
+/// seen, and traces left (the global count, copied when not given; refreshed when the
+/// global settings change).
 struct ModelSettings {
     level: Option<Level>,
     rate: Option<u64>,
     count: Option<i64>,
-    /// Requests of this model seen while it had its own rate.
     seen: u64,
+    count_left: i64,
 }
 
 struct State {
@@ -338,34 +341,29 @@ impl Tracing {
         let sampled = {
             let mut state = self.state.lock();
             let state = &mut *state;
-            let own = state.models.get_mut(model);
-            let level = own
-                .as_ref()
-                .and_then(|m| m.level)
-                .unwrap_or(state.global.level);
+            let global = state.global;
+            let (level, rate, seen, remaining) = match state.models.get_mut(model) {
+                Some(own) => (
+                    own.level.unwrap_or(global.level),
+                    own.rate.unwrap_or(global.rate),
+                    &mut own.seen,
+                    &mut own.count_left,
+                ),
+                None => (
+                    global.level,
+                    global.rate,
+                    &mut state.seen,
+                    &mut state.global.count,
+                ),
+            };
             if level == Level::Off {
                 false
             } else if parent.is_some() {
                 true // a client's trace context is always followed
             } else {
-                let (rate, seen) = match own {
-                    Some(ModelSettings {
-                        rate: Some(rate),
-                        seen,
-                        ..
-                    }) => (*rate, seen),
-                    _ => (state.global.rate, &mut state.seen),
-                };
                 // Triton's count: requests N, 2N, 3N … of the scope are traced.
                 *seen = seen.wrapping_add(1);
                 let due = rate > 0 && *seen % rate == 0;
-                let own = state.models.get_mut(model);
-                let remaining = match own {
-                    Some(ModelSettings {
-                        count: Some(count), ..
-                    }) => count,
-                    _ => &mut state.global.count,
-                };
                 if due && *remaining != 0 {
                     if *remaining > 0 {
                         *remaining -= 1;
@@ -396,11 +394,15 @@ impl Tracing {
     /// The settings of a model (its own where it has them) or the global ones.
     pub fn settings(&self, model: Option<&str>) -> SettingsMap {
         let state = self.state.lock();
-        let own = model.and_then(|m| state.models.get(m)).copied();
-        let own = own.unwrap_or_default();
-        let level = own.level.unwrap_or(state.global.level);
-        let rate = own.rate.unwrap_or(state.global.rate);
-        let count = own.count.unwrap_or(state.global.count);
+        let global = state.global;
+        let (level, rate, count) = match model.and_then(|m| state.models.get(m)) {
+            Some(own) => (
+                own.level.unwrap_or(global.level),
+                own.rate.unwrap_or(global.rate),
+                own.count_left,
+            ),
+            None => (global.level, global.rate, global.count),
+        };
         vec![
             (
                 "trace_level".into(),
@@ -479,10 +481,21 @@ impl Tracing {
                     }
                     if let Some(rate) = rate_change {
                         state.global.rate = rate.unwrap_or(startup.rate);
-                        state.seen = 0;
                     }
                     if let Some(count) = count_change {
                         state.global.count = count.unwrap_or(startup.count);
+                    }
+                    // Triton renews the settings that follow the global ones: their
+                    // counters start again, with the global count where they have none.
+                    state.seen = 0;
+                    let global_count = state.global.count;
+                    for own in state.models.values_mut() {
+                        if own.level.is_none() || own.rate.is_none() || own.count.is_none() {
+                            own.seen = 0;
+                        }
+                        if own.count.is_none() {
+                            own.count_left = global_count;
+                        }
                     }
                 }
                 Some(model) => {
@@ -496,17 +509,29 @@ impl Tracing {
                             ),
                         ));
                     }
-                    let own = state.models.entry(model.to_string()).or_default();
+                    let global_count = state.global.count;
+                    let own = state
+                        .models
+                        .entry(model.to_string())
+                        .or_insert(ModelSettings {
+                            level: None,
+                            rate: None,
+                            count: None,
+                            seen: 0,
+                            count_left: global_count,
+                        });
                     if let Some(level) = level {
                         own.level = level;
                     }
                     if let Some(rate) = rate_change {
                         own.rate = rate;
-                        own.seen = 0;
                     }
                     if let Some(count) = count_change {
                         own.count = count;
+                        own.count_left = count.unwrap_or(global_count);
                     }
+                    // New settings, new counters (as Triton replaces the setting).
+                    own.seen = 0;
                     if own.level.is_none() && own.rate.is_none() && own.count.is_none() {
                         state.models.remove(model);
                     }
@@ -775,6 +800,38 @@ mod tests {
         assert!(
             t.state.lock().models.is_empty(),
             "a model with no settings of its own is forgotten"
+        );
+    }
+
+    #[test]
+    fn a_model_with_settings_of_its_own_counts_its_own_traces() {
+        let t = tracing(&["level=TIMESTAMPS", "rate=1", "count=3"]);
+        // Its own rate; the count is the global one, copied.
+        let s = t
+            .update(Some("m"), &[change("trace_rate", Some("2"))])
+            .unwrap();
+        assert_eq!(get(&s, "trace_count"), &SettingValue::One("3".into()));
+        let sampled: Vec<bool> = (0..4).map(|_| t.start("m", None).is_some()).collect();
+        assert_eq!(sampled, [false, true, false, true]);
+        assert_eq!(
+            get(&t.settings(Some("m")), "trace_count"),
+            &SettingValue::One("1".into())
+        );
+        assert_eq!(
+            get(&t.settings(None), "trace_count"),
+            &SettingValue::One("3".into())
+        );
+        // Other models draw on the global count.
+        assert!(t.start("other", None).is_some());
+        assert_eq!(
+            get(&t.settings(None), "trace_count"),
+            &SettingValue::One("2".into())
+        );
+        // A global change renews what the model follows: the global count, copied again.
+        t.update(None, &[change("trace_count", Some("5"))]).unwrap();
+        assert_eq!(
+            get(&t.settings(Some("m")), "trace_count"),
+            &SettingValue::One("5".into())
         );
     }
 

@@ -250,17 +250,42 @@ fn reserve_body(
     reserve_bytes(state, bytes)
 }
 
-/// Reserves `bytes` in the server-wide budget of request bytes in flight (both fronts),
-/// or refuses at once.
 /// Bytes that inputs in shared memory will take once read (saturating: a sum past
 /// the budget is refused by `reserve_bytes` anyway).
-pub(crate) fn shared_bytes(places: &[(usize, shm::SharedRef)]) -> usize {
+fn shared_bytes(places: &[(usize, shm::SharedRef)]) -> usize {
     places
         .iter()
         .map(|(_, at)| usize::try_from(at.byte_size).unwrap_or(usize::MAX))
         .fold(0, usize::saturating_add)
 }
 
+/// Fills the inputs that name shared-memory places (both fronts): their bytes are
+/// reserved in the in-flight budget first (503 past it), then read, off the async
+/// workers when large. The reservation lasts as long as the returned permit.
+pub(crate) async fn fill_shared_inputs(
+    state: &ServerState,
+    inputs: &mut Vec<wisp_core::tensor::Tensor>,
+    places: Vec<(usize, shm::SharedRef)>,
+    model: &str,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>> {
+    let bytes = shared_bytes(&places);
+    if bytes == 0 {
+        return Ok(None);
+    }
+    let reserved = reserve_bytes(state, bytes)?;
+    let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
+    let mut taken = std::mem::take(inputs);
+    *inputs = cpu_work(bytes, move || {
+        shm.fill_inputs(&mut taken, places, limit)?;
+        Ok(taken)
+    })
+    .await
+    .map_err(|e| e.context(format!("model '{model}'")))?;
+    Ok(Some(reserved))
+}
+
+/// Reserves `bytes` in the server-wide budget of request bytes in flight (both fronts),
+/// or refuses at once.
 pub(crate) fn reserve_bytes(
     state: &ServerState,
     bytes: usize,
@@ -784,20 +809,9 @@ async fn infer(
     .await
     .map_err(|e| e.context(format!("model '{}'", model.name())))?;
     // Inputs read from shared memory count against the in-flight budget too.
-    let _shared_reserved = match shared_bytes(&request.shared_inputs) {
-        0 => None,
-        bytes => {
-            let reserved = reserve_bytes(state, bytes)?;
-            let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
-            request = cpu_work(bytes, move || {
-                protocol::read_shared_inputs(&mut request, &shm, limit)?;
-                Ok(request)
-            })
-            .await
-            .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-            Some(reserved)
-        }
-    };
+    let places = std::mem::take(&mut request.shared_inputs);
+    let _shared_reserved =
+        fill_shared_inputs(state, &mut request.backend.inputs, places, model.name()).await?;
     // Moved, not cloned: a tensor the request alone holds (JSON, shared memory) can then
     // reach the backend without a copy.
     let mut backend_request = std::mem::take(&mut request.backend);

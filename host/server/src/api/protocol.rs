@@ -243,7 +243,7 @@ pub fn parse_request(
     } in request.inputs
     {
         let tensor = match payload {
-            // Filled from the region by `read_shared_inputs`.
+            // Filled from the region by `api::fill_shared_inputs`.
             Payload::Shared(at) => {
                 shared_inputs.push((inputs.len(), at));
                 Tensor {
@@ -1412,17 +1412,6 @@ impl serde::Serialize for JsonFloat {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         serialize_float(self.0, s)
     }
-}
-
-/// Reads the inputs that name system shared-memory places (`InferRequest::shared_inputs`)
-/// and checks their sizes against their shapes. `limit` bounds each input.
-pub fn read_shared_inputs(
-    request: &mut InferRequest,
-    shm: &super::shm::SystemSharedMemory,
-    limit: usize,
-) -> Result<()> {
-    let places = std::mem::take(&mut request.shared_inputs);
-    shm.fill_inputs(&mut request.backend.inputs, places, limit)
 }
 
 /// Writes the outputs the client placed in system shared memory into their regions

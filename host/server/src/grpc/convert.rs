@@ -194,16 +194,6 @@ pub fn request(message: ModelInferRequest, config: &ModelConfig) -> Result<Conve
     })
 }
 
-/// Reads the inputs in shared memory (`Converted::shared_inputs`), each at most `limit` bytes.
-pub fn read_shared_inputs(
-    converted: &mut Converted,
-    shm: &SystemSharedMemory,
-    limit: usize,
-) -> Result<()> {
-    let places = std::mem::take(&mut converted.shared_inputs);
-    shm.fill_inputs(&mut converted.backend.inputs, places, limit)
-}
-
 fn parameter_value(key: &str, value: InferParameter) -> Result<ParameterValue> {
     Ok(match value.parameter_choice {
         Some(ParameterChoice::BoolParam(b)) => ParameterValue::Bool(b),

@@ -141,20 +141,9 @@ async fn infer_model(
         .await
         .map_err(|e| e.context(format!("model '{}'", model.name())))?;
     // Inputs read from shared memory count against the in-flight budget too.
-    let _shared_reserved = match api::shared_bytes(&converted.shared_inputs) {
-        0 => None,
-        bytes => {
-            let reserved = api::reserve_bytes(state, bytes)?;
-            let (shm, limit) = (state.shm.clone(), state.max_body_bytes);
-            converted = api::cpu_work(bytes, move || {
-                convert::read_shared_inputs(&mut converted, &shm, limit)?;
-                Ok(converted)
-            })
-            .await
-            .map_err(|e| e.context(format!("model '{}'", model.name())))?;
-            Some(reserved)
-        }
-    };
+    let places = std::mem::take(&mut converted.shared_inputs);
+    let _shared_reserved =
+        api::fill_shared_inputs(state, &mut converted.backend.inputs, places, model.name()).await?;
     let mut request = std::mem::take(&mut converted.backend);
     request.trace = trace.as_ref().map(ActiveTrace::handle);
     let response = model.infer(request).await?;

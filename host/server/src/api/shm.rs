@@ -3,13 +3,16 @@
 //! from it and outputs written into it instead of travelling in the request and
 //! response.
 //!
-//! Off unless `--allow-client-shm true`. Regions are read and written with
-//! `pread`/`pwrite` on the object's file, never mapped: a client that truncates its
-//! object gets an error for its request, where a mapping would fault the server.
+//! Off unless `--allow-client-shm true`. A region is mapped when it is registered and
+//! unmapped when it is unregistered and no request holds it any more; a client that
+//! truncates its object gets an error for its request, not a fault of the server
+//! (`mapping`).
+
+mod mapping;
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use wisp_core::error::{Error, ErrorKind, Result};
 
@@ -31,6 +34,9 @@ struct Region {
     key: String,
     offset: u64,
     byte_size: u64,
+    mapping: mapping::Mapping,
+    /// Kept to notice a truncated object before copying (the mapping's guard catches
+    /// a truncation during the copy).
     file: std::fs::File,
 }
 
@@ -97,16 +103,23 @@ impl SystemSharedMemory {
             )));
         }
         let path = std::path::Path::new(SHM_DIR).join(object);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| {
-                Error::invalid(format!(
-                    "cannot open shared memory '{key}' for region '{name}': {e}"
-                ))
-            })?;
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+        };
+        // An object the server may only read still serves inputs.
+        let (file, writable) = match open(true) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => (open(false), false),
+            other => (other, true),
+        };
+        let file = file.map_err(|e| {
+            Error::invalid(format!(
+                "cannot open shared memory '{key}' for region '{name}': {e}"
+            ))
+        })?;
         let metadata = file
             .metadata()
             .map_err(|e| Error::invalid(format!("cannot read shared memory '{key}': {e}")))?;
@@ -117,12 +130,16 @@ impl SystemSharedMemory {
                 metadata.len()
             )));
         }
+        let mapping = mapping::Mapping::new(&file, offset, byte_size, writable).map_err(|e| {
+            Error::invalid(format!("shared memory '{key}' for region '{name}': {e}"))
+        })?;
         regions.insert(
             name.to_string(),
             Arc::new(Region {
                 key: key.to_string(),
                 offset,
                 byte_size,
+                mapping,
                 file,
             }),
         );
@@ -163,7 +180,7 @@ impl SystemSharedMemory {
         })
     }
 
-    fn locate(&self, at: &SharedRef, what: &str) -> Result<(Arc<Region>, u64)> {
+    fn locate(&self, at: &SharedRef, what: &str) -> Result<(Arc<Region>, usize)> {
         self.check_enabled()?;
         let region = self
             .regions
@@ -178,7 +195,12 @@ impl SystemSharedMemory {
                 at.byte_size, at.offset, at.region, region.byte_size
             )));
         }
-        Ok((region.clone(), region.offset + at.offset))
+        let covered = region.file.metadata().map(|m| m.len());
+        if covered.is_err() || covered.is_ok_and(|len| len < region.offset + region.byte_size) {
+            return Err(fault_error(mapping::Fault::Truncated, what, &at.region));
+        }
+        // Within the region's byte_size, which the mapping covers.
+        Ok((region.clone(), at.offset as usize))
     }
 
     /// The bytes of an input, at most `limit` of them (the server's request size limit).
@@ -190,13 +212,10 @@ impl SystemSharedMemory {
             )));
         }
         let (region, position) = self.locate(at, what)?;
-        let data =
-            read_exact_uninit(&region.file, at.byte_size as usize, position).map_err(|e| {
-                Error::invalid(format!(
-                "{what}: cannot read shared memory region '{}' ({e}; was its object truncated?)",
-                at.region
-            ))
-            })?;
+        let data = region
+            .mapping
+            .read(position, at.byte_size as usize)
+            .map_err(|fault| fault_error(fault, what, &at.region))?;
         Ok(data.into())
     }
 
@@ -226,47 +245,23 @@ impl SystemSharedMemory {
             )));
         }
         let (region, position) = self.locate(at, what)?;
-        region.file.write_all_at(data, position).map_err(|e| {
-            Error::internal(format!(
-                "{what}: cannot write shared memory region '{}': {e}",
-                at.region
-            ))
-        })
+        region
+            .mapping
+            .write(position, data)
+            .map_err(|fault| fault_error(fault, what, &at.region))
     }
 }
 
-/// `len` bytes at `position`, read into a buffer that is not zeroed first: a large input
-/// is then written once, by the kernel, instead of twice.
-fn read_exact_uninit(file: &std::fs::File, len: usize, position: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut data: Vec<u8> = Vec::with_capacity(len);
-    while data.len() < len {
-        let filled = data.len();
-        let spare = &mut data.spare_capacity_mut()[..len - filled];
-        // SAFETY: pread writes at most `spare.len()` bytes into memory the Vec owns.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                (position + filled as u64) as libc::off_t,
-            )
-        };
-        match n {
-            n if n > 0 => {
-                // SAFETY: the kernel initialised the next `n` bytes.
-                unsafe { data.set_len(filled + n as usize) }
-            }
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(data)
+/// The error for a copy that failed at the region's mapping.
+fn fault_error(fault: mapping::Fault, what: &str, region: &str) -> Error {
+    Error::invalid(match fault {
+        mapping::Fault::Truncated => format!(
+            "{what}: shared memory region '{region}' no longer has all its bytes (was its object truncated?); unregister it and register it again"
+        ),
+        mapping::Fault::ReadOnly => format!(
+            "{what}: shared memory region '{region}' is read-only to the server (its object could not be opened for writing)"
+        ),
+    })
 }
 
 /// The `shared_memory_region`, `shared_memory_byte_size` and `shared_memory_offset`

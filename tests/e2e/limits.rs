@@ -307,3 +307,118 @@ fn shared_memory_inputs_count_against_the_in_flight_budget() {
     assert!(error.contains("was its object truncated"), "{error}");
     assert_eq!(server.get("/v2/health/live").status, 200);
 }
+
+/// The attack: shared-memory regions are mapped, and a mapping faults (SIGBUS) where
+/// its object no longer reaches, so a client that shrinks its object while the server
+/// copies from or into it would kill the server. Here a client shrinks and regrows
+/// its object while 8 MiB inputs and outputs are copied: every request either works
+/// or fails naming the truncation, and the server lives.
+#[test]
+fn a_client_truncating_its_region_during_copies_cannot_fault_the_server() {
+    const HALF: u64 = 8 << 20;
+    let repo = TestRepo::new();
+    repo.add(
+        "identity_fp32",
+        r#"backend = "wasm"
+max_batch_size = 0
+[[input]]
+name = "INPUT0"
+datatype = "FP32"
+dims = [-1]
+[[output]]
+name = "OUTPUT0"
+datatype = "FP32"
+dims = [-1]
+[sandbox]
+memory_limit_mib = 128
+max_output_mib = 16
+"#,
+        "wisp_plugin_identity",
+        &[1],
+    );
+    let server = Server::start(
+        repo.path(),
+        &[
+            "--allow-client-shm",
+            "true",
+            "--http-max-body-bytes",
+            "33554432",
+        ],
+    );
+    let object = format!("wisp-e2e-race-{}", std::process::id());
+    let path = std::path::Path::new("/dev/shm").join(&object);
+    std::fs::write(&path, vec![0u8; 2 * HALF as usize]).unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(path.clone());
+    // Registering checks the object's size, which the shrinker below changes: retried.
+    let register = || {
+        let body = json!({"key": format!("/{object}"), "byte_size": 2 * HALF});
+        for _ in 0..200 {
+            let reply = server.post_json("/v2/systemsharedmemory/region/r/register", &body);
+            if reply.status == 200 {
+                return;
+            }
+            assert!(reply.error(400).contains("has 4096 bytes"));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the region could not be registered again");
+    };
+    register();
+    let request = json!({
+        "inputs": [{"name": "INPUT0", "shape": [HALF / 4], "datatype": "FP32",
+                    "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": HALF}}],
+        "outputs": [{"name": "OUTPUT0",
+                     "parameters": {"shared_memory_region": "r", "shared_memory_offset": HALF,
+                                    "shared_memory_byte_size": HALF}}]
+    });
+    assert_eq!(server.infer("identity_fp32", &request).status, 200);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shrinker = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && rounds < 2000 {
+                file.set_len(4096).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                file.set_len(2 * HALF).unwrap();
+                std::thread::sleep(Duration::from_micros(200 + 100 * (rounds % 50)));
+                rounds += 1;
+            }
+        })
+    };
+    let (mut worked, mut truncated) = (0, 0);
+    for _ in 0..40 {
+        let reply = server.infer("identity_fp32", &request);
+        if reply.status == 200 {
+            worked += 1;
+            continue;
+        }
+        let error = reply.error(400);
+        assert!(error.contains("was its object truncated"), "{error}");
+        truncated += 1;
+        // A region that faulted stays unusable until it is registered again.
+        server.post_json("/v2/systemsharedmemory/region/r/unregister", &json!({}));
+        register();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    shrinker.join().unwrap();
+    let faults = server
+        .log()
+        .matches("shrank under the server's copy")
+        .count();
+    eprintln!(
+        "{worked} requests worked, {truncated} failed naming the truncation, {faults} of them during a copy"
+    );
+    assert_eq!(server.get("/v2/health/live").status, 200);
+    // With the object whole again, the region (registered afresh) serves requests.
+    server.post_json("/v2/systemsharedmemory/region/r/unregister", &json!({}));
+    register();
+    assert_eq!(server.infer("identity_fp32", &request).status, 200);
+}

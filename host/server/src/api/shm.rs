@@ -215,7 +215,7 @@ impl SystemSharedMemory {
         let data = region
             .mapping
             .read(position, at.byte_size as usize)
-            .map_err(|fault| fault_error(fault, what, &at.region))?;
+            .map_err(|fault| region.fault_error(fault, what, &at.region))?;
         Ok(data.into())
     }
 
@@ -248,7 +248,21 @@ impl SystemSharedMemory {
         region
             .mapping
             .write(position, data)
-            .map_err(|fault| fault_error(fault, what, &at.region))
+            .map_err(|fault| region.fault_error(fault, what, &at.region))
+    }
+}
+
+impl Region {
+    /// `fault_error`, and a log line the first time the mapping faulted.
+    fn fault_error(&self, fault: mapping::Fault, what: &str, region: &str) -> Error {
+        if self.mapping.first_report() {
+            tracing::warn!(
+                region,
+                key = %self.key,
+                "shared memory object shrank under the server's copy; zero pages replaced the mapping, the region fails until registered again"
+            );
+        }
+        fault_error(fault, what, region)
     }
 }
 

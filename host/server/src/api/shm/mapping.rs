@@ -62,6 +62,8 @@ pub struct Mapping {
     len: usize,
     writable: bool,
     slot: usize,
+    /// Whether the fault was logged already (once per mapping).
+    reported: AtomicBool,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; every access copies
@@ -121,12 +123,18 @@ impl Mapping {
             len,
             writable,
             slot,
+            reported: AtomicBool::new(false),
         })
     }
 
     /// Whether the object was found truncated under this mapping.
     pub fn faulted(&self) -> bool {
         TABLE[self.slot].faulted.load(Ordering::Acquire)
+    }
+
+    /// True the first time it is asked after a fault: the fault is logged once.
+    pub fn first_report(&self) -> bool {
+        self.faulted() && !self.reported.swap(true, Ordering::AcqRel)
     }
 
     fn check(&self, at: usize, len: usize) -> *mut u8 {

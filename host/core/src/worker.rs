@@ -131,6 +131,30 @@ fn idle_spin() -> Duration {
     Duration::from_micros(IDLE_SPIN_US.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+/// Whether an instance's recent idle gaps were short enough for the idle spin to catch
+/// the next batch: bit i is the (i+1)-th latest gap. An instance spins only while at
+/// least half of its last 16 gaps were that short. A model called back to back (one
+/// client in a loop) keeps spinning; one whose batches come far apart, as most do under
+/// a mixed load, stops spending a core on looks that find nothing, which the models
+/// doing the work need (on 2 cores, spinning everywhere cost the encoder a third of
+/// its throughput in the soak benchmark).
+#[derive(Debug, Clone, Copy)]
+struct SpinHistory(u16);
+
+impl SpinHistory {
+    fn new() -> Self {
+        SpinHistory(u16::MAX)
+    }
+
+    fn worth_it(&self) -> bool {
+        self.0.count_ones() >= 8
+    }
+
+    fn record(&mut self, caught: bool) {
+        self.0 = (self.0 << 1) | u16::from(caught);
+    }
+}
+
 /// A job from either queue if one arrives within `spin` (pinned ones first).
 fn spin_for_job<J>(
     own_queue: &crossbeam_channel::Receiver<J>,
@@ -318,6 +342,7 @@ fn instance_loop<W: Worker>(
     let _ = ready.send(Ok(()));
     drop(ready);
     let mut failures: u32 = 0;
+    let mut spins = SpinHistory::new();
     loop {
         if worker.is_none() {
             // Rebuild before taking the next batch, after a delay that grows with
@@ -361,16 +386,33 @@ fn instance_loop<W: Worker>(
             }
         }
         // Batches pinned to this instance first, then the shared queue.
-        let job = match own_queue
-            .try_recv()
-            .ok()
-            .or_else(|| spin_for_job(own_queue, queue, idle_spin()))
-        {
-            Some(job) => job,
-            None => crossbeam_channel::select! {
-                recv(own_queue) -> job => match job { Ok(job) => job, Err(_) => return },
-                recv(queue) -> job => match job { Ok(job) => job, Err(_) => return },
-            },
+        let job = match own_queue.try_recv() {
+            Ok(job) => job,
+            Err(_) => {
+                let spin = idle_spin();
+                let idle_since = std::time::Instant::now();
+                let spun = if spins.worth_it() {
+                    spin_for_job(own_queue, queue, spin)
+                } else {
+                    None
+                };
+                match spun {
+                    Some(job) => {
+                        spins.record(true);
+                        job
+                    }
+                    None => {
+                        let job = crossbeam_channel::select! {
+                            recv(own_queue) -> job => match job { Ok(job) => job, Err(_) => return },
+                            recv(queue) -> job => match job { Ok(job) => job, Err(_) => return },
+                        };
+                        // Whether a spin would have caught it, so the history also
+                        // learns while this instance does not spin.
+                        spins.record(!spin.is_zero() && idle_since.elapsed() <= spin);
+                        job
+                    }
+                }
+            }
         };
         if job.reply.is_closed() {
             continue; // the client went away while the batch waited
@@ -663,6 +705,30 @@ mod tests {
         assert_eq!(r.delay(2), Duration::from_millis(50));
         assert_eq!(r.delay(3), Duration::from_millis(100));
         assert_eq!(r.delay(40), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_instance_spins_only_while_most_of_its_recent_gaps_were_short() {
+        let mut history = SpinHistory::new();
+        assert!(history.worth_it());
+        // Long gaps: it stops after 9 of the last 16 missed.
+        for miss in 1..=9 {
+            assert!(history.worth_it(), "after {miss} misses");
+            history.record(false);
+        }
+        assert!(!history.worth_it());
+        // One short gap in a while does not bring it back.
+        for _ in 0..40 {
+            history.record(false);
+            history.record(false);
+            history.record(true);
+            assert!(!history.worth_it());
+        }
+        // Back-to-back batches again: 8 short gaps in a row and it spins.
+        for _ in 0..8 {
+            history.record(true);
+        }
+        assert!(history.worth_it());
     }
 
     #[test]

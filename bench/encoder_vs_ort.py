@@ -16,6 +16,7 @@ encode_fixed / encode_longest and build_cases are copied from it):
                               deterministic shuffle; row i is the rotated passage text starting at
                               sentence i truncated to its length); ORT pads them to the longest (128)
   b32_short                   (optional) bench_ort.py's batch of 32 short sentences, padded to the longest
+  b1_short                    (optional) one short sentence (~12 tokens): the latency case
 
 Steps:
  1. tokenize; write the cases to CASES.json (next to --json, or --cases-out):
@@ -54,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 DEFAULT_WISP = "target/release/examples/encoder_bench"
-ALL_CASES = ("b1_s128", "b8_s128", "b32_s128", "b32_mixed", "b32_short")
+ALL_CASES = ("b1_s128", "b8_s128", "b32_s128", "b32_mixed", "b32_short", "b1_short")
 DEFAULT_CASES = "b1_s128,b8_s128,b32_s128,b32_mixed"
 COS_MIN = 0.9999
 
@@ -169,6 +170,8 @@ def build_cases(tok, names=ALL_CASES):
         cases["b32_mixed"] = encode_mixed(tok, long_texts, mixed_lengths())
     if "b32_short" in names:
         cases["b32_short"] = encode_longest(tok, short_sentences(32, seed=99))
+    if "b1_short" in names:  # the latency case: one short sentence, bound by its few-row products
+        cases["b1_short"] = encode_longest(tok, short_sentences(1, seed=99))
     tok.no_padding()
     tok.no_truncation()
     return cases

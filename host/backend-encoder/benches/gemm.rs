@@ -59,4 +59,65 @@ fn main() {
             println!("{m:>6} {k:>6} {n:>6} {:>10.3} {gflops:>10.1}", median * 1e3);
         }
     }
+    streaming(&pool, threads);
+}
+
+/// Few rows against a whole model's weights, as in a forward pass of one short sentence:
+/// MiniLM-L6's six layers (Q, K, V, O, FFN up, FFN down; 42 MB in f32), each product on
+/// the next layer's matrix, so no matrix is reused from L1/L2 (whether 42 MB fit the
+/// last-level cache depends on the CPU: the GB/s column tells).
+fn streaming(pool: &rayon::ThreadPool, threads: usize) {
+    let shapes: Vec<(usize, usize)> = (0..6)
+        .flat_map(|_| {
+            [
+                (384, 384),
+                (384, 384),
+                (384, 384),
+                (384, 384),
+                (384, 1536),
+                (1536, 384),
+            ]
+        })
+        .collect();
+    let weights: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(s, &(k, n))| {
+            (0..n * k)
+                .map(|i| ((i + s) % 89) as f32 / 89.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    let megabytes = weights.iter().map(|w| w.len() * 4).sum::<usize>() as f64 / 1e6;
+    println!(
+        "\nstreaming: {} products over {megabytes:.0} MB of weights (MiniLM-L6's layers)",
+        shapes.len()
+    );
+    println!("{:>6} {:>10} {:>10}", "M", "ms", "GB/s");
+    for m in [1, 4, 12, 16, 32, 64] {
+        let x: Vec<f32> = (0..m * 1536).map(|i| (i % 97) as f32 / 97.0).collect();
+        let mut y = vec![0f32; m * 1536];
+        let mut run = || {
+            pool.install(|| {
+                for (w, &(k, n)) in weights.iter().zip(&shapes) {
+                    matmul_transposed(&mut y, &x, w, m, k, n, false, Threads(threads));
+                }
+            })
+        };
+        run();
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 10 || start.elapsed() < Duration::from_millis(1000) {
+            let t = Instant::now();
+            run();
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "{m:>6} {:>10.3} {:>10.1}",
+            median * 1e3,
+            megabytes / 1e3 / median
+        );
+    }
 }

@@ -385,3 +385,24 @@ pub fn split_binary(reply: &Reply) -> (Value, Vec<u8>) {
 pub fn i32_bytes(values: &[i32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
+
+/// A POSIX shared-memory object (`/dev/shm/NAME`) of zeros, removed on drop.
+pub struct ShmObject {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl ShmObject {
+    pub fn new(prefix: &str, len: usize) -> ShmObject {
+        let name = format!("{prefix}-{}", std::process::id());
+        let path = Path::new("/dev/shm").join(&name);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        ShmObject { name, path }
+    }
+}
+
+impl Drop for ShmObject {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -265,16 +265,8 @@ fn shared_memory_inputs_count_against_the_in_flight_budget() {
             "65536",
         ],
     );
-    let object = format!("wisp-e2e-{}", std::process::id());
-    let path = std::path::Path::new("/dev/shm").join(&object);
-    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _remove = Remove(path.clone());
+    let shm_object = ShmObject::new("wisp-e2e", 1 << 20);
+    let (object, path) = (shm_object.name.clone(), shm_object.path.clone());
     let register = json!({"key": format!("/{object}"), "byte_size": 1 << 20});
     let registered = server.post_json("/v2/systemsharedmemory/region/big/register", &register);
     assert_eq!(
@@ -345,16 +337,8 @@ max_output_mib = 16
             "33554432",
         ],
     );
-    let object = format!("wisp-e2e-race-{}", std::process::id());
-    let path = std::path::Path::new("/dev/shm").join(&object);
-    std::fs::write(&path, vec![0u8; 2 * HALF as usize]).unwrap();
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _remove = Remove(path.clone());
+    let shm_object = ShmObject::new("wisp-e2e-race", 2 * HALF as usize);
+    let (object, path) = (shm_object.name.clone(), shm_object.path.clone());
     // Registering checks the object's size, which the shrinker below changes: retried.
     let register = || {
         let body = json!({"key": format!("/{object}"), "byte_size": 2 * HALF});

@@ -45,16 +45,7 @@ fn main() {
             let mut run = || {
                 pool.install(|| matmul_transposed(&mut y, &x, &w, m, k, n, false, Threads(threads)))
             };
-            run();
-            let mut times = Vec::new();
-            let start = Instant::now();
-            while times.len() < 10 || start.elapsed() < Duration::from_millis(500) {
-                let t = Instant::now();
-                run();
-                times.push(t.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
+            let median = median_seconds(&mut run, Duration::from_millis(500));
             let gflops = 2.0 * (m * k * n) as f64 / median / 1e9;
             println!("{m:>6} {k:>6} {n:>6} {:>10.3} {gflops:>10.1}", median * 1e3);
         }
@@ -104,20 +95,25 @@ fn streaming(pool: &rayon::ThreadPool, threads: usize) {
                 }
             })
         };
-        run();
-        let mut times = Vec::new();
-        let start = Instant::now();
-        while times.len() < 10 || start.elapsed() < Duration::from_millis(1000) {
-            let t = Instant::now();
-            run();
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let median = median_seconds(&mut run, Duration::from_millis(1000));
         println!(
             "{m:>6} {:>10.3} {:>10.1}",
             median * 1e3,
             megabytes / 1e3 / median
         );
     }
+}
+
+/// The median time of `run` over at least 10 runs and `min_time`, after one warm-up run.
+fn median_seconds(run: &mut impl FnMut(), min_time: Duration) -> f64 {
+    run();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 10 || start.elapsed() < min_time {
+        let t = Instant::now();
+        run();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }

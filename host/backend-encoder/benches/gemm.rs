@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 use wisp_backend_encoder::linear::{matmul_transposed, Threads};
+use wisp_backend_encoder::panels::{self, Panels};
 
 fn main() {
     // Before any thread exists (it sets an environment variable OpenBLAS reads).
@@ -84,23 +85,50 @@ fn streaming(pool: &rayon::ThreadPool, threads: usize) {
         "\nstreaming: {} products over {megabytes:.0} MB of weights (MiniLM-L6's layers)",
         shapes.len()
     );
-    println!("{:>6} {:>10} {:>10}", "M", "ms", "GB/s");
-    for m in [1, 4, 12, 16, 32, 64] {
+    let panels: Option<Vec<Panels>> = panels::available().then(|| {
+        weights
+            .iter()
+            .zip(&shapes)
+            .map(|(w, &(k, n))| Panels::new(w, n, k))
+            .collect()
+    });
+    println!(
+        "{:>6} {:>12} {:>16} {:>8}",
+        "M", "engine ms", "packed panels ms", "ratio"
+    );
+    for m in [1, 4, 8, 12, 16, 24, 32, 48, 64] {
         let x: Vec<f32> = (0..m * 1536).map(|i| (i % 97) as f32 / 97.0).collect();
         let mut y = vec![0f32; m * 1536];
-        let mut run = || {
+        let mut engine = || {
             pool.install(|| {
                 for (w, &(k, n)) in weights.iter().zip(&shapes) {
                     matmul_transposed(&mut y, &x, w, m, k, n, false, Threads(threads));
                 }
             })
         };
-        let median = median_seconds(&mut run, Duration::from_millis(1000));
-        println!(
-            "{m:>6} {:>10.3} {:>10.1}",
-            median * 1e3,
-            megabytes / 1e3 / median
-        );
+        let engine_s = median_seconds(&mut engine, Duration::from_millis(1000));
+        let packed_s = panels
+            .as_ref()
+            .filter(|_| m <= panels::MAX_ROWS)
+            .map(|panels| {
+                let mut packed = || {
+                    pool.install(|| {
+                        for p in panels {
+                            p.matmul(&mut y, &x, m, false, threads);
+                        }
+                    })
+                };
+                median_seconds(&mut packed, Duration::from_millis(1000))
+            });
+        match packed_s {
+            Some(packed_s) => println!(
+                "{m:>6} {:>12.3} {:>16.3} {:>7.2}x",
+                engine_s * 1e3,
+                packed_s * 1e3,
+                engine_s / packed_s
+            ),
+            None => println!("{m:>6} {:>12.3} {:>16} {:>8}", engine_s * 1e3, "-", "-"),
+        }
     }
 }
 

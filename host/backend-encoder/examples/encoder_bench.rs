@@ -65,7 +65,10 @@ fn main() {
         ..EncoderSettings::new(".")
     };
     // The checkpoint is the model folder itself (paths are confined to the folder given).
-    let encoder = Arc::new(load_encoder(&settings, std::path::Path::new(&model)).expect("load"));
+    let mut encoder = load_encoder(&settings, std::path::Path::new(&model)).expect("load");
+    // As the server does for CPU instances (WISP_PANELS=0 turns it off).
+    encoder.pack_for_cpu();
+    let encoder = Arc::new(encoder);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

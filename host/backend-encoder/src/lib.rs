@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod linear;
 pub mod model;
 pub mod ops;
+pub mod panels;
 
 use bytes::Bytes;
 use checkpoint::{Checkpoint, Dimensions, Family, Pooling};
@@ -359,10 +360,14 @@ impl EncoderBackend {
             }
             _ => {}
         }
-        let encoder = Arc::new(
-            load_encoder(&settings, version_dir)
-                .map_err(|e| e.context(format!("model '{}'", config.name)))?,
-        );
+        let mut encoder = load_encoder(&settings, version_dir)
+            .map_err(|e| e.context(format!("model '{}'", config.name)))?;
+        let packed_bytes = if cpu_instances > 0 {
+            encoder.pack_for_cpu()
+        } else {
+            0
+        };
+        let encoder = Arc::new(encoder);
         check_signature(config, &encoder)?;
         let mut devices: Vec<String> = Vec::new();
         let mut placements = gpu_placements(config, &settings, &encoder, &mut devices)?;
@@ -435,6 +440,7 @@ impl EncoderBackend {
             gpus = %devices.join(", "),
             threads,
             gemm = linear::engine(),
+            few_row_panels_mib = packed_bytes >> 20,
             "encoder loaded"
         );
         Ok(EncoderBackend { pool })

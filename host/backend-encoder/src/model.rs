@@ -5,6 +5,7 @@
 use super::checkpoint::{Checkpoint, Dimensions, Family, Pooling, Weight};
 use super::linear::{matmul_transposed, Threads};
 use super::ops::{self, Activation, Segment};
+use super::panels::{self, Panels};
 use rayon::prelude::*;
 use wisp_core::error::{Error, Result};
 
@@ -100,6 +101,16 @@ pub(super) struct Layer {
     pub(super) up: (Weight, Weight),
     pub(super) down: (Weight, Weight),
     pub(super) output_norm: (Weight, Weight),
+    /// The four products' weights packed for few-row products (`panels`), on CPUs that
+    /// run them and models with CPU instances.
+    pub(super) packed: Option<LayerPanels>,
+}
+
+pub(super) struct LayerPanels {
+    qkv: Panels,
+    out: Panels,
+    up: Panels,
+    down: Panels,
 }
 
 pub struct Encoder {
@@ -238,6 +249,7 @@ impl Encoder {
                 up: pair(checkpoint, &up, dims.intermediate, h)?,
                 down: pair(checkpoint, &down, h, dims.intermediate)?,
                 output_norm: norm(checkpoint, &output_norm, h)?,
+                packed: None,
             });
         }
         let head = Self::load_head(&dims, checkpoint, head_kind, pooling, normalize)?;
@@ -326,6 +338,28 @@ impl Encoder {
         }
     }
 
+    /// Packs every layer's weights for few-row products where the CPU runs them
+    /// (`panels`); returns the bytes it took (a second copy of the layer weights).
+    pub fn pack_for_cpu(&mut self) -> usize {
+        if !panels::available() {
+            return 0;
+        }
+        let (h, inter) = (self.dims.hidden, self.dims.intermediate);
+        let mut bytes = 0;
+        for layer in &mut self.layers {
+            let packed = LayerPanels {
+                qkv: Panels::new(&layer.qkv_weight, 3 * h, h),
+                out: Panels::new(layer.out.0.data(), h, h),
+                up: Panels::new(layer.up.0.data(), inter, h),
+                down: Panels::new(layer.down.0.data(), h, inter),
+            };
+            bytes +=
+                packed.qkv.bytes() + packed.out.bytes() + packed.up.bytes() + packed.down.bytes();
+            layer.packed = Some(packed);
+        }
+        bytes
+    }
+
     /// Runs the embeddings and every layer over `batch`; the last hidden states are
     /// left in `ws.hidden` ([tokens, hidden]).
     pub fn forward(&self, batch: &PackedBatch, ws: &mut Workspace, threads: Threads) {
@@ -336,7 +370,14 @@ impl Encoder {
         let scale = 1.0 / ((h / d.heads) as f32).sqrt();
         for layer in &self.layers {
             let qkv = grow(&mut ws.qkv, m * 3 * h);
-            matmul_transposed(qkv, hidden, &layer.qkv_weight, m, h, 3 * h, false, threads);
+            let packed = layer.packed.as_ref();
+            let few_rows = m <= panels::MAX_ROWS;
+            match packed.filter(|_| few_rows) {
+                Some(p) => p.qkv.matmul(qkv, hidden, m, false, threads.0),
+                None => {
+                    matmul_transposed(qkv, hidden, &layer.qkv_weight, m, h, 3 * h, false, threads)
+                }
+            }
             let bias = &layer.qkv_bias;
             qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
                 for row in rows.chunks_exact_mut(3 * h) {
@@ -359,7 +400,12 @@ impl Encoder {
                 d.heads,
             );
             // hidden += context·Woᵀ; hidden = LN(hidden + bo)
-            matmul_transposed(hidden, context, layer.out.0.data(), m, h, h, true, threads);
+            match packed.filter(|_| few_rows) {
+                Some(p) => p.out.matmul(hidden, context, m, true, threads.0),
+                None => {
+                    matmul_transposed(hidden, context, layer.out.0.data(), m, h, h, true, threads)
+                }
+            }
             ops::add_bias_layer_norm(
                 hidden,
                 h,
@@ -369,27 +415,33 @@ impl Encoder {
                 d.layer_norm_eps,
             );
             let inter = grow(&mut ws.intermediate, m * d.intermediate);
-            matmul_transposed(
-                inter,
-                hidden,
-                layer.up.0.data(),
-                m,
-                h,
-                d.intermediate,
-                false,
-                threads,
-            );
+            match packed.filter(|_| few_rows) {
+                Some(p) => p.up.matmul(inter, hidden, m, false, threads.0),
+                None => matmul_transposed(
+                    inter,
+                    hidden,
+                    layer.up.0.data(),
+                    m,
+                    h,
+                    d.intermediate,
+                    false,
+                    threads,
+                ),
+            }
             ops::add_bias_activation(inter, d.intermediate, layer.up.1.data(), d.activation);
-            matmul_transposed(
-                hidden,
-                inter,
-                layer.down.0.data(),
-                m,
-                d.intermediate,
-                h,
-                true,
-                threads,
-            );
+            match packed.filter(|_| few_rows) {
+                Some(p) => p.down.matmul(hidden, inter, m, true, threads.0),
+                None => matmul_transposed(
+                    hidden,
+                    inter,
+                    layer.down.0.data(),
+                    m,
+                    d.intermediate,
+                    h,
+                    true,
+                    threads,
+                ),
+            }
             ops::add_bias_layer_norm(
                 hidden,
                 h,

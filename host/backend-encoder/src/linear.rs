@@ -284,6 +284,26 @@ pub fn matmul_transposed(
     }
 }
 
+/// [`matmul_transposed`], or the same product on `packed` (w packed at load) when it has
+/// few enough rows for the packed kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn dense(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&crate::panels::Panels>,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    threads: Threads,
+) {
+    match packed.filter(|_| m <= crate::panels::MAX_ROWS) {
+        Some(panels) => panels.matmul(y, x, m, accumulate, threads.0),
+        None => matmul_transposed(y, x, w, m, k, n, accumulate, threads),
+    }
+}
+
 /// A buffer pointer handed to rayon tasks that each write a disjoint part of it.
 pub(super) struct SendPtr(pub *mut f32);
 // SAFETY: every user splits the buffer so that no two tasks write the same element.

@@ -3,7 +3,7 @@
 //! matrix, attention per sequence), so cost follows real tokens.
 
 use super::checkpoint::{Checkpoint, Dimensions, Family, Pooling, Weight};
-use super::linear::{matmul_transposed, Threads};
+use super::linear::{dense, matmul_transposed, Threads};
 use super::ops::{self, Activation, Segment};
 use super::panels::{self, Panels};
 use rayon::prelude::*;
@@ -371,13 +371,18 @@ impl Encoder {
         for layer in &self.layers {
             let qkv = grow(&mut ws.qkv, m * 3 * h);
             let packed = layer.packed.as_ref();
-            let few_rows = m <= panels::MAX_ROWS;
-            match packed.filter(|_| few_rows) {
-                Some(p) => p.qkv.matmul(qkv, hidden, m, false, threads.0),
-                None => {
-                    matmul_transposed(qkv, hidden, &layer.qkv_weight, m, h, 3 * h, false, threads)
-                }
-            }
+            let qkv_w = &layer.qkv_weight;
+            dense(
+                qkv,
+                hidden,
+                qkv_w,
+                packed.map(|p| &p.qkv),
+                m,
+                h,
+                3 * h,
+                false,
+                threads,
+            );
             let bias = &layer.qkv_bias;
             qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
                 for row in rows.chunks_exact_mut(3 * h) {
@@ -400,12 +405,18 @@ impl Encoder {
                 d.heads,
             );
             // hidden += context·Woᵀ; hidden = LN(hidden + bo)
-            match packed.filter(|_| few_rows) {
-                Some(p) => p.out.matmul(hidden, context, m, true, threads.0),
-                None => {
-                    matmul_transposed(hidden, context, layer.out.0.data(), m, h, h, true, threads)
-                }
-            }
+            let out_w = layer.out.0.data();
+            dense(
+                hidden,
+                context,
+                out_w,
+                packed.map(|p| &p.out),
+                m,
+                h,
+                h,
+                true,
+                threads,
+            );
             ops::add_bias_layer_norm(
                 hidden,
                 h,
@@ -415,33 +426,31 @@ impl Encoder {
                 d.layer_norm_eps,
             );
             let inter = grow(&mut ws.intermediate, m * d.intermediate);
-            match packed.filter(|_| few_rows) {
-                Some(p) => p.up.matmul(inter, hidden, m, false, threads.0),
-                None => matmul_transposed(
-                    inter,
-                    hidden,
-                    layer.up.0.data(),
-                    m,
-                    h,
-                    d.intermediate,
-                    false,
-                    threads,
-                ),
-            }
+            let (up_w, up_p) = (layer.up.0.data(), packed.map(|p| &p.up));
+            dense(
+                inter,
+                hidden,
+                up_w,
+                up_p,
+                m,
+                h,
+                d.intermediate,
+                false,
+                threads,
+            );
             ops::add_bias_activation(inter, d.intermediate, layer.up.1.data(), d.activation);
-            match packed.filter(|_| few_rows) {
-                Some(p) => p.down.matmul(hidden, inter, m, true, threads.0),
-                None => matmul_transposed(
-                    hidden,
-                    inter,
-                    layer.down.0.data(),
-                    m,
-                    d.intermediate,
-                    h,
-                    true,
-                    threads,
-                ),
-            }
+            let (down_w, down_p) = (layer.down.0.data(), packed.map(|p| &p.down));
+            dense(
+                hidden,
+                inter,
+                down_w,
+                down_p,
+                m,
+                d.intermediate,
+                h,
+                true,
+                threads,
+            );
             ops::add_bias_layer_norm(
                 hidden,
                 h,

@@ -4,6 +4,7 @@
 //! NumPy on the same shapes: `python3 bench/gemm_numpy.py`.
 
 use std::time::{Duration, Instant};
+use wisp_backend_encoder::int8::{self, Epilogue, InputQuantization, Int8Panels, QuantizedRows};
 use wisp_backend_encoder::linear::{matmul_transposed, Threads};
 use wisp_backend_encoder::panels::{self, Panels};
 
@@ -23,9 +24,15 @@ fn main() {
         "threads: {threads}, engine: {} (WISP_GEMM=gemm|openblas selects)",
         wisp_backend_encoder::linear::engine()
     );
+    let isa = int8::Isa::selected();
     println!(
-        "{:>6} {:>6} {:>6} {:>10} {:>10}",
-        "M", "K", "N", "ms", "GFLOP/s"
+        "int8: {} (WISP_INT8_ISA=avx512vnni|avxvnni|avx2|portable selects); its time includes \
+         quantizing x per row",
+        isa.name()
+    );
+    println!(
+        "{:>6} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "M", "K", "N", "f32 ms", "GFLOP/s", "int8 ms", "GOP/s", "ratio"
     );
     for (k, n) in [
         (384, 384),
@@ -48,7 +55,29 @@ fn main() {
             };
             let median = median_seconds(&mut run, Duration::from_millis(500));
             let gflops = 2.0 * (m * k * n) as f64 / median / 1e9;
-            println!("{m:>6} {k:>6} {n:>6} {:>10.3} {gflops:>10.1}", median * 1e3);
+            let (w8, scales) = int8::quantize_weights(&w, n, k);
+            let packed = Int8Panels::new(&w8, n, k);
+            let mut rows = QuantizedRows::default();
+            let epilogue = Epilogue {
+                column_scales: &scales,
+                bias: None,
+                activation: None,
+                accumulate: false,
+            };
+            let mut run8 = || {
+                pool.install(|| {
+                    rows.quantize(&x, m, &packed, &InputQuantization::default());
+                    int8::matmul(isa, &mut y, &rows, &packed, &epilogue, threads)
+                })
+            };
+            let median8 = median_seconds(&mut run8, Duration::from_millis(500));
+            let gops = 2.0 * (m * k * n) as f64 / median8 / 1e9;
+            println!(
+                "{m:>6} {k:>6} {n:>6} {:>10.3} {gflops:>10.1} {:>10.3} {gops:>10.1} {:>7.2}x",
+                median * 1e3,
+                median8 * 1e3,
+                median / median8
+            );
         }
     }
     streaming(&pool, threads);

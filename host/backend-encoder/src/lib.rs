@@ -8,6 +8,7 @@
 pub mod checkpoint;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+pub mod int8;
 pub mod linear;
 pub mod model;
 pub mod ops;

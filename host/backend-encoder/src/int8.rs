@@ -1,0 +1,848 @@
+//! INT8 products: y[M,N] = dequant(q(x)[M,K] · W8[N,K]ᵀ) (+ bias, activation), with
+//! W8 quantized symmetrically per output column and packed once at load, and x
+//! quantized per row (dynamic) or per tensor (a calibrated static scale).
+//!
+//! Layout: W is packed into panels of 16 output columns; a panel holds ⌈K/4⌉ groups of
+//! 64 bytes, each 16 columns × 4 consecutive k (one AVX-512 register). Activations are
+//! stored as unsigned bytes q + z, because `vpdpbusd` multiplies unsigned by signed
+//! bytes: z = 128 for symmetric quantization, or a zero point chosen from the range for
+//! asymmetric (GELU's output lies mostly in [-0.17, ∞)); the z·Σₖw each column picks up
+//! is subtracted in the epilogue. All arithmetic up to the epilogue is integer and exact, so every
+//! instruction set gives bit-identical results: the epilogue is one shared scalar
+//! function.
+//!
+//! Instruction sets, chosen at run time ([`Isa::selected`]; `WISP_INT8_ISA` forces one):
+//! AVX-512 VNNI (`vpdpbusd` on 16 lanes), AVX-VNNI (the same on 8), AVX2 (bytes widened
+//! to 16 bits and `vpmaddwd`: exact, where `vpmaddubsw` would saturate at 16 bits for
+//! products of 255·127 pairs), and portable Rust.
+
+use crate::ops::Activation;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Output columns per panel.
+pub const WIDTH: usize = 16;
+/// Consecutive k per 32-bit lane.
+const GROUP: usize = 4;
+/// Bytes of one group of a panel: WIDTH columns × GROUP k.
+const GROUP_BYTES: usize = WIDTH * GROUP;
+/// The largest quantized value; -127..=127 keeps the range symmetric.
+pub const QMAX: f32 = 127.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2, Isa::Portable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::AvxVnni => "avxvnni",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|isa| isa.name() == name)
+    }
+
+    /// Whether this CPU runs it.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Isa::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Isa::AvxVnni => has!("avx2") && has!("avxvnni"),
+                Isa::Avx2 => has!("avx2"),
+                Isa::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+
+    /// The fastest this CPU runs.
+    pub fn best() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .find(|isa| isa.supported())
+            .unwrap_or(Isa::Portable)
+    }
+
+    /// [`Isa::best`], or the one `WISP_INT8_ISA` names when this CPU runs it (a name the
+    /// CPU cannot run is logged and ignored).
+    pub fn selected() -> Isa {
+        static SELECTED: OnceLock<Isa> = OnceLock::new();
+        *SELECTED.get_or_init(|| match std::env::var("WISP_INT8_ISA") {
+            Ok(name) if !name.is_empty() => match Isa::parse(&name) {
+                Some(isa) if isa.supported() => isa,
+                _ => {
+                    tracing::warn!(
+                        requested = %name,
+                        using = Isa::best().name(),
+                        "WISP_INT8_ISA names an instruction set this CPU does not run \
+                         (avx512vnni, avxvnni, avx2 or portable)"
+                    );
+                    Isa::best()
+                }
+            },
+            _ => Isa::best(),
+        })
+    }
+}
+
+/// W8[n, k] packed in panels, with each column's Σₖ W8[j, k] (for the zero point).
+pub struct Int8Panels {
+    n: usize,
+    k: usize,
+    groups: usize,
+    data: Vec<i8>,
+    column_sums: Vec<i32>,
+}
+
+impl Int8Panels {
+    /// Packs `w` ([n, k], row-major).
+    pub fn new(w: &[i8], n: usize, k: usize) -> Int8Panels {
+        assert!(w.len() >= n * k);
+        let groups = k.div_ceil(GROUP);
+        let blocks = n.div_ceil(WIDTH);
+        let mut data = vec![0i8; blocks * groups * GROUP_BYTES];
+        let mut column_sums = vec![0i32; blocks * WIDTH];
+        for j in 0..n {
+            let (block, c) = (j / WIDTH, j % WIDTH);
+            let row = &w[j * k..][..k];
+            for (p, &v) in row.iter().enumerate() {
+                data[(block * groups + p / GROUP) * GROUP_BYTES + c * GROUP + p % GROUP] = v;
+            }
+            column_sums[j] = row.iter().map(|&v| v as i32).sum::<i32>();
+        }
+        Int8Panels {
+            n,
+            k,
+            groups,
+            data,
+            column_sums,
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() + self.column_sums.len() * 4
+    }
+
+    /// Row stride of the quantized activations this product reads.
+    fn padded_k(&self) -> usize {
+        self.groups * GROUP
+    }
+}
+
+/// How a product's input is quantized.
+#[derive(Debug, Clone, Default)]
+pub struct InputQuantization {
+    /// A calibrated per-tensor range; `None`: each row's own range at run time.
+    pub range: Option<Range>,
+    /// Zero point chosen from the range (u8 over [min, max]) instead of symmetric ±127.
+    pub asymmetric: bool,
+    /// SmoothQuant: input channel c is divided by `smooth[c]` before quantization (the
+    /// weights were multiplied by it), which moves outlier channels' range into W.
+    pub smooth: Option<Vec<f32>>,
+}
+
+/// A calibrated range of a product's input (after smoothing). Symmetric quantization
+/// uses max(|min|, |max|).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Range {
+    pub min: f32,
+    pub max: f32,
+}
+
+/// Activations quantized for one product: q + z as bytes, rows padded to a multiple of
+/// 4 with the zero point, and each row's scale and zero point.
+#[derive(Default)]
+pub struct QuantizedRows {
+    data: Vec<u8>,
+    scales: Vec<f32>,
+    zero_points: Vec<i32>,
+    stride: usize,
+    rows: usize,
+}
+
+/// Rounds to the nearest integer, ties to even, for |v| < 2²²: adding 1.5·2²³ leaves no
+/// fraction bits. Branch-free so quantization loops vectorise.
+#[inline(always)]
+fn round(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
+impl QuantizedRows {
+    /// Quantizes x[m, k] for `w` as `input` says.
+    pub fn quantize(&mut self, x: &[f32], m: usize, w: &Int8Panels, input: &InputQuantization) {
+        let (k, stride) = (w.k, w.padded_k());
+        assert!(x.len() >= m * k);
+        self.stride = stride;
+        self.rows = m;
+        self.data.clear();
+        self.data.resize(m * stride, 0);
+        self.scales.clear();
+        self.scales.resize(m, 1.0);
+        self.zero_points.clear();
+        self.zero_points.resize(m, 128);
+        let inverse_smooth: Option<Vec<f32>> = input
+            .smooth
+            .as_ref()
+            .map(|s| s.iter().map(|v| 1.0 / v).collect());
+        let inverse_smooth = inverse_smooth.as_deref();
+        let quantize =
+            |((row, out), (scale, zero)): ((&[f32], &mut [u8]), (&mut f32, &mut i32))| {
+                let (s, z) = quantize_row(row, out, input, inverse_smooth);
+                (*scale, *zero) = (s, z);
+            };
+        let rows = x[..m * k]
+            .par_chunks(k)
+            .zip(self.data.par_chunks_mut(stride))
+            .zip(
+                self.scales
+                    .par_iter_mut()
+                    .zip(self.zero_points.par_iter_mut()),
+            );
+        rows.with_min_len(16).for_each(quantize);
+    }
+
+    /// Raw quantized values (tests): row-major [rows, stride] of q + 128.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Scale and zero point for values in [min, max]: symmetric (z = 128, ±127 steps of
+/// max(|min|, |max|)/127) or asymmetric (0..=255 over [min(min, 0), max(max, 0)], so that
+/// 0 is exact).
+pub fn scale_and_zero_point(min: f32, max: f32, asymmetric: bool) -> (f32, i32) {
+    let (min, max) = (min.min(0.0), max.max(0.0));
+    if !(min.is_finite() && max.is_finite()) || max - min <= 0.0 {
+        return (1.0, 128);
+    }
+    if asymmetric {
+        let scale = (max - min) / 255.0;
+        let zero = round(-min / scale).clamp(0.0, 255.0) as i32;
+        (scale, zero)
+    } else {
+        (max.max(-min) / QMAX, 128)
+    }
+}
+
+/// One row: `out = clamp(round(x / s / scale) + z)`, with scale and zero point from this
+/// row's range unless `input` has a calibrated one; returns them. The padding past k is
+/// the zero point (the value 0).
+#[inline]
+fn quantize_row(
+    row: &[f32],
+    out: &mut [u8],
+    input: &InputQuantization,
+    inverse_smooth: Option<&[f32]>,
+) -> (f32, i32) {
+    let value = |c: usize| match inverse_smooth {
+        Some(inverse) => row[c] * inverse[c],
+        None => row[c],
+    };
+    let range = input.range.unwrap_or_else(|| {
+        let (mut min, mut max) = (0f32, 0f32);
+        for c in 0..row.len() {
+            min = min.min(value(c));
+            max = max.max(value(c));
+        }
+        Range { min, max }
+    });
+    let (scale, zero) = scale_and_zero_point(range.min, range.max, input.asymmetric);
+    let (low, high) = if input.asymmetric {
+        (0.0, 255.0)
+    } else {
+        (128.0 - QMAX, 128.0 + QMAX)
+    };
+    let (inv, z) = (1.0 / scale, zero as f32);
+    let (values, padding) = out.split_at_mut(row.len());
+    for (c, o) in values.iter_mut().enumerate() {
+        *o = (round(value(c) * inv) + z).clamp(low, high) as u8;
+    }
+    padding.fill(zero as u8);
+    (scale, zero)
+}
+
+/// What happens to each output after the integer product:
+/// `y (+)= act(acc · row_scale · column_scale + bias)`.
+pub struct Epilogue<'a> {
+    /// Each output column's weight scale.
+    pub column_scales: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub activation: Option<Activation>,
+    /// Adds to y (the residual) instead of overwriting it.
+    pub accumulate: bool,
+}
+
+/// The context every kernel's tiles finish with.
+struct Finish<'a> {
+    y: *mut f32,
+    n: usize,
+    rows: &'a QuantizedRows,
+    column_sums: &'a [i32],
+    epilogue: &'a Epilogue<'a>,
+}
+
+impl Finish<'_> {
+    /// Writes output row `r`, columns `column..column+16` (those below n), from the
+    /// integer sums of that panel. Inlined into each kernel, so full panels vectorise
+    /// for its instruction set (the same IEEE operations in the same order: no path
+    /// rounds differently).
+    #[inline(always)]
+    unsafe fn store(&self, acc: &[i32; WIDTH], r: usize, column: usize) {
+        let valid = self.n.saturating_sub(column).min(WIDTH);
+        if valid == WIDTH {
+            self.store_n::<WIDTH>(acc, r, column);
+        } else {
+            for c in 0..valid {
+                self.store_n::<1>(&[acc[c]], r, column + c);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_n<const L: usize>(&self, acc: &[i32; L], r: usize, column: usize) {
+        let e = self.epilogue;
+        let (row_scale, zero) = (self.rows.scales[r], self.rows.zero_points[r]);
+        let column_sums = &self.column_sums[column..column + L];
+        let column_scales = &e.column_scales[column..column + L];
+        let mut v = [0f32; L];
+        for c in 0..L {
+            let integer = acc[c] - zero * column_sums[c];
+            v[c] = integer as f32 * (row_scale * column_scales[c]);
+        }
+        if let Some(bias) = e.bias {
+            let bias = &bias[column..column + L];
+            for c in 0..L {
+                v[c] += bias[c];
+            }
+        }
+        match e.activation {
+            None => {}
+            Some(Activation::Gelu) => v.iter_mut().for_each(|v| *v = Activation::Gelu.apply(*v)),
+            Some(Activation::GeluTanh) => v
+                .iter_mut()
+                .for_each(|v| *v = Activation::GeluTanh.apply(*v)),
+            Some(other) => v.iter_mut().for_each(|v| *v = other.apply(*v)),
+        }
+        let out = std::slice::from_raw_parts_mut(self.y.add(r * self.n + column), L);
+        if e.accumulate {
+            for c in 0..L {
+                out[c] += v[c];
+            }
+        } else {
+            out.copy_from_slice(&v);
+        }
+    }
+}
+
+/// Below this many multiply-adds a product runs on one thread.
+const PARALLEL_THRESHOLD: usize = 64 * 64 * 64;
+/// Rows per task when a product is split by rows.
+const ROWS_PER_TASK: usize = 96;
+
+/// y[m, n] (+)= the INT8 product of `x` (quantized rows) and `w`, finished by `epilogue`,
+/// on `isa`, split over the current rayon pool's threads.
+pub fn matmul(
+    isa: Isa,
+    y: &mut [f32],
+    x: &QuantizedRows,
+    w: &Int8Panels,
+    epilogue: &Epilogue,
+    threads: usize,
+) {
+    let (m, n) = (x.rows, w.n);
+    assert!(isa.supported(), "{} is not supported here", isa.name());
+    assert_eq!(x.stride, w.padded_k(), "rows quantized for another product");
+    assert!(y.len() >= m * n && epilogue.column_scales.len() >= n);
+    assert!(epilogue.bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let blocks = n.div_ceil(WIDTH);
+    let y_ptr = crate::linear::SendPtr(y.as_mut_ptr());
+    let y_ptr = &y_ptr;
+    // SAFETY (all calls): the asserts bound x, y and the panels; each task writes a
+    // disjoint set of rows or panel columns of y.
+    let run = |rows: std::ops::Range<usize>, panels: std::ops::Range<usize>| unsafe {
+        let finish = Finish {
+            y: y_ptr.0,
+            n,
+            rows: x,
+            column_sums: &w.column_sums,
+            epilogue,
+        };
+        kernel(isa, &finish, w, rows, panels)
+    };
+    let parts = if m * w.k * n >= PARALLEL_THRESHOLD {
+        threads.max(1)
+    } else {
+        1
+    };
+    if parts == 1 {
+        return run(0..m, 0..blocks);
+    }
+    rayon::scope(|s| {
+        if m >= 2 * ROWS_PER_TASK {
+            let per_task = m.div_ceil(m.div_ceil(ROWS_PER_TASK).max(parts));
+            for start in (0..m).step_by(per_task) {
+                let end = (start + per_task).min(m);
+                s.spawn(move |_| run(start..end, 0..blocks));
+            }
+        } else {
+            let per_task = blocks.div_ceil(parts.min(blocks));
+            for first in (0..blocks).step_by(per_task) {
+                let last = (first + per_task).min(blocks);
+                s.spawn(move |_| run(0..m, first..last));
+            }
+        }
+    });
+}
+
+unsafe fn kernel(
+    isa: Isa,
+    finish: &Finish,
+    w: &Int8Panels,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => avx512::matmul(finish, w, rows, panels),
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => avx2::matmul::<true>(finish, w, rows, panels),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::matmul::<false>(finish, w, rows, panels),
+        _ => portable(finish, w, rows, panels),
+    }
+}
+
+/// Rows per cache block: a block's quantized rows stay in L2 while every panel passes
+/// over them.
+const ROW_BLOCK: usize = 192;
+
+unsafe fn portable(
+    finish: &Finish,
+    w: &Int8Panels,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+) {
+    let x = finish.rows;
+    for b in panels {
+        let panel = &w.data[b * w.groups * GROUP_BYTES..][..w.groups * GROUP_BYTES];
+        for r in rows.clone() {
+            let a = &x.data[r * x.stride..][..x.stride];
+            let mut acc = [0i32; WIDTH];
+            for (g, group) in panel.chunks_exact(GROUP_BYTES).enumerate() {
+                let a = &a[g * GROUP..][..GROUP];
+                for (c, lane) in acc.iter_mut().enumerate() {
+                    for t in 0..GROUP {
+                        *lane += a[t] as i32 * group[c * GROUP + t] as i32;
+                    }
+                }
+            }
+            finish.store(&acc, r, b * WIDTH);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Finish, Int8Panels, GROUP, GROUP_BYTES, ROW_BLOCK, WIDTH};
+    use std::arch::x86_64::*;
+
+    /// Rows per register block: 12 rows × 2 panels of accumulators, two weight
+    /// registers and a broadcast take 27 of the 32 vector registers.
+    const ROWS: usize = 12;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn matmul(
+        finish: &Finish,
+        w: &Int8Panels,
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+    ) {
+        let mut block_start = rows.start;
+        while block_start < rows.end {
+            let block_end = (block_start + ROW_BLOCK).min(rows.end);
+            let mut b = panels.start;
+            while b < panels.end {
+                let pair = panels.end - b >= 2;
+                let mut i = block_start;
+                while i < block_end {
+                    let count = (block_end - i).min(ROWS);
+                    macro_rules! go {
+                        ($($r:literal)*) => {
+                            match (count, pair) {
+                                $(($r, true) => tile::<$r, 2>(finish, w, i, b),
+                                  ($r, false) => tile::<$r, 1>(finish, w, i, b),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    go!(1 2 3 4 5 6 7 8 9 10 11 12);
+                    i += count;
+                }
+                b += if pair { 2 } else { 1 };
+            }
+            block_start = block_end;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn tile<const R: usize, const P: usize>(
+        finish: &Finish,
+        w: &Int8Panels,
+        i: usize,
+        b: usize,
+    ) {
+        let x = finish.rows;
+        let panel_bytes = w.groups * GROUP_BYTES;
+        let panels = w.data.as_ptr().add(b * panel_bytes);
+        let a = x.data.as_ptr().add(i * x.stride);
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        for g in 0..w.groups {
+            let mut wv = [_mm512_setzero_si512(); P];
+            for (q, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(panels.add(q * panel_bytes + g * GROUP_BYTES).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let four = a
+                    .add(r * x.stride + g * GROUP)
+                    .cast::<i32>()
+                    .read_unaligned();
+                let av = _mm512_set1_epi32(four);
+                for (s, v) in row.iter_mut().zip(&wv) {
+                    *s = _mm512_dpbusd_epi32(*s, av, *v);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (q, s) in row.iter().enumerate() {
+                let mut lanes = [0i32; WIDTH];
+                _mm512_storeu_si512(lanes.as_mut_ptr().cast(), *s);
+                finish.store(&lanes, i + r, (b + q) * WIDTH);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Finish, Int8Panels, GROUP, GROUP_BYTES, ROW_BLOCK, WIDTH};
+    use std::arch::x86_64::*;
+
+    /// Rows per register block with 16 vector registers: with VNNI, 6 rows × 2 halves
+    /// of a panel (12 accumulators); without, 2 rows × 4 quarters (8).
+    const VNNI_ROWS: usize = 6;
+    const WIDENED_ROWS: usize = 2;
+
+    /// `VNNI`: AVX-VNNI's `vpdpbusd` on 8 lanes; otherwise AVX2, bytes widened to 16 bits.
+    #[target_feature(enable = "avx2,avxvnni")]
+    unsafe fn vnni_tile<const R: usize>(finish: &Finish, w: &Int8Panels, i: usize, b: usize) {
+        let x = finish.rows;
+        let panel = w.data.as_ptr().add(b * w.groups * GROUP_BYTES);
+        let a = x.data.as_ptr().add(i * x.stride);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..w.groups {
+            let lo = _mm256_loadu_si256(panel.add(g * GROUP_BYTES).cast());
+            let hi = _mm256_loadu_si256(panel.add(g * GROUP_BYTES + 32).cast());
+            for (r, row) in acc.iter_mut().enumerate() {
+                let four = a
+                    .add(r * x.stride + g * GROUP)
+                    .cast::<i32>()
+                    .read_unaligned();
+                let av = _mm256_set1_epi32(four);
+                row[0] = _mm256_dpbusd_avx_epi32(row[0], av, lo);
+                row[1] = _mm256_dpbusd_avx_epi32(row[1], av, hi);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let mut lanes = [0i32; WIDTH];
+            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), row[0]);
+            _mm256_storeu_si256(lanes.as_mut_ptr().add(8).cast(), row[1]);
+            finish.store(&lanes, i + r, b * WIDTH);
+        }
+    }
+
+    /// 4 columns × 4 k of weights widened to 16 bits, times 4 activations repeated,
+    /// summed in pairs by `vpmaddwd`: lanes hold (column, k0+k1) and (column, k2+k3).
+    #[target_feature(enable = "avx2")]
+    unsafe fn widened_tile<const R: usize>(finish: &Finish, w: &Int8Panels, i: usize, b: usize) {
+        let x = finish.rows;
+        let panel = w.data.as_ptr().add(b * w.groups * GROUP_BYTES);
+        let a = x.data.as_ptr().add(i * x.stride);
+        let mut acc = [[_mm256_setzero_si256(); 4]; R];
+        for g in 0..w.groups {
+            let mut wv = [_mm256_setzero_si256(); 4];
+            for (quarter, v) in wv.iter_mut().enumerate() {
+                let bytes = _mm_loadu_si128(panel.add(g * GROUP_BYTES + quarter * 16).cast());
+                *v = _mm256_cvtepi8_epi16(bytes);
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let four = a
+                    .add(r * x.stride + g * GROUP)
+                    .cast::<i32>()
+                    .read_unaligned();
+                let av = _mm256_cvtepu8_epi16(_mm_set1_epi32(four));
+                for (s, v) in row.iter_mut().zip(&wv) {
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(av, *v));
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let mut pairs = [0i32; 2 * WIDTH];
+            for (quarter, s) in row.iter().enumerate() {
+                _mm256_storeu_si256(pairs.as_mut_ptr().add(quarter * 8).cast(), *s);
+            }
+            let mut lanes = [0i32; WIDTH];
+            for (c, lane) in lanes.iter_mut().enumerate() {
+                *lane = pairs[2 * c] + pairs[2 * c + 1];
+            }
+            finish.store(&lanes, i + r, b * WIDTH);
+        }
+    }
+
+    pub unsafe fn matmul<const VNNI: bool>(
+        finish: &Finish,
+        w: &Int8Panels,
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+    ) {
+        let tile_rows = if VNNI { VNNI_ROWS } else { WIDENED_ROWS };
+        let mut block_start = rows.start;
+        while block_start < rows.end {
+            let block_end = (block_start + ROW_BLOCK).min(rows.end);
+            for b in panels.clone() {
+                let mut i = block_start;
+                while i < block_end {
+                    let count = (block_end - i).min(tile_rows);
+                    match (VNNI, count) {
+                        (true, 1) => vnni_tile::<1>(finish, w, i, b),
+                        (true, 2) => vnni_tile::<2>(finish, w, i, b),
+                        (true, 3) => vnni_tile::<3>(finish, w, i, b),
+                        (true, 4) => vnni_tile::<4>(finish, w, i, b),
+                        (true, 5) => vnni_tile::<5>(finish, w, i, b),
+                        (true, 6) => vnni_tile::<6>(finish, w, i, b),
+                        (false, 1) => widened_tile::<1>(finish, w, i, b),
+                        (false, 2) => widened_tile::<2>(finish, w, i, b),
+                        _ => unreachable!(),
+                    }
+                    i += count;
+                }
+            }
+            block_start = block_end;
+        }
+    }
+}
+
+/// Symmetric per-output-channel quantization of w[n, k]: each row's max|w| maps to 127.
+/// Returns the bytes and each row's scale.
+pub fn quantize_weights(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut bytes = vec![0i8; n * k];
+    let mut scales = vec![1f32; n];
+    for ((row, out), scale) in w
+        .chunks_exact(k)
+        .zip(bytes.chunks_exact_mut(k))
+        .zip(scales.iter_mut())
+    {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *scale = if max > 0.0 { max / QMAX } else { 1.0 };
+        let inv = 1.0 / *scale;
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = round((v * inv).clamp(-QMAX, QMAX)) as i8;
+        }
+    }
+    (bytes, scales)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Integer reference: Σₖ q(x)·w, straight from the unpacked matrices.
+    fn reference(q: &QuantizedRows, w: &[i8], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let sum: i32 = (0..k)
+                    .map(|p| {
+                        let z = q.zero_points[i];
+                        (q.data[i * q.stride + p] as i32 - z) * w[j * k + p] as i32
+                    })
+                    .sum();
+                y[i * n + j] = sum as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_instruction_set_matches_the_integer_reference_exactly() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let shapes = [
+            (1, 384, 384),
+            (3, 37, 17),
+            (13, 5, 33),
+            (25, 64, 48),
+            (200, 100, 40),
+            (7, 1, 1),
+            (500, 33, 70),
+        ];
+        for isa in Isa::ALL {
+            if !isa.supported() {
+                eprintln!("skipped {}: this CPU lacks it", isa.name());
+                continue;
+            }
+            for &(m, k, n) in &shapes {
+                // Extremes included: -127/127 weights against 0 and 255 activations.
+                let w: Vec<i8> = (0..n * k).map(|_| rng.i8(-127..=127)).collect();
+                let x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 8.0 - 4.0).collect();
+                let panels = Int8Panels::new(&w, n, k);
+                let mut q = QuantizedRows::default();
+                // A static range of ±127/32: values past it clamp to the extremes (0 and
+                // 254); asymmetric rows reach 255 and a zero point other than 128.
+                let asymmetric = m % 2 == 1;
+                let input = InputQuantization {
+                    range: Some(Range {
+                        min: -127.0 / 32.0,
+                        max: 127.0 / 32.0,
+                    }),
+                    asymmetric,
+                    smooth: None,
+                };
+                q.quantize(&x, m, &panels, &input);
+                let want = reference(&q, &w, m, k, n);
+                // Cancels the row scale: outputs are the integers.
+                let ones = vec![1.0 / q.scales[0]; n];
+                for threads in [1, 3] {
+                    let mut y = vec![f32::NAN; m * n + 3];
+                    let epilogue = Epilogue {
+                        column_scales: &ones,
+                        bias: None,
+                        activation: None,
+                        accumulate: false,
+                    };
+                    matmul(isa, &mut y, &q, &panels, &epilogue, threads);
+                    assert_eq!(&y[..m * n], &want[..], "{} m {m} k {k} n {n}", isa.name());
+                    assert!(y[m * n..].iter().all(|v| v.is_nan()), "wrote past y");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_epilogue_dequantizes_adds_bias_and_activates_the_same_on_every_path() {
+        let (m, k, n) = (9, 70, 35);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let wf: Vec<f32> = (0..n * k).map(|_| rng.f32() - 0.5).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 2.0 - 1.0).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+        let (w8, scales) = quantize_weights(&wf, n, k);
+        let panels = Int8Panels::new(&w8, n, k);
+        let mut q = QuantizedRows::default();
+        q.quantize(&x, m, &panels, &InputQuantization::default());
+        let mut results = Vec::new();
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.supported()) {
+            let mut y = vec![1f32; m * n];
+            let epilogue = Epilogue {
+                column_scales: &scales,
+                bias: Some(&bias),
+                activation: Some(Activation::Gelu),
+                accumulate: true,
+            };
+            matmul(isa, &mut y, &q, &panels, &epilogue, 2);
+            results.push((isa, y));
+        }
+        // Against f32: dynamic per-row INT8 keeps a product within a few percent.
+        let (_, y) = &results[0];
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f32 = (0..k).map(|p| x[i * k + p] * wf[j * k + p]).sum();
+                let want = 1.0 + Activation::Gelu.apply(exact + bias[j]);
+                assert!(
+                    (y[i * n + j] - want).abs() < 0.03,
+                    "({i}, {j}): {} vs {want}",
+                    y[i * n + j]
+                );
+            }
+        }
+        for (isa, other) in &results[1..] {
+            assert_eq!(
+                other,
+                y,
+                "{} differs from {}",
+                isa.name(),
+                results[0].0.name()
+            );
+        }
+    }
+
+    #[test]
+    fn quantization_clamps_rounds_and_smooths() {
+        let w = Int8Panels::new(&[1i8; 6], 1, 6);
+        let mut q = QuantizedRows::default();
+        let x = [0.0, 1.0, -1.0, 0.5, 300.0, -300.0];
+        let range = Some(Range {
+            min: -QMAX,
+            max: QMAX,
+        });
+        let fixed = InputQuantization {
+            range,
+            ..Default::default()
+        };
+        q.quantize(&x, 1, &w, &fixed);
+        // Ties to even (0.5 → 0); beyond ±127 clamps; padded to 8 with the zero point.
+        assert_eq!(q.bytes(), &[128, 129, 127, 128, 255, 1, 128, 128]);
+        let smooth = Some(vec![1.0, 1.0, 1.0, 1.0, 4.0, 4.0]);
+        q.quantize(
+            &x,
+            1,
+            &w,
+            &InputQuantization {
+                smooth,
+                ..Default::default()
+            },
+        );
+        // Dynamic: max |x/s| = 75 → 127.
+        assert_eq!(&q.bytes()[4..6], &[255, 1]);
+        assert_eq!(q.scales[0], 75.0 / QMAX);
+        // Asymmetric over [-0.17, 10]: 0 is exact, -0.17 keeps four steps.
+        let gelu = [-0.17, 0.0, 10.0, 5.0];
+        let asymmetric = InputQuantization {
+            asymmetric: true,
+            ..Default::default()
+        };
+        let w4 = Int8Panels::new(&[1i8; 4], 1, 4);
+        q.quantize(&gelu, 1, &w4, &asymmetric);
+        assert_eq!(q.zero_points[0], 4);
+        assert_eq!(q.bytes(), &[0, 4, 255, 129]);
+        // An all-zero row quantizes to the zero point with scale 1.
+        q.quantize(&[0.0; 6], 1, &w, &InputQuantization::default());
+        assert!(q.bytes()[..6].iter().all(|&b| b == 128));
+    }
+}

@@ -117,6 +117,22 @@ fn optional_usize(config: &Value, key: &str, default: usize, file: &Path) -> Res
 }
 
 impl Dimensions {
+    /// The position embedding of token `column` of a row, as Hugging Face numbers them:
+    /// the column for BERT and DistilBERT; for RoBERTa, padding_idx + the token's rank
+    /// among the row's non-padding tokens (`counter` carries it along the row: start it
+    /// at `pad_token_id`), and padding_idx for padding.
+    pub fn position(&self, column: usize, id: u32, counter: &mut u32) -> u32 {
+        if self.family != Family::Roberta {
+            return column as u32;
+        }
+        if id == self.pad_token_id {
+            self.pad_token_id
+        } else {
+            *counter += 1;
+            *counter
+        }
+    }
+
     /// The dimensions in `folder/config.json`.
     pub fn read(folder: &Path) -> Result<Dimensions> {
         let file = folder.join("config.json");
@@ -432,6 +448,15 @@ impl Weight {
         }
     }
 
+    /// A weight held only in another form (a quantized product's INT8 panels): its
+    /// shape, no f32 values.
+    pub fn absent(shape: &[usize]) -> Weight {
+        Weight {
+            data: WeightData::Owned(Vec::new()),
+            shape: shape.to_vec(),
+        }
+    }
+
     pub fn is_mapped(&self) -> bool {
         matches!(self.data, WeightData::Mapped { .. })
     }
@@ -499,6 +524,38 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
+    /// A tensor's dtype, shape and bytes as stored.
+    pub fn raw(&self, name: &str) -> Option<(Dtype, &[usize], &[u8])> {
+        self.index.get(name).map(|(dtype, shape, offset, bytes)| {
+            (
+                *dtype,
+                shape.as_slice(),
+                &self.map[*offset..*offset + *bytes],
+            )
+        })
+    }
+
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.index.get(name).map(|(dtype, _, _, _)| *dtype)
+    }
+
+    /// The INT8 tensor `name` with the given shape (a quantized checkpoint's weights).
+    pub fn get_i8(&self, name: &str, shape: &[usize]) -> Result<Vec<i8>> {
+        let (dtype, actual, offset, bytes) = self.index.get(name).ok_or_else(|| {
+            Error::invalid(format!("{} has no tensor '{name}'", self.file.display()))
+        })?;
+        if *dtype != Dtype::I8 || actual != shape {
+            return Err(Error::invalid(format!(
+                "{}: tensor '{name}' is {dtype:?} {actual:?}; expected I8 {shape:?}",
+                self.file.display()
+            )));
+        }
+        Ok(self.map[*offset..*offset + *bytes]
+            .iter()
+            .map(|&b| b as i8)
+            .collect())
+    }
+
     /// The tensor `name` with the given shape, as f32.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let (dtype, actual, offset, bytes) = self.index.get(name).ok_or_else(|| {
@@ -536,7 +593,7 @@ impl Checkpoint {
             ),
             other => {
                 return Err(Error::invalid(format!(
-                    "{}: tensor '{name}' has dtype {other:?}; wisp reads F32, F16 and BF16 weights",
+                    "{}: tensor '{name}' has dtype {other:?}; wisp reads F32, F16 and BF16 weights (and I8 in checkpoints written by `wisp quantize`)",
                     self.file.display()
                 )))
             }

@@ -199,8 +199,10 @@ impl QuantizedRows {
         assert!(x.len() >= m * k);
         self.stride = stride;
         self.rows = m;
-        self.data.clear();
-        self.data.resize(m * stride, 0);
+        // Every byte up to m·stride is written below; growing is the only fill needed.
+        if self.data.len() < m * stride {
+            self.data.resize(m * stride, 0);
+        }
         self.scales.clear();
         self.scales.resize(m, 1.0);
         self.zero_points.clear();
@@ -210,25 +212,20 @@ impl QuantizedRows {
             .as_ref()
             .map(|s| s.iter().map(|v| 1.0 / v).collect());
         let inverse_smooth = inverse_smooth.as_deref();
-        let quantize =
-            |((row, out), (scale, zero)): ((&[f32], &mut [u8]), (&mut f32, &mut i32))| {
-                let (s, z) = quantize_row(row, out, input, inverse_smooth);
-                (*scale, *zero) = (s, z);
-            };
         let rows = x[..m * k]
             .par_chunks(k)
-            .zip(self.data.par_chunks_mut(stride))
-            .zip(
-                self.scales
-                    .par_iter_mut()
-                    .zip(self.zero_points.par_iter_mut()),
-            );
-        rows.with_min_len(16).for_each(quantize);
+            .zip(self.data[..m * stride].par_chunks_mut(stride))
+            .zip(self.scales.par_iter_mut())
+            .zip(self.zero_points.par_iter_mut());
+        rows.with_min_len(16)
+            .for_each(|(((row, out), scale), zero)| {
+                (*scale, *zero) = quantize_row(row, out, input, inverse_smooth);
+            });
     }
 
-    /// Raw quantized values (tests): row-major [rows, stride] of q + 128.
+    /// Raw quantized values (tests): row-major [rows, stride] of q + z.
     pub fn bytes(&self) -> &[u8] {
-        &self.data
+        &self.data[..self.rows * self.stride]
     }
 }
 
@@ -251,7 +248,7 @@ pub fn scale_and_zero_point(min: f32, max: f32, asymmetric: bool) -> (f32, i32) 
 
 /// One row: `out = clamp(round(x / s / scale) + z)`, with scale and zero point from this
 /// row's range unless `input` has a calibrated one; returns them. The padding past k is
-/// the zero point (the value 0).
+/// the zero point (the value 0). Compiled for AVX-512 and AVX2 too, chosen at run time.
 #[inline]
 fn quantize_row(
     row: &[f32],
@@ -259,16 +256,66 @@ fn quantize_row(
     input: &InputQuantization,
     inverse_smooth: Option<&[f32]>,
 ) -> (f32, i32) {
-    let value = |c: usize| match inverse_smooth {
-        Some(inverse) => row[c] * inverse[c],
-        None => row[c],
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            row: &[f32],
+            out: &mut [u8],
+            input: &InputQuantization,
+            inverse_smooth: Option<&[f32]>,
+        ) -> (f32, i32) {
+            quantize_row_body(row, out, input, inverse_smooth)
+        }
+        if has!("avx512f") && has!("avx512bw") {
+            // SAFETY: the CPU has the features the copy was compiled for.
+            return unsafe { avx512::quantize_row(row, out, input, inverse_smooth) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2(row, out, input, inverse_smooth) };
+        }
+    }
+    quantize_row_body(row, out, input, inverse_smooth)
+}
+
+/// (min, max) of `values` over 16 independent lanes, so the loop vectorises.
+#[inline(always)]
+fn min_max(values: &[f32]) -> (f32, f32) {
+    let (mut low, mut high) = ([0f32; 16], [0f32; 16]);
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for i in 0..16 {
+            low[i] = low[i].min(chunk[i]);
+            high[i] = high[i].max(chunk[i]);
+        }
+    }
+    let fold = |lanes: [f32; 16], f: fn(f32, f32) -> f32| {
+        lanes.into_iter().chain(tail.iter().copied()).fold(0.0, f)
+    };
+    (fold(low, f32::min), fold(high, f32::max))
+}
+
+#[inline(always)]
+fn quantize_row_body(
+    row: &[f32],
+    out: &mut [u8],
+    input: &InputQuantization,
+    inverse_smooth: Option<&[f32]>,
+) -> (f32, i32) {
+    let (values, padding) = out.split_at_mut(row.len());
+    let mut smoothed = Vec::new();
+    let row = match inverse_smooth {
+        Some(inverse) => {
+            smoothed.extend(row.iter().zip(inverse).map(|(x, s)| x * s));
+            &smoothed[..]
+        }
+        None => row,
     };
     let range = input.range.unwrap_or_else(|| {
-        let (mut min, mut max) = (0f32, 0f32);
-        for c in 0..row.len() {
-            min = min.min(value(c));
-            max = max.max(value(c));
-        }
+        let (min, max) = min_max(row);
         Range { min, max }
     });
     let (scale, zero) = scale_and_zero_point(range.min, range.max, input.asymmetric);
@@ -278,9 +325,11 @@ fn quantize_row(
         (128.0 - QMAX, 128.0 + QMAX)
     };
     let (inv, z) = (1.0 / scale, zero as f32);
-    let (values, padding) = out.split_at_mut(row.len());
-    for (c, o) in values.iter_mut().enumerate() {
-        *o = (round(value(c) * inv) + z).clamp(low, high) as u8;
+    // Clamped before rounding (the same for integer bounds), so the loop has no
+    // out-of-range conversions and vectorises.
+    let (low, high) = (low - z, high - z);
+    for (o, &x) in values.iter_mut().zip(row) {
+        *o = (round((x * inv).clamp(low, high)) + z) as i32 as u8;
     }
     padding.fill(zero as u8);
     (scale, zero)
@@ -317,8 +366,8 @@ impl Finish<'_> {
         if valid == WIDTH {
             self.store_n::<WIDTH>(acc, r, column);
         } else {
-            for c in 0..valid {
-                self.store_n::<1>(&[acc[c]], r, column + c);
+            for (c, &sum) in acc.iter().enumerate().take(valid) {
+                self.store_n::<1>(&[sum], r, column + c);
             }
         }
     }
@@ -471,7 +520,9 @@ unsafe fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Finish, Int8Panels, GROUP, GROUP_BYTES, ROW_BLOCK, WIDTH};
+    use super::{
+        Finish, InputQuantization, Int8Panels, Range, GROUP, GROUP_BYTES, ROW_BLOCK, WIDTH,
+    };
     use std::arch::x86_64::*;
 
     /// Rows per register block: 12 rows × 2 panels of accumulators, two weight
@@ -510,6 +561,62 @@ mod avx512 {
             }
             block_start = block_end;
         }
+    }
+
+    /// [`super::quantize_row`] in AVX-512: the same operations in the same order (the
+    /// conversion rounds to nearest even, as `round` does), 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_row(
+        row: &[f32],
+        out: &mut [u8],
+        input: &InputQuantization,
+        inverse_smooth: Option<&[f32]>,
+    ) -> (f32, i32) {
+        let k = row.len();
+        let load = |c: usize| {
+            let mask: __mmask16 = ((1u32 << (k - c).min(16)) - 1) as __mmask16;
+            let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(c));
+            match inverse_smooth {
+                Some(inverse) => {
+                    _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask, inverse.as_ptr().add(c)))
+                }
+                None => x,
+            }
+        };
+        let range = input.range.unwrap_or_else(|| {
+            let (mut low, mut high) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for c in (0..k).step_by(16) {
+                let x = load(c);
+                low = _mm512_min_ps(low, x);
+                high = _mm512_max_ps(high, x);
+            }
+            Range {
+                min: _mm512_reduce_min_ps(low),
+                max: _mm512_reduce_max_ps(high),
+            }
+        });
+        let (scale, zero) = super::scale_and_zero_point(range.min, range.max, input.asymmetric);
+        let (low, high) = if input.asymmetric {
+            (0.0, 255.0)
+        } else {
+            (128.0 - super::QMAX, 128.0 + super::QMAX)
+        };
+        let z = zero as f32;
+        let inv = _mm512_set1_ps(1.0 / scale);
+        let (low, high) = (_mm512_set1_ps(low - z), _mm512_set1_ps(high - z));
+        let zv = _mm512_set1_epi32(zero);
+        for c in (0..k).step_by(16) {
+            let v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load(c), inv), low), high);
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zv);
+            let mask: __mmask16 = ((1u32 << (k - c).min(16)) - 1) as __mmask16;
+            _mm_mask_storeu_epi8(
+                out.as_mut_ptr().add(c).cast(),
+                mask,
+                _mm512_cvtepi32_epi8(q),
+            );
+        }
+        out[k..].fill(zero as u8);
+        (scale, zero)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -799,6 +906,45 @@ mod tests {
                 isa.name(),
                 results[0].0.name()
             );
+        }
+    }
+
+    #[test]
+    fn every_quantizer_gives_the_same_bytes() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for k in [1usize, 5, 16, 17, 384, 1000] {
+            let row: Vec<f32> = (0..k).map(|_| (rng.f32() - 0.3) * 20.0).collect();
+            let smooth: Vec<f32> = (0..k).map(|_| 0.5 + rng.f32()).collect();
+            for input in [
+                InputQuantization::default(),
+                InputQuantization {
+                    asymmetric: true,
+                    ..Default::default()
+                },
+                InputQuantization {
+                    range: Some(Range {
+                        min: -3.0,
+                        max: 2.0,
+                    }),
+                    ..Default::default()
+                },
+                InputQuantization {
+                    range: Some(Range {
+                        min: -0.2,
+                        max: 1e9,
+                    }),
+                    asymmetric: true,
+                    ..Default::default()
+                },
+            ] {
+                for inverse in [None, Some(&smooth[..])] {
+                    let mut want = vec![7u8; k.next_multiple_of(4)];
+                    let expected = quantize_row_body(&row, &mut want, &input, inverse);
+                    let mut got = vec![9u8; k.next_multiple_of(4)];
+                    assert_eq!(quantize_row(&row, &mut got, &input, inverse), expected);
+                    assert_eq!(got, want, "k {k} {input:?}");
+                }
+            }
         }
     }
 

@@ -13,9 +13,11 @@ pub mod linear;
 pub mod model;
 pub mod ops;
 pub mod panels;
+pub mod quantize;
+pub mod quantized;
 
 use bytes::Bytes;
-use checkpoint::{Checkpoint, Dimensions, Family, Pooling};
+use checkpoint::{Checkpoint, Dimensions, Pooling};
 use linear::Threads;
 use model::{Encoder, HeadKind, PackedBatch, Workspace};
 use ops::Segment;
@@ -51,7 +53,8 @@ pub struct EncoderSettings {
     /// false runs every sequence padded to the batch's longest, as padded engines do
     /// (for comparison and tests; results are the same).
     pub remove_padding: bool,
-    /// "fp32" (CPU instances) or "fp16" (GPU instances); None: each kind's own.
+    /// "f32" or "int8" (CPU instances; int8 needs a checkpoint from `wisp quantize`), or
+    /// "fp16" (GPU instances); None: each kind's own, INT8 for a quantized checkpoint.
     pub precision: Option<Precision>,
     /// GPU instances replay CUDA graphs per launch shape (false: launch kernels directly).
     pub cuda_graphs: bool,
@@ -71,6 +74,7 @@ pub enum GpuRuntime {
 pub enum Precision {
     Fp32,
     Fp16,
+    Int8,
 }
 
 impl EncoderSettings {
@@ -142,9 +146,15 @@ impl EncoderSettings {
         };
         settings.precision = match p.precision.as_deref() {
             None => None,
-            Some("fp32") => Some(Precision::Fp32),
-            Some("fp16") => Some(Precision::Fp16),
-            Some(_) => return Err(bad("precision", "\"fp32\" (CPU) or \"fp16\" (GPU)")),
+            Some("f32" | "fp32") => Some(Precision::Fp32),
+            Some("fp16" | "f16") => Some(Precision::Fp16),
+            Some("int8") => Some(Precision::Int8),
+            Some(_) => {
+                return Err(bad(
+                    "precision",
+                    "\"f32\" or \"int8\" (CPU; int8 needs a checkpoint from `wisp quantize`) or \"fp16\" (GPU)",
+                ))
+            }
         };
         Ok(settings)
     }
@@ -216,13 +226,14 @@ pub fn load_encoder(settings: &EncoderSettings, version_dir: &Path) -> Result<En
     )?;
     let dims = Dimensions::read(&folder)?;
     let checkpoint = Checkpoint::open(&folder)?;
+    let scheme = quantized::Scheme::read(&folder)?;
     let head = settings
         .head
         .unwrap_or_else(|| HeadKind::from_architecture(&dims.architecture));
     let (st_pooling, st_normalize) = checkpoint::sentence_transformers_pooling(&folder)?;
     let pooling = settings.pooling.or(st_pooling).unwrap_or(Pooling::Mean);
     let normalize = settings.normalize.unwrap_or(st_normalize);
-    Encoder::load(dims, &checkpoint, head, pooling, normalize)
+    Encoder::load(dims, &checkpoint, scheme.as_ref(), head, pooling, normalize)
 }
 
 pub struct EncoderBackend {
@@ -305,6 +316,37 @@ fn gpu_placements(
     }
 }
 
+/// A quantized checkpoint runs in INT8 on CPU instances, and INT8 needs one.
+fn check_precision(
+    model: &str,
+    settings: &EncoderSettings,
+    encoder: &Encoder,
+    gpu_instances: usize,
+) -> Result<()> {
+    let checkpoint = settings.checkpoint.display();
+    match (settings.precision, encoder.is_quantized()) {
+        (Some(Precision::Int8), false) => Err(Error::invalid(format!(
+            "model '{model}': precision \"int8\" needs a quantized checkpoint, and the one at \
+             parameters.checkpoint ({checkpoint}) is float: run `wisp quantize CHECKPOINT --out DIR` \
+             and point parameters.checkpoint at DIR"
+        ))),
+        (Some(Precision::Fp32 | Precision::Fp16), true) => Err(Error::invalid(format!(
+            "model '{model}': the checkpoint at parameters.checkpoint ({checkpoint}) is quantized \
+             (INT8, quantization.json), so it cannot run in precision {:?}: set precision = \"int8\" \
+             or point parameters.checkpoint at the float checkpoint",
+            settings.precision.map(|p| match p {
+                Precision::Fp16 => "fp16",
+                _ => "f32",
+            }).unwrap_or_default()
+        ))),
+        (_, true) if gpu_instances > 0 => Err(Error::invalid(format!(
+            "model '{model}': the checkpoint is quantized (INT8), which runs on CPU instances only; \
+             GPU instances need the float checkpoint"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A CPU instance: the runner and the rayon pool its GEMMs split over.
 struct CpuWorker {
     threads: rayon::ThreadPool,
@@ -353,6 +395,12 @@ impl EncoderBackend {
                     config.name
                 )))
             }
+            (Some(Precision::Int8), _, true) => {
+                return Err(Error::invalid(format!(
+                    "model '{}': precision \"int8\" runs on CPU instances only",
+                    config.name
+                )))
+            }
             (Some(Precision::Fp32), _, true) => {
                 return Err(Error::invalid(format!(
                     "model '{}': GPU instances compute in precision \"fp16\", not \"fp32\"",
@@ -363,6 +411,7 @@ impl EncoderBackend {
         }
         let mut encoder = load_encoder(&settings, version_dir)
             .map_err(|e| e.context(format!("model '{}'", config.name)))?;
+        check_precision(&config.name, &settings, &encoder, gpu_instances)?;
         let packed_bytes = if cpu_instances > 0 {
             encoder.pack_for_cpu()
         } else {
@@ -440,6 +489,8 @@ impl EncoderBackend {
             gpu_instances,
             gpus = %devices.join(", "),
             threads,
+            precision = encoder.precision(),
+            int8_isa = if encoder.is_quantized() { int8::Isa::selected().name() } else { "-" },
             gemm = linear::engine(),
             few_row_panels_mib = packed_bytes >> 20,
             "encoder loaded"
@@ -577,14 +628,7 @@ impl Runner {
             batch,
             head_out,
             |batch, out| {
-                encoder.forward(batch, workspace, *threads);
-                match encoder.head_kind {
-                    HeadKind::Embedding => encoder.pool(batch, workspace, out),
-                    HeadKind::Classification => encoder.classify(batch, workspace, out),
-                    HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
-                        encoder.per_token(batch, workspace, out, *threads)
-                    }
-                }
+                encoder.infer(batch, workspace, out, *threads);
                 Ok(())
             },
         )
@@ -807,18 +851,7 @@ fn pack_request(
                     dims.vocab
                 )));
             }
-            // Positions follow Hugging Face: the column for BERT and DistilBERT,
-            // padding_idx + rank of the non-padding token for RoBERTa.
-            let position = if dims.family == Family::Roberta {
-                if id as u32 == dims.pad_token_id {
-                    dims.pad_token_id
-                } else {
-                    roberta_position += 1;
-                    roberta_position
-                }
-            } else {
-                c as u32
-            };
+            let position = dims.position(c, id as u32, &mut roberta_position);
             let real = mask.as_ref().is_none_or(|m| m[r * width + c] != 0);
             if !real {
                 continue;

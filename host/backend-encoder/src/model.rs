@@ -3,9 +3,11 @@
 //! matrix, attention per sequence), so cost follows real tokens.
 
 use super::checkpoint::{Checkpoint, Dimensions, Family, Pooling, Weight};
+use super::int8::{self, Epilogue, QuantizedRows};
 use super::linear::{dense, matmul_transposed, Threads};
 use super::ops::{self, Activation, Segment};
 use super::panels::{self, Panels};
+use super::quantized::{QuantizedLinear, Scheme};
 use rayon::prelude::*;
 use wisp_core::error::{Error, Result};
 
@@ -91,9 +93,37 @@ pub(super) struct Embeddings {
     pub(super) norm: (Weight, Weight),
 }
 
+/// The four products of a layer, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Product {
+    /// Q, K and V in one product.
+    Qkv,
+    AttentionOut,
+    FfnUp,
+    FfnDown,
+}
+
+impl Product {
+    pub const ALL: [Product; 4] = [
+        Product::Qkv,
+        Product::AttentionOut,
+        Product::FfnUp,
+        Product::FfnDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Product::Qkv => "qkv",
+            Product::AttentionOut => "attention_out",
+            Product::FfnUp => "ffn_up",
+            Product::FfnDown => "ffn_down",
+        }
+    }
+}
+
 pub(super) struct Layer {
     /// Q, K and V projections stacked into one [3·hidden, hidden] matrix (a copy made
-    /// at load, so one GEMM computes all three).
+    /// at load, so one GEMM computes all three). Empty when the product is INT8.
     pub(super) qkv_weight: Vec<f32>,
     pub(super) qkv_bias: Vec<f32>,
     pub(super) out: (Weight, Weight),
@@ -104,6 +134,11 @@ pub(super) struct Layer {
     /// The four products' weights packed for few-row products (`panels`), on CPUs that
     /// run them and models with CPU instances.
     pub(super) packed: Option<LayerPanels>,
+    /// Each product's checkpoint names (Q, K, V for the first), in [`Product`] order.
+    pub(super) names: [Vec<String>; 4],
+    /// Each product's INT8 form, where the checkpoint is quantized ([`Product`] order);
+    /// its f32 weight is then absent.
+    pub(super) int8: [Option<QuantizedLinear>; 4],
 }
 
 pub(super) struct LayerPanels {
@@ -144,6 +179,21 @@ impl PackedBatch {
     pub fn tokens(&self) -> usize {
         self.ids.len()
     }
+
+    /// Appends one sequence of token ids (all real, token type 0).
+    pub fn push_sequence(&mut self, dims: &Dimensions, ids: &[u32]) {
+        let start = self.tokens();
+        let mut counter = dims.pad_token_id;
+        for (column, &id) in ids.iter().enumerate() {
+            self.ids.push(id);
+            self.positions.push(dims.position(column, id, &mut counter));
+            self.types.push(0);
+        }
+        self.segments.push(Segment {
+            start,
+            len: ids.len(),
+        });
+    }
 }
 
 /// Activation buffers, reused across batches (they grow to the largest batch seen),
@@ -154,7 +204,13 @@ pub struct Workspace {
     qkv: Vec<f32>,
     context: Vec<f32>,
     intermediate: Vec<f32>,
+    /// The current INT8 product's quantized input.
+    rows: QuantizedRows,
 }
+
+/// Sees each product's input during a forward pass (calibration): layer, product, and
+/// the input rows [tokens, k].
+pub type Observer<'a> = &'a mut dyn FnMut(usize, Product, &[f32]);
 
 fn grow(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buffer.len() < len {
@@ -181,10 +237,33 @@ fn norm(checkpoint: &Checkpoint, name: &str, width: usize) -> Result<(Weight, We
     ))
 }
 
+/// A product's f32 weight and bias, or its bias and INT8 form (the weight then absent).
+fn linear(
+    checkpoint: &Checkpoint,
+    scheme: Option<&Scheme>,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<((Weight, Weight), Option<QuantizedLinear>)> {
+    let names = [name.to_string()];
+    match QuantizedLinear::load(checkpoint, scheme, &names, rows, cols)? {
+        Some(q) => Ok((
+            (
+                Weight::absent(&[rows, cols]),
+                checkpoint.get(&format!("{name}.bias"), &[rows])?,
+            ),
+            Some(q),
+        )),
+        None => Ok((pair(checkpoint, name, rows, cols)?, None)),
+    }
+}
+
 impl Encoder {
+    /// The encoder of a float checkpoint, or of a quantized one with its `scheme`.
     pub fn load(
         dims: Dimensions,
         checkpoint: &Checkpoint,
+        scheme: Option<&Scheme>,
         head_kind: HeadKind,
         pooling: Pooling,
         normalize: bool,
@@ -238,18 +317,38 @@ impl Encoder {
                     )
                 }
             };
-            let (qw, qb) = pair(checkpoint, &q, h, h)?;
-            let (kw, kb) = pair(checkpoint, &k, h, h)?;
-            let (vw, vb) = pair(checkpoint, &v, h, h)?;
+            let qkv_names = vec![q.clone(), k.clone(), v.clone()];
+            let qkv_int8 = QuantizedLinear::load(checkpoint, scheme, &qkv_names, h, h)?;
+            let bias = |name: &str| checkpoint.get(&format!("{name}.bias"), &[h]);
+            let (qkv_weight, qkv_bias) = match &qkv_int8 {
+                Some(_) => (
+                    Vec::new(),
+                    [bias(&q)?.data(), bias(&k)?.data(), bias(&v)?.data()].concat(),
+                ),
+                None => {
+                    let (qw, qb) = pair(checkpoint, &q, h, h)?;
+                    let (kw, kb) = pair(checkpoint, &k, h, h)?;
+                    let (vw, vb) = pair(checkpoint, &v, h, h)?;
+                    (
+                        [qw.data(), kw.data(), vw.data()].concat(),
+                        [qb.data(), kb.data(), vb.data()].concat(),
+                    )
+                }
+            };
+            let (out_pair, out_int8) = linear(checkpoint, scheme, &out, h, h)?;
+            let (up_pair, up_int8) = linear(checkpoint, scheme, &up, dims.intermediate, h)?;
+            let (down_pair, down_int8) = linear(checkpoint, scheme, &down, h, dims.intermediate)?;
             layers.push(Layer {
-                qkv_weight: [qw.data(), kw.data(), vw.data()].concat(),
-                qkv_bias: [qb.data(), kb.data(), vb.data()].concat(),
-                out: pair(checkpoint, &out, h, h)?,
+                qkv_weight,
+                qkv_bias,
+                out: out_pair,
                 attention_norm: norm(checkpoint, &attention_norm, h)?,
-                up: pair(checkpoint, &up, dims.intermediate, h)?,
-                down: pair(checkpoint, &down, h, dims.intermediate)?,
+                up: up_pair,
+                down: down_pair,
                 output_norm: norm(checkpoint, &output_norm, h)?,
                 packed: None,
+                names: [qkv_names, vec![out], vec![up], vec![down]],
+                int8: [qkv_int8, out_int8, up_int8, down_int8],
             });
         }
         let head = Self::load_head(&dims, checkpoint, head_kind, pooling, normalize)?;
@@ -347,6 +446,11 @@ impl Encoder {
         let (h, inter) = (self.dims.hidden, self.dims.intermediate);
         let mut bytes = 0;
         for layer in &mut self.layers {
+            if layer.int8.iter().any(Option::is_some) {
+                // A quantized layer's f32 products are the sensitive few; they run on
+                // the GEMM engine.
+                continue;
+            }
             let packed = LayerPanels {
                 qkv: Panels::new(&layer.qkv_weight, 3 * h, h),
                 out: Panels::new(layer.out.0.data(), h, h),
@@ -360,28 +464,126 @@ impl Encoder {
         bytes
     }
 
+    /// A product's f32 weight ([n, k], Q, K and V stacked) and n. Empty where the
+    /// checkpoint holds the product in INT8 only.
+    pub fn product_weight(&self, layer: usize, product: Product) -> (&[f32], usize) {
+        let l = &self.layers[layer];
+        let (h, inter) = (self.dims.hidden, self.dims.intermediate);
+        match product {
+            Product::Qkv => (&l.qkv_weight, 3 * h),
+            Product::AttentionOut => (l.out.0.data(), h),
+            Product::FfnUp => (l.up.0.data(), inter),
+            Product::FfnDown => (l.down.0.data(), h),
+        }
+    }
+
+    /// A product's checkpoint names (Q, K and V for [`Product::Qkv`]).
+    pub fn product_names(&self, layer: usize, product: Product) -> &[String] {
+        &self.layers[layer].names[product as usize]
+    }
+
+    pub fn int8(&self, layer: usize, product: Product) -> Option<&QuantizedLinear> {
+        self.layers[layer].int8[product as usize].as_ref()
+    }
+
+    /// Sets (or, with `None`, clears) a product's INT8 form, returning the one it had.
+    /// Clearing needs the f32 weights (an encoder loaded from a float checkpoint).
+    pub fn set_int8(
+        &mut self,
+        layer: usize,
+        product: Product,
+        linear: Option<QuantizedLinear>,
+    ) -> Option<QuantizedLinear> {
+        std::mem::replace(&mut self.layers[layer].int8[product as usize], linear)
+    }
+
+    /// Whether any product runs in INT8 (a checkpoint from `wisp quantize`).
+    pub fn is_quantized(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.int8.iter().any(Option::is_some))
+    }
+
+    /// "int8" for a quantized checkpoint, else "f32".
+    pub fn precision(&self) -> &'static str {
+        if self.is_quantized() {
+            "int8"
+        } else {
+            "f32"
+        }
+    }
+
     /// Runs the embeddings and every layer over `batch`; the last hidden states are
     /// left in `ws.hidden` ([tokens, hidden]).
     pub fn forward(&self, batch: &PackedBatch, ws: &mut Workspace, threads: Threads) {
+        self.forward_observed(batch, ws, threads, None)
+    }
+
+    /// [`Encoder::forward`], showing each product's input to `observer`.
+    pub fn forward_observed(
+        &self,
+        batch: &PackedBatch,
+        ws: &mut Workspace,
+        threads: Threads,
+        mut observer: Option<Observer>,
+    ) {
         let d = &self.dims;
         let (m, h) = (batch.tokens(), d.hidden);
         let hidden = grow(&mut ws.hidden, m * h);
         self.embed(batch, hidden);
         let scale = 1.0 / ((h / d.heads) as f32).sqrt();
-        for layer in &self.layers {
+        let isa = int8::Isa::selected();
+        let rows = &mut ws.rows;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let mut observe = |product: Product, x: &[f32]| {
+                if let Some(observer) = observer.as_mut() {
+                    observer(index, product, x)
+                }
+            };
+            // y (+)= x · Wᵀ for one product: INT8 where the checkpoint is quantized (its
+            // epilogue adding `fused`'s bias and activation), else f32 (the caller adds
+            // them).
+            let mut product = |which: Product,
+                               y: &mut [f32],
+                               x: &[f32],
+                               weight: &[f32],
+                               packed: Option<&Panels>,
+                               (k, n): (usize, usize),
+                               accumulate: bool,
+                               fused: Option<(&[f32], Activation)>|
+             -> bool {
+                match &layer.int8[which as usize] {
+                    Some(q) => {
+                        rows.quantize(x, m, &q.panels, &q.input);
+                        let epilogue = Epilogue {
+                            column_scales: &q.column_scales,
+                            bias: fused.map(|(bias, _)| bias),
+                            activation: fused.map(|(_, act)| act),
+                            accumulate,
+                        };
+                        int8::matmul(isa, y, rows, &q.panels, &epilogue, threads.0);
+                        true
+                    }
+                    None => {
+                        dense(y, x, weight, packed, m, k, n, accumulate, threads);
+                        false
+                    }
+                }
+            };
             let qkv = grow(&mut ws.qkv, m * 3 * h);
             let packed = layer.packed.as_ref();
+            observe(Product::Qkv, hidden);
             let qkv_w = &layer.qkv_weight;
-            dense(
+            let qkv_p = packed.map(|p| &p.qkv);
+            product(
+                Product::Qkv,
                 qkv,
                 hidden,
                 qkv_w,
-                packed.map(|p| &p.qkv),
-                m,
-                h,
-                3 * h,
+                qkv_p,
+                (h, 3 * h),
                 false,
-                threads,
+                None,
             );
             let bias = &layer.qkv_bias;
             qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
@@ -405,17 +607,17 @@ impl Encoder {
                 d.heads,
             );
             // hidden += context·Woᵀ; hidden = LN(hidden + bo)
-            let out_w = layer.out.0.data();
-            dense(
+            observe(Product::AttentionOut, context);
+            let (out_w, out_p) = (layer.out.0.data(), packed.map(|p| &p.out));
+            product(
+                Product::AttentionOut,
                 hidden,
                 context,
                 out_w,
-                packed.map(|p| &p.out),
-                m,
-                h,
-                h,
+                out_p,
+                (h, h),
                 true,
-                threads,
+                None,
             );
             ops::add_bias_layer_norm(
                 hidden,
@@ -426,30 +628,34 @@ impl Encoder {
                 d.layer_norm_eps,
             );
             let inter = grow(&mut ws.intermediate, m * d.intermediate);
+            observe(Product::FfnUp, hidden);
             let (up_w, up_p) = (layer.up.0.data(), packed.map(|p| &p.up));
-            dense(
+            let fused = Some((layer.up.1.data(), d.activation));
+            let up_shape = (h, d.intermediate);
+            if !product(
+                Product::FfnUp,
                 inter,
                 hidden,
                 up_w,
                 up_p,
-                m,
-                h,
-                d.intermediate,
+                up_shape,
                 false,
-                threads,
-            );
-            ops::add_bias_activation(inter, d.intermediate, layer.up.1.data(), d.activation);
+                fused,
+            ) {
+                ops::add_bias_activation(inter, d.intermediate, layer.up.1.data(), d.activation);
+            }
+            observe(Product::FfnDown, inter);
             let (down_w, down_p) = (layer.down.0.data(), packed.map(|p| &p.down));
-            dense(
+            let down_shape = (d.intermediate, h);
+            product(
+                Product::FfnDown,
                 hidden,
                 inter,
                 down_w,
                 down_p,
-                m,
-                d.intermediate,
-                h,
+                down_shape,
                 true,
-                threads,
+                None,
             );
             ops::add_bias_layer_norm(
                 hidden,
@@ -459,6 +665,25 @@ impl Encoder {
                 layer.output_norm.1.data(),
                 d.layer_norm_eps,
             );
+        }
+    }
+
+    /// The forward pass and the head: embeddings [segments, hidden], classification
+    /// logits [segments, labels], or per-token outputs [tokens, width] in `out`.
+    pub fn infer(
+        &self,
+        batch: &PackedBatch,
+        ws: &mut Workspace,
+        out: &mut Vec<f32>,
+        threads: Threads,
+    ) {
+        self.forward(batch, ws, threads);
+        match self.head_kind {
+            HeadKind::Embedding => self.pool(batch, ws, out),
+            HeadKind::Classification => self.classify(batch, ws, out),
+            HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
+                self.per_token(batch, ws, out, threads)
+            }
         }
     }
 

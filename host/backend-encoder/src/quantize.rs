@@ -327,12 +327,18 @@ fn tokenize(
     max_tokens: usize,
 ) -> Result<Vec<Vec<u32>>> {
     let file = source.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| {
         Error::invalid(format!(
             "cannot read {} (calibration texts are tokenized with the checkpoint's own tokenizer): {e}",
             file.display()
         ))
     })?;
+    // Real tokens only: sentence-transformers' tokenizer.json often pads to a fixed
+    // length, and padding would be calibrated (and compared) as if it were text.
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| Error::internal(format!("tokenizer: {e}")))?;
     let roberta_offset = if dims.family == checkpoint::Family::Roberta {
         dims.pad_token_id as usize + 1
     } else {

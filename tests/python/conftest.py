@@ -133,9 +133,11 @@ def _wait_ready(server: WispServer) -> None:
 
 
 @contextlib.contextmanager
-def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path = None, extra_args=()):
-    """Starts wisp on a private copy of the model repository (or on `repository`); stops it
-    with SIGTERM and asserts a graceful exit (code 0 within 30 s)."""
+def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path = None, extra_args=(),
+             env=None):
+    """Starts wisp on a private copy of the model repository (or on `repository`), with
+    `env` added to the environment; stops it with SIGTERM and asserts a graceful exit
+    (code 0 within 30 s)."""
     binary = wisp_bin()
     if repository is None:
         repository = copy_model_repository(workdir)
@@ -156,7 +158,8 @@ def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path
     cmd += list(extra_args)
     log_path = workdir / "wisp.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     server = WispServer(proc, http_port, metrics_port, log_path, grpc_port)
     try:
         _wait_ready(server)

@@ -83,6 +83,8 @@ pub struct Options {
     /// Calibration texts are cut to this many tokens.
     pub max_tokens: usize,
     pub threads: usize,
+    /// The tokenizer.json for the calibration texts (default: the checkpoint's own).
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -93,6 +95,7 @@ impl Default for Options {
             target_mean_cosine: 0.995,
             target_min_cosine: 0.99,
             max_tokens: 128,
+            tokenizer: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -154,7 +157,11 @@ pub fn quantize(
         pooling.unwrap_or(Pooling::Mean),
         normalize,
     )?;
-    let sequences = tokenize(source, &dims, texts, options.max_tokens)?;
+    let tokenizer = options
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| source.join("tokenizer.json"));
+    let sequences = tokenize(&tokenizer, &dims, texts, options.max_tokens)?;
     if sequences.len() < 10 {
         return Err(Error::invalid(format!(
             "{} calibration texts; wisp quantize needs at least 10 (one in five is held out to check accuracy)",
@@ -321,13 +328,12 @@ fn check_output_folder(out: &Path) -> Result<()> {
 /// Token ids of each text through the checkpoint's tokenizer.json, cut to `max_tokens`
 /// (keeping the closing special token).
 fn tokenize(
-    source: &Path,
+    file: &Path,
     dims: &Dimensions,
     texts: &[String],
     max_tokens: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    let file = source.join("tokenizer.json");
-    let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(file).map_err(|e| {
         Error::invalid(format!(
             "cannot read {} (calibration texts are tokenized with the checkpoint's own tokenizer): {e}",
             file.display()

@@ -278,11 +278,20 @@ impl Plan {
             queue_size(args.max_batch_size, args.instances),
             head.as_str()
         );
+        // A checkpoint from `wisp quantize` runs in INT8; saying so in the config makes
+        // the model's precision visible (and a float checkpoint put there later an error).
+        let quantized = src
+            .join(wisp_backend_encoder::quantized::SCHEME_FILE)
+            .is_file();
+        if quantized {
+            e += "precision = \"int8\"\n";
+        }
         for file in [
             "config.json",
             "model.safetensors",
             "modules.json",
             "sentence_bert_config.json",
+            wisp_backend_encoder::quantized::SCHEME_FILE,
         ] {
             if src.join(file).is_file() {
                 copies.push((src.join(file), format!("{encoder}/1/{file}").into()));

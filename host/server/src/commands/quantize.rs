@@ -42,6 +42,10 @@ pub struct QuantizeArgs {
     /// Calibration texts are cut to this many tokens.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// The tokenizer for the calibration texts (default: CHECKPOINT/tokenizer.json; an
+    /// encoder in a model repository has it in its tokenizer model's folder).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
@@ -78,6 +82,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         target_mean_cosine: args.target_cosine,
         target_min_cosine: args.target_min_cosine,
         max_tokens: args.max_tokens.max(2),
+        tokenizer: args.tokenizer.clone(),
         ..Options::default()
     };
     let scheme = quantize::quantize(&args.checkpoint, &args.out, &texts, &options, &mut |line| {

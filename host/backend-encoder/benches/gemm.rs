@@ -62,6 +62,7 @@ fn main() {
                 column_scales: &scales,
                 bias: None,
                 activation: None,
+                scale_first: None,
                 accumulate: false,
             };
             let mut run8 = || {

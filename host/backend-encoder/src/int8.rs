@@ -195,6 +195,29 @@ fn round(v: f32) -> f32 {
 impl QuantizedRows {
     /// Quantizes x[m, k] for `w` as `input` says.
     pub fn quantize(&mut self, x: &[f32], m: usize, w: &Int8Panels, input: &InputQuantization) {
+        self.quantize_rows(x, m, w, input, true)
+    }
+
+    /// [`QuantizedRows::quantize`] on this thread only (inside a task that holds
+    /// thread-local buffers, where waiting on other tasks could re-enter it).
+    pub fn quantize_here(
+        &mut self,
+        x: &[f32],
+        m: usize,
+        w: &Int8Panels,
+        input: &InputQuantization,
+    ) {
+        self.quantize_rows(x, m, w, input, false)
+    }
+
+    fn quantize_rows(
+        &mut self,
+        x: &[f32],
+        m: usize,
+        w: &Int8Panels,
+        input: &InputQuantization,
+        parallel: bool,
+    ) {
         let (k, stride) = (w.k, w.padded_k());
         assert!(x.len() >= m * k);
         self.stride = stride;
@@ -212,15 +235,24 @@ impl QuantizedRows {
             .as_ref()
             .map(|s| s.iter().map(|v| 1.0 / v).collect());
         let inverse_smooth = inverse_smooth.as_deref();
-        let rows = x[..m * k]
-            .par_chunks(k)
-            .zip(self.data[..m * stride].par_chunks_mut(stride))
-            .zip(self.scales.par_iter_mut())
-            .zip(self.zero_points.par_iter_mut());
-        rows.with_min_len(16)
-            .for_each(|(((row, out), scale), zero)| {
-                (*scale, *zero) = quantize_row(row, out, input, inverse_smooth);
-            });
+        let one = |(((row, out), scale), zero): (((&[f32], &mut [u8]), &mut f32), &mut i32)| {
+            (*scale, *zero) = quantize_row(row, out, input, inverse_smooth);
+        };
+        if parallel {
+            let rows = x[..m * k]
+                .par_chunks(k)
+                .zip(self.data[..m * stride].par_chunks_mut(stride))
+                .zip(self.scales.par_iter_mut())
+                .zip(self.zero_points.par_iter_mut());
+            rows.with_min_len(16).for_each(one);
+        } else {
+            let rows = x[..m * k]
+                .chunks(k)
+                .zip(self.data[..m * stride].chunks_mut(stride))
+                .zip(self.scales.iter_mut())
+                .zip(self.zero_points.iter_mut());
+            rows.for_each(one);
+        }
     }
 
     /// Raw quantized values (tests): row-major [rows, stride] of q + z.
@@ -342,6 +374,9 @@ pub struct Epilogue<'a> {
     pub column_scales: &'a [f32],
     pub bias: Option<&'a [f32]>,
     pub activation: Option<Activation>,
+    /// Multiplies the first columns (a multiple of 16) by a factor after the bias:
+    /// attention's 1/√d on Q, in the product that computes Q, K and V.
+    pub scale_first: Option<(usize, f32)>,
     /// Adds to y (the residual) instead of overwriting it.
     pub accumulate: bool,
 }
@@ -387,6 +422,13 @@ impl Finish<'_> {
             let bias = &bias[column..column + L];
             for c in 0..L {
                 v[c] += bias[c];
+            }
+        }
+        if let Some((columns, factor)) = e.scale_first {
+            if column < columns {
+                for value in v.iter_mut() {
+                    *value *= factor;
+                }
             }
         }
         if let Some(act) = e.activation {
@@ -688,6 +730,11 @@ mod avx512 {
         if let Some(bias) = e.bias {
             v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(column)));
         }
+        if let Some((columns, factor)) = e.scale_first {
+            if column < columns {
+                v = _mm512_mul_ps(v, _mm512_set1_ps(factor));
+            }
+        }
         if let Some(act) = e.activation {
             let mut lanes = [0f32; WIDTH];
             _mm512_storeu_ps(lanes.as_mut_ptr(), v);
@@ -896,6 +943,7 @@ mod tests {
                         column_scales: &ones,
                         bias: None,
                         activation: None,
+                        scale_first: None,
                         accumulate: false,
                     };
                     matmul(isa, &mut y, &q, &panels, &epilogue, threads);
@@ -924,6 +972,7 @@ mod tests {
                 column_scales: &scales,
                 bias: Some(&bias),
                 activation: Some(Activation::Gelu),
+                scale_first: None,
                 accumulate: true,
             };
             matmul(isa, &mut y, &q, &panels, &epilogue, 2);

@@ -7,7 +7,7 @@ use super::int8::{self, Epilogue, QuantizedRows};
 use super::linear::{dense, matmul_transposed, Threads};
 use super::ops::{self, Activation, Segment};
 use super::panels::{self, Panels};
-use super::quantized::{QuantizedLinear, Scheme};
+use super::quantized::{self, QuantizedLinear, Scheme};
 use rayon::prelude::*;
 use wisp_core::error::{Error, Result};
 
@@ -146,6 +146,14 @@ pub(super) struct LayerPanels {
     out: Panels,
     up: Panels,
     down: Panels,
+}
+
+/// Work after a product that an INT8 epilogue does in the same pass.
+#[derive(Clone, Copy, Default)]
+struct Fused<'a> {
+    bias: Option<&'a [f32]>,
+    activation: Option<Activation>,
+    scale_first: Option<(usize, f32)>,
 }
 
 pub struct Encoder {
@@ -534,6 +542,7 @@ impl Encoder {
         let scale = 1.0 / ((h / d.heads) as f32).sqrt();
         let isa = int8::Isa::selected();
         let rows = &mut ws.rows;
+        let observing = observer.is_some();
         for (index, layer) in self.layers.iter().enumerate() {
             let mut observe = |product: Product, x: &[f32]| {
                 if let Some(observer) = observer.as_mut() {
@@ -541,8 +550,8 @@ impl Encoder {
                 }
             };
             // y (+)= x · Wᵀ for one product: INT8 where the checkpoint is quantized (its
-            // epilogue adding `fused`'s bias and activation), else f32 (the caller adds
-            // them).
+            // epilogue doing `fused`'s work too; returns true), else f32 (the caller then
+            // does that work).
             let mut product = |which: Product,
                                y: &mut [f32],
                                x: &[f32],
@@ -550,15 +559,16 @@ impl Encoder {
                                packed: Option<&Panels>,
                                (k, n): (usize, usize),
                                accumulate: bool,
-                               fused: Option<(&[f32], Activation)>|
+                               fused: Fused|
              -> bool {
                 match &layer.int8[which as usize] {
                     Some(q) => {
                         rows.quantize(x, m, &q.panels, &q.input);
                         let epilogue = Epilogue {
                             column_scales: &q.column_scales,
-                            bias: fused.map(|(bias, _)| bias),
-                            activation: fused.map(|(_, act)| act),
+                            bias: fused.bias,
+                            activation: fused.activation,
+                            scale_first: fused.scale_first,
                             accumulate,
                         };
                         int8::matmul(isa, y, rows, &q.panels, &epilogue, threads.0);
@@ -575,28 +585,36 @@ impl Encoder {
             observe(Product::Qkv, hidden);
             let qkv_w = &layer.qkv_weight;
             let qkv_p = packed.map(|p| &p.qkv);
-            product(
+            let bias = &layer.qkv_bias;
+            let fused = Fused {
+                bias: Some(bias),
+                activation: None,
+                scale_first: Some((h, scale)),
+            };
+            let qkv_shape = (h, 3 * h);
+            let done = product(
                 Product::Qkv,
                 qkv,
                 hidden,
                 qkv_w,
                 qkv_p,
-                (h, 3 * h),
+                qkv_shape,
                 false,
-                None,
+                fused,
             );
-            let bias = &layer.qkv_bias;
-            qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
-                for row in rows.chunks_exact_mut(3 * h) {
-                    let (q, kv) = row.split_at_mut(h);
-                    for (v, b) in q.iter_mut().zip(&bias[..h]) {
-                        *v = (*v + b) * scale;
+            if !done {
+                qkv.par_chunks_mut(3 * h * 16).for_each(|rows| {
+                    for row in rows.chunks_exact_mut(3 * h) {
+                        let (q, kv) = row.split_at_mut(h);
+                        for (v, b) in q.iter_mut().zip(&bias[..h]) {
+                            *v = (*v + b) * scale;
+                        }
+                        for (v, b) in kv.iter_mut().zip(&bias[h..]) {
+                            *v += b;
+                        }
                     }
-                    for (v, b) in kv.iter_mut().zip(&bias[h..]) {
-                        *v += b;
-                    }
-                }
-            });
+                });
+            }
             let context = grow(&mut ws.context, m * h);
             ops::attention(
                 context,
@@ -617,7 +635,7 @@ impl Encoder {
                 out_p,
                 (h, h),
                 true,
-                None,
+                Fused::default(),
             );
             ops::add_bias_layer_norm(
                 hidden,
@@ -627,10 +645,31 @@ impl Encoder {
                 layer.attention_norm.1.data(),
                 d.layer_norm_eps,
             );
+            let up_int8 = layer.int8[Product::FfnUp as usize].as_ref();
+            let down_int8 = layer.int8[Product::FfnDown as usize].as_ref();
+            if let (Some(up), Some(down), false) = (up_int8, down_int8, observing) {
+                if m >= 2 * quantized::FFN_BLOCK_ROWS {
+                    let up_bias = layer.up.1.data();
+                    quantized::feed_forward(isa, hidden, m, up, up_bias, d.activation, down);
+                    ops::add_bias_layer_norm(
+                        hidden,
+                        h,
+                        Some(layer.down.1.data()),
+                        layer.output_norm.0.data(),
+                        layer.output_norm.1.data(),
+                        d.layer_norm_eps,
+                    );
+                    continue;
+                }
+            }
             let inter = grow(&mut ws.intermediate, m * d.intermediate);
             observe(Product::FfnUp, hidden);
             let (up_w, up_p) = (layer.up.0.data(), packed.map(|p| &p.up));
-            let fused = Some((layer.up.1.data(), d.activation));
+            let fused = Fused {
+                bias: Some(layer.up.1.data()),
+                activation: Some(d.activation),
+                scale_first: None,
+            };
             let up_shape = (h, d.intermediate);
             if !product(
                 Product::FfnUp,
@@ -655,7 +694,7 @@ impl Encoder {
                 down_p,
                 down_shape,
                 true,
-                None,
+                Fused::default(),
             );
             ops::add_bias_layer_norm(
                 hidden,

@@ -776,6 +776,7 @@ fn product_errors(
                 column_scales: &q.column_scales,
                 bias: None,
                 activation: None,
+                scale_first: None,
                 accumulate: false,
             };
             int8::matmul(

@@ -268,7 +268,7 @@ def resolve_wisp(cmd):
 def run_wisp(argv, model, cases_path, a, workdir):
     out = os.path.join(workdir, "wisp_result.json")
     cmd = argv + ["--model", model, "--cases", cases_path, "--out", out, "--warmup", str(a.warmup),
-                  "--iters", str(a.iters), "--min-time", str(a.min_time)]
+                  "--iters", str(a.iters), "--min-time", str(a.min_time), "--precision", a.precision]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     print("  $", " ".join(shlex.quote(c) for c in cmd), flush=True)

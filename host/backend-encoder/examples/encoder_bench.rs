@@ -6,9 +6,10 @@
 //! ```text
 //! cargo run --release --example encoder_bench -- --model MODEL_DIR --cases CASES.json \
 //!     --out RESULT.json [--warmup 5] [--iters 20] [--min-time 3] [--threads N] [--padded]
-//!     [--all-rows]
+//!     [--all-rows] [--precision f32|int8]
 //! ```
-//! A quantized checkpoint (from `wisp quantize`) runs in INT8, as the server runs it.
+//! A quantized checkpoint (from `wisp quantize`) runs in INT8, as the server runs it;
+//! `--precision` makes sure the checkpoint is the one meant.
 //! RESULT.json has each case's first output row under "embeddings" (every row with
 //! `--all-rows`, for accuracy checks).
 //! CASES.json: `{case: {"input_ids": [[..]], "attention_mask": [[..]]}}` (rows may be
@@ -80,6 +81,17 @@ fn main() {
         .unwrap();
     wisp_backend_encoder::linear::set_engine_threads(threads);
     let precision = encoder.precision();
+    if let Some(wanted) = arg(&args, "--precision") {
+        let wanted = if wanted == "fp32" {
+            "f32".to_string()
+        } else {
+            wanted
+        };
+        assert_eq!(
+            wanted, precision,
+            "--precision {wanted}, but {model} is a {precision} checkpoint (INT8 ones come from `wisp quantize`)"
+        );
+    }
     let int8_isa = wisp_backend_encoder::int8::Isa::selected().name();
     println!(
         "  wisp GEMM engine: {}, precision {precision} (INT8 kernels: {int8_isa})",

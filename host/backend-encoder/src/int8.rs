@@ -184,6 +184,9 @@ pub struct QuantizedRows {
     rows: usize,
 }
 
+/// One row to quantize: its input, its bytes, and where its scale and zero point go.
+type RowJob<'a> = (((&'a [f32], &'a mut [u8]), &'a mut f32), &'a mut i32);
+
 /// Rounds to the nearest integer, ties to even, for |v| < 2²²: adding 1.5·2²³ leaves no
 /// fraction bits. Branch-free so quantization loops vectorise.
 #[inline(always)]
@@ -235,7 +238,7 @@ impl QuantizedRows {
             .as_ref()
             .map(|s| s.iter().map(|v| 1.0 / v).collect());
         let inverse_smooth = inverse_smooth.as_deref();
-        let one = |(((row, out), scale), zero): (((&[f32], &mut [u8]), &mut f32), &mut i32)| {
+        let one = |(((row, out), scale), zero): RowJob| {
             (*scale, *zero) = quantize_row(row, out, input, inverse_smooth);
         };
         if parallel {

@@ -67,7 +67,7 @@ fn main() {
             };
             let mut run8 = || {
                 pool.install(|| {
-                    rows.quantize(&x, m, &packed, &InputQuantization::default());
+                    rows.quantize(isa, &x, m, &packed, &InputQuantization::default());
                     int8::matmul(isa, &mut y, &rows, &packed, &epilogue, threads)
                 })
             };

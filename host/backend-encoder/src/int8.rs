@@ -175,6 +175,11 @@ pub struct Range {
 
 /// Activations quantized for one product: q + z as bytes, rows padded to a multiple of
 /// 4 with the zero point, and each row's scale and zero point.
+///
+/// Row-major, or for AVX-512 VNNI in tiles of its register block's rows: group g of
+/// the tile's rows r at `g·(tile·4) + r·4`, so the kernel broadcasts every row of a
+/// group from one pointer and constant offsets (row-major needed an address register
+/// or an add per row, which took issue slots from `vpdpbusd`).
 #[derive(Default)]
 pub struct QuantizedRows {
     data: Vec<u8>,
@@ -182,10 +187,14 @@ pub struct QuantizedRows {
     zero_points: Vec<i32>,
     stride: usize,
     rows: usize,
+    /// Rows per tile, or 0 for row-major.
+    tile: usize,
 }
 
 /// One row to quantize: its input, its bytes, and where its scale and zero point go.
 type RowJob<'a> = (((&'a [f32], &'a mut [u8]), &'a mut f32), &'a mut i32);
+/// The same for one tile of rows.
+type TileJob<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [i32]);
 
 /// Rounds to the nearest integer, ties to even, for |v| < 2²²: adding 1.5·2²³ leaves no
 /// fraction bits. Branch-free so quantization loops vectorise.
@@ -196,25 +205,55 @@ fn round(v: f32) -> f32 {
 }
 
 impl QuantizedRows {
-    /// Quantizes x[m, k] for `w` as `input` says.
-    pub fn quantize(&mut self, x: &[f32], m: usize, w: &Int8Panels, input: &InputQuantization) {
-        self.quantize_rows(x, m, w, input, true)
+    /// Quantizes x[m, k] for `w` as `input` says, laid out for `isa`'s kernel.
+    pub fn quantize(
+        &mut self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        w: &Int8Panels,
+        input: &InputQuantization,
+    ) {
+        self.quantize_rows(isa, x, m, w, input, true)
     }
 
     /// [`QuantizedRows::quantize`] on this thread only (inside a task that holds
     /// thread-local buffers, where waiting on other tasks could re-enter it).
     pub fn quantize_here(
         &mut self,
+        isa: Isa,
         x: &[f32],
         m: usize,
         w: &Int8Panels,
         input: &InputQuantization,
     ) {
-        self.quantize_rows(x, m, w, input, false)
+        self.quantize_rows(isa, x, m, w, input, false)
+    }
+
+    /// The tile height `isa`'s kernel reads (0: row-major).
+    fn tile_for(isa: Isa) -> usize {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => avx512::ROWS,
+            _ => 0,
+        }
+    }
+
+    /// The quantized value + z of (row, col), whatever the layout.
+    pub fn byte(&self, row: usize, col: usize) -> u8 {
+        if self.tile == 0 {
+            return self.data[row * self.stride + col];
+        }
+        let tile_base = (row / self.tile) * self.tile * self.stride;
+        self.data[tile_base
+            + (col / GROUP) * self.tile * GROUP
+            + (row % self.tile) * GROUP
+            + col % GROUP]
     }
 
     fn quantize_rows(
         &mut self,
+        isa: Isa,
         x: &[f32],
         m: usize,
         w: &Int8Panels,
@@ -225,9 +264,11 @@ impl QuantizedRows {
         assert!(x.len() >= m * k);
         self.stride = stride;
         self.rows = m;
-        // Every byte up to m·stride is written below; growing is the only fill needed.
-        if self.data.len() < m * stride {
-            self.data.resize(m * stride, 0);
+        self.tile = Self::tile_for(isa);
+        // Every byte the kernel reads is written below; growing is the only fill needed.
+        let len = m.next_multiple_of(self.tile.max(1)) * stride;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
         }
         self.scales.clear();
         self.scales.resize(m, 1.0);
@@ -238,6 +279,9 @@ impl QuantizedRows {
             .as_ref()
             .map(|s| s.iter().map(|v| 1.0 / v).collect());
         let inverse_smooth = inverse_smooth.as_deref();
+        if self.tile > 0 {
+            return self.quantize_tiles(x, m, k, input, inverse_smooth, parallel);
+        }
         let one = |(((row, out), scale), zero): RowJob| {
             (*scale, *zero) = quantize_row(row, out, input, inverse_smooth);
         };
@@ -258,9 +302,53 @@ impl QuantizedRows {
         }
     }
 
-    /// Raw quantized values (tests): row-major [rows, stride] of q + z.
-    pub fn bytes(&self) -> &[u8] {
-        &self.data[..self.rows * self.stride]
+    /// Tiled layout: each tile's rows quantized into a row buffer, then their groups
+    /// interleaved.
+    fn quantize_tiles(
+        &mut self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        input: &InputQuantization,
+        inverse_smooth: Option<&[f32]>,
+        parallel: bool,
+    ) {
+        let (tile, stride) = (self.tile, self.stride);
+        let tile_bytes = tile * stride;
+        let one = |(((rows, out), scales), zeros): TileJob| {
+            let mut row_bytes = vec![0u8; stride];
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                (scales[r], zeros[r]) = quantize_row(row, &mut row_bytes, input, inverse_smooth);
+                for (g, four) in row_bytes.chunks_exact(GROUP).enumerate() {
+                    let at = g * tile * GROUP + r * GROUP;
+                    out[at..at + GROUP].copy_from_slice(four);
+                }
+            }
+        };
+        let data = &mut self.data[..m.next_multiple_of(tile) * stride];
+        if parallel {
+            x[..m * k]
+                .par_chunks(tile * k)
+                .zip(data.par_chunks_mut(tile_bytes))
+                .zip(self.scales.par_chunks_mut(tile))
+                .zip(self.zero_points.par_chunks_mut(tile))
+                .for_each(one);
+        } else {
+            x[..m * k]
+                .chunks(tile * k)
+                .zip(data.chunks_mut(tile_bytes))
+                .zip(self.scales.chunks_mut(tile))
+                .zip(self.zero_points.chunks_mut(tile))
+                .for_each(one);
+        }
+    }
+
+    /// The quantized values row-major, [rows, stride] of q + z (tests).
+    pub fn bytes(&self) -> Vec<u8> {
+        (0..self.rows)
+            .flat_map(|r| (0..self.stride).map(move |c| (r, c)))
+            .map(|(r, c)| self.byte(r, c))
+            .collect()
     }
 }
 
@@ -478,6 +566,11 @@ pub fn matmul(
     let (m, n) = (x.rows, w.n);
     assert!(isa.supported(), "{} is not supported here", isa.name());
     assert_eq!(x.stride, w.padded_k(), "rows quantized for another product");
+    assert_eq!(
+        x.tile,
+        QuantizedRows::tile_for(isa),
+        "rows laid out for another kernel"
+    );
     assert!(y.len() >= m * n && epilogue.column_scales.len() >= n);
     assert!(epilogue.bias.is_none_or(|b| b.len() >= n));
     if m == 0 || n == 0 {
@@ -508,7 +601,10 @@ pub fn matmul(
     }
     rayon::scope(|s| {
         if m >= 2 * ROWS_PER_TASK {
-            let per_task = m.div_ceil(m.div_ceil(ROWS_PER_TASK).max(parts));
+            // Whole tiles per task (12 divides ROWS_PER_TASK and ROW_BLOCK).
+            let per_task = m
+                .div_ceil(m.div_ceil(ROWS_PER_TASK).max(parts))
+                .next_multiple_of(12);
             for start in (0..m).step_by(per_task) {
                 let end = (start + per_task).min(m);
                 s.spawn(move |_| run(start..end, 0..blocks));
@@ -577,9 +673,9 @@ mod avx512 {
     };
     use std::arch::x86_64::*;
 
-    /// Register block: 6 rows × 4 panels of accumulators (24), four weight registers
-    /// and a broadcast: 29 of the 32 vector registers, and 10 loads per 24 `vpdpbusd`.
-    const ROWS: usize = 12;
+    /// Register block: 12 rows × 2 panels of accumulators (24), two weight registers
+    /// and a broadcast: 27 of the 32 vector registers.
+    pub const ROWS: usize = 12;
     const PANELS: usize = 2;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -685,18 +781,25 @@ mod avx512 {
         let x = finish.rows;
         let panel_bytes = w.groups * GROUP_BYTES;
         let panels = w.data.as_ptr().add(b * panel_bytes);
+        // i is a multiple of ROWS: the start of a tile of interleaved groups.
         let a = x.data.as_ptr().add(i * x.stride);
+        // The output lines this tile writes, fetched while it computes: its stores
+        // otherwise wait for each line to come from L3 (the outputs outgrow L2).
+        for r in 0..R {
+            for q in 0..P {
+                let line = finish.y.add((i + r) * finish.n + (b + q) * WIDTH);
+                _mm_prefetch::<_MM_HINT_T0>(line.cast());
+            }
+        }
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         for g in 0..w.groups {
             let mut wv = [_mm512_setzero_si512(); P];
             for (q, v) in wv.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(panels.add(q * panel_bytes + g * GROUP_BYTES).cast());
             }
+            let group = a.add(g * ROWS * GROUP);
             for (r, row) in acc.iter_mut().enumerate() {
-                let four = a
-                    .add(r * x.stride + g * GROUP)
-                    .cast::<i32>()
-                    .read_unaligned();
+                let four = group.add(r * GROUP).cast::<i32>().read_unaligned();
                 let av = _mm512_set1_epi32(four);
                 for (s, v) in row.iter_mut().zip(&wv) {
                     *s = _mm512_dpbusd_epi32(*s, av, *v);
@@ -893,7 +996,7 @@ mod tests {
                 let sum: i32 = (0..k)
                     .map(|p| {
                         let z = q.zero_points[i];
-                        (q.data[i * q.stride + p] as i32 - z) * w[j * k + p] as i32
+                        (q.byte(i, p) as i32 - z) * w[j * k + p] as i32
                     })
                     .sum();
                 y[i * n + j] = sum as f32;
@@ -936,7 +1039,7 @@ mod tests {
                     asymmetric,
                     smooth: None,
                 };
-                q.quantize(&x, m, &panels, &input);
+                q.quantize(isa, &x, m, &panels, &input);
                 let want = reference(&q, &w, m, k, n);
                 // Cancels the row scale: outputs are the integers.
                 let ones = vec![1.0 / q.scales[0]; n];
@@ -967,9 +1070,9 @@ mod tests {
         let (w8, scales) = quantize_weights(&wf, n, k);
         let panels = Int8Panels::new(&w8, n, k);
         let mut q = QuantizedRows::default();
-        q.quantize(&x, m, &panels, &InputQuantization::default());
         let mut results = Vec::new();
         for isa in Isa::ALL.into_iter().filter(|isa| isa.supported()) {
+            q.quantize(isa, &x, m, &panels, &InputQuantization::default());
             let mut y = vec![1f32; m * n];
             let epilogue = Epilogue {
                 column_scales: &scales,
@@ -1057,11 +1160,12 @@ mod tests {
             range,
             ..Default::default()
         };
-        q.quantize(&x, 1, &w, &fixed);
+        q.quantize(Isa::Portable, &x, 1, &w, &fixed);
         // Ties to even (0.5 → 0); beyond ±127 clamps; padded to 8 with the zero point.
         assert_eq!(q.bytes(), &[128, 129, 127, 128, 255, 1, 128, 128]);
         let smooth = Some(vec![1.0, 1.0, 1.0, 1.0, 4.0, 4.0]);
         q.quantize(
+            Isa::Portable,
             &x,
             1,
             &w,
@@ -1080,11 +1184,17 @@ mod tests {
             ..Default::default()
         };
         let w4 = Int8Panels::new(&[1i8; 4], 1, 4);
-        q.quantize(&gelu, 1, &w4, &asymmetric);
+        q.quantize(Isa::Portable, &gelu, 1, &w4, &asymmetric);
         assert_eq!(q.zero_points[0], 4);
         assert_eq!(q.bytes(), &[0, 4, 255, 129]);
         // An all-zero row quantizes to the zero point with scale 1.
-        q.quantize(&[0.0; 6], 1, &w, &InputQuantization::default());
+        q.quantize(
+            Isa::Portable,
+            &[0.0; 6],
+            1,
+            &w,
+            &InputQuantization::default(),
+        );
         assert!(q.bytes()[..6].iter().all(|&b| b == 128));
     }
 }

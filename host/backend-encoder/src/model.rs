@@ -563,7 +563,7 @@ impl Encoder {
              -> bool {
                 match &layer.int8[which as usize] {
                     Some(q) => {
-                        rows.quantize(x, m, &q.panels, &q.input);
+                        rows.quantize(isa, x, m, &q.panels, &q.input);
                         let epilogue = Epilogue {
                             column_scales: &q.column_scales,
                             bias: fused.bias,

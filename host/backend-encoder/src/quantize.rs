@@ -771,7 +771,7 @@ fn product_errors(
             let mut want = vec![0f32; m * n];
             matmul_transposed(&mut want, x, w, m, k, n, false, threads);
             let mut got = vec![0f32; m * n];
-            rows.quantize(x, m, &q.panels, &q.input);
+            rows.quantize(int8::Isa::selected(), x, m, &q.panels, &q.input);
             let epilogue = int8::Epilogue {
                 column_scales: &q.column_scales,
                 bias: None,

@@ -215,7 +215,7 @@ pub fn feed_forward(
                         intermediate.resize(rows * width, 0.0);
                     }
                     let intermediate = &mut intermediate[..rows * width];
-                    quantized.quantize_here(x, rows, &up.panels, &up.input);
+                    quantized.quantize_here(isa, x, rows, &up.panels, &up.input);
                     let up_epilogue = Epilogue {
                         column_scales: &up.column_scales,
                         bias: Some(up_bias),
@@ -224,7 +224,7 @@ pub fn feed_forward(
                         accumulate: false,
                     };
                     int8::matmul(isa, intermediate, quantized, &up.panels, &up_epilogue, 1);
-                    quantized.quantize_here(intermediate, rows, &down.panels, &down.input);
+                    quantized.quantize_here(isa, intermediate, rows, &down.panels, &down.input);
                     let down_epilogue = Epilogue {
                         column_scales: &down.column_scales,
                         bias: None,

@@ -319,9 +319,20 @@ impl QuantizedRows {
             let mut row_bytes = vec![0u8; stride];
             for (r, row) in rows.chunks_exact(k).enumerate() {
                 (scales[r], zeros[r]) = quantize_row(row, &mut row_bytes, input, inverse_smooth);
-                for (g, four) in row_bytes.chunks_exact(GROUP).enumerate() {
-                    let at = g * tile * GROUP + r * GROUP;
-                    out[at..at + GROUP].copy_from_slice(four);
+                let groups = stride / GROUP;
+                assert!(out.len() >= (groups - 1) * tile * GROUP + r * GROUP + GROUP);
+                for g in 0..groups {
+                    // SAFETY: both 4-byte ranges are in bounds (stride = groups·4; the
+                    // assert covers the last group of this row).
+                    unsafe {
+                        let four = row_bytes
+                            .as_ptr()
+                            .add(g * GROUP)
+                            .cast::<u32>()
+                            .read_unaligned();
+                        let at = out.as_mut_ptr().add(g * tile * GROUP + r * GROUP);
+                        at.cast::<u32>().write_unaligned(four);
+                    }
                 }
             }
         };
@@ -714,6 +725,18 @@ mod avx512 {
         }
     }
 
+    /// Values c..c+16 of `row` (zeros past its end), divided by the smoothing.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load_smoothed(row: &[f32], inverse_smooth: Option<&[f32]>, c: usize) -> __m512 {
+        let mask: __mmask16 = ((1u32 << (row.len() - c).min(16)) - 1) as __mmask16;
+        let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(c));
+        match inverse_smooth {
+            Some(inverse) => _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask, inverse.as_ptr().add(c))),
+            None => x,
+        }
+    }
+
     /// [`super::quantize_row`] in AVX-512: the same operations in the same order (the
     /// conversion rounds to nearest even, as `round` does), 16 values at a time.
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -724,28 +747,23 @@ mod avx512 {
         inverse_smooth: Option<&[f32]>,
     ) -> (f32, i32) {
         let k = row.len();
-        let load = |c: usize| {
-            let mask: __mmask16 = ((1u32 << (k - c).min(16)) - 1) as __mmask16;
-            let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(c));
-            match inverse_smooth {
-                Some(inverse) => {
-                    _mm512_mul_ps(x, _mm512_maskz_loadu_ps(mask, inverse.as_ptr().add(c)))
+        // No closures here: a closure does not inherit `target_feature`, and its
+        // intrinsics were called out of line, once per 16 values.
+        let range = match input.range {
+            Some(range) => range,
+            None => {
+                let (mut low, mut high) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for c in (0..k).step_by(16) {
+                    let x = load_smoothed(row, inverse_smooth, c);
+                    low = _mm512_min_ps(low, x);
+                    high = _mm512_max_ps(high, x);
                 }
-                None => x,
+                Range {
+                    min: _mm512_reduce_min_ps(low),
+                    max: _mm512_reduce_max_ps(high),
+                }
             }
         };
-        let range = input.range.unwrap_or_else(|| {
-            let (mut low, mut high) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for c in (0..k).step_by(16) {
-                let x = load(c);
-                low = _mm512_min_ps(low, x);
-                high = _mm512_max_ps(high, x);
-            }
-            Range {
-                min: _mm512_reduce_min_ps(low),
-                max: _mm512_reduce_max_ps(high),
-            }
-        });
         let (scale, zero) = super::scale_and_zero_point(range.min, range.max, input.asymmetric);
         let (low, high) = if input.asymmetric {
             (0.0, 255.0)
@@ -757,7 +775,8 @@ mod avx512 {
         let (low, high) = (_mm512_set1_ps(low - z), _mm512_set1_ps(high - z));
         let zv = _mm512_set1_epi32(zero);
         for c in (0..k).step_by(16) {
-            let v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load(c), inv), low), high);
+            let x = load_smoothed(row, inverse_smooth, c);
+            let v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), low), high);
             let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zv);
             let mask: __mmask16 = ((1u32 << (k - c).min(16)) - 1) as __mmask16;
             _mm_mask_storeu_epi8(

@@ -645,57 +645,39 @@ impl Encoder {
                 layer.attention_norm.1.data(),
                 d.layer_norm_eps,
             );
+            // The FFN: by blocks of rows when both products are INT8 and the batch is
+            // large enough (not while calibrating, which observes the whole intermediate).
             let up_int8 = layer.int8[Product::FfnUp as usize].as_ref();
             let down_int8 = layer.int8[Product::FfnDown as usize].as_ref();
-            if let (Some(up), Some(down), false) = (up_int8, down_int8, observing) {
-                if m >= 2 * quantized::FFN_BLOCK_ROWS {
+            match (up_int8, down_int8) {
+                (Some(up), Some(down)) if !observing && m >= 2 * quantized::FFN_BLOCK_ROWS => {
                     let up_bias = layer.up.1.data();
                     quantized::feed_forward(isa, hidden, m, up, up_bias, d.activation, down);
-                    ops::add_bias_layer_norm(
-                        hidden,
-                        h,
-                        Some(layer.down.1.data()),
-                        layer.output_norm.0.data(),
-                        layer.output_norm.1.data(),
-                        d.layer_norm_eps,
+                }
+                _ => {
+                    let inter = grow(&mut ws.intermediate, m * d.intermediate);
+                    observe(Product::FfnUp, hidden);
+                    let (up_w, up_p) = (layer.up.0.data(), packed.map(|p| &p.up));
+                    let fused = Fused {
+                        bias: Some(layer.up.1.data()),
+                        activation: Some(d.activation),
+                        scale_first: None,
+                    };
+                    let up_shape = (h, d.intermediate);
+                    let up = Product::FfnUp;
+                    if !product(up, inter, hidden, up_w, up_p, up_shape, false, fused) {
+                        let bias = layer.up.1.data();
+                        ops::add_bias_activation(inter, d.intermediate, bias, d.activation);
+                    }
+                    observe(Product::FfnDown, inter);
+                    let (down_w, down_p) = (layer.down.0.data(), packed.map(|p| &p.down));
+                    let down_shape = (d.intermediate, h);
+                    let (down, no_fusion) = (Product::FfnDown, Fused::default());
+                    product(
+                        down, hidden, inter, down_w, down_p, down_shape, true, no_fusion,
                     );
-                    continue;
                 }
             }
-            let inter = grow(&mut ws.intermediate, m * d.intermediate);
-            observe(Product::FfnUp, hidden);
-            let (up_w, up_p) = (layer.up.0.data(), packed.map(|p| &p.up));
-            let fused = Fused {
-                bias: Some(layer.up.1.data()),
-                activation: Some(d.activation),
-                scale_first: None,
-            };
-            let up_shape = (h, d.intermediate);
-            if !product(
-                Product::FfnUp,
-                inter,
-                hidden,
-                up_w,
-                up_p,
-                up_shape,
-                false,
-                fused,
-            ) {
-                ops::add_bias_activation(inter, d.intermediate, layer.up.1.data(), d.activation);
-            }
-            observe(Product::FfnDown, inter);
-            let (down_w, down_p) = (layer.down.0.data(), packed.map(|p| &p.down));
-            let down_shape = (d.intermediate, h);
-            product(
-                Product::FfnDown,
-                hidden,
-                inter,
-                down_w,
-                down_p,
-                down_shape,
-                true,
-                Fused::default(),
-            );
             ops::add_bias_layer_norm(
                 hidden,
                 h,

@@ -305,8 +305,9 @@ def values(dtype, count, start=0):
     raise ValueError(dtype)
 
 
-def tiny_encoder(family, dtype, head=None):
-    """config.json and model.safetensors of a one-layer encoder, 4 wide."""
+def tiny_encoder(family, dtype, head=None, quantized=False):
+    """config.json and model.safetensors of a one-layer encoder, 4 wide; `quantized`: BERT's
+    four layer products as `wisp quantize` writes them (I8 weights, scales, smoothing)."""
     h, inter, vocab, positions = 4, 8, 6, 8
     tensors = {}
 
@@ -317,7 +318,13 @@ def tiny_encoder(family, dtype, head=None):
         tensors[name] = (dt, shape, values(dt, n, len(tensors)))
 
     def linear(name, rows, cols):
-        add(f"{name}.weight", [rows, cols])
+        if quantized and ".layer." in name:
+            weights = bytes((i * 37) % 255 for i in range(rows * cols))  # I8 -127..127 as bytes
+            tensors[f"{name}.weight"] = ("I8", [rows, cols], weights)
+            tensors[f"{name}.weight_scale"] = ("F32", [rows], struct.pack(f"<{rows}f", *[0.01 * (i + 1) for i in range(rows)]))
+            tensors[f"{name}.input_smooth"] = ("F32", [cols], struct.pack(f"<{cols}f", *[0.5 + i / 8 for i in range(cols)]))
+        else:
+            add(f"{name}.weight", [rows, cols])
         add(f"{name}.bias", [rows])
 
     def norm(name, old=False):
@@ -376,6 +383,7 @@ def checkpoint():
         "bert_qa_f16": tiny_encoder("bert", "F16", head="qa"),
         "distilbert_f16": tiny_encoder("distilbert", "F16"),
         "roberta_classifier_bf16": tiny_encoder("roberta", "BF16"),
+        "bert_int8": tiny_encoder("bert", "F32", quantized=True),
         # No config.json; a safetensors file with a misaligned f32 tensor and other dtypes.
         "safetensors_only": struct.pack("<H", 0) + safetensors({
             "a": ("U8", [3], b"\x01\x02\x03"),

@@ -1,13 +1,15 @@
 //! A Hugging Face checkpoint folder's config.json and model.safetensors, then the
-//! encoder built from them, as `wisp import` and the encoder backend load it.
+//! encoder built from them, as `wisp import` and the encoder backend load it: as a
+//! float checkpoint, and as a quantized one whose scheme lists every I8 weight.
 //! Input: two bytes of config.json length (little-endian, at most what follows),
 //! the config.json text, then the bytes of model.safetensors.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::path::{Path, PathBuf};
-use wisp_backend_encoder::checkpoint::{Checkpoint, Dimensions, FileBytes, Pooling};
+use wisp_backend_encoder::checkpoint::{Checkpoint, Dimensions, Dtype, FileBytes, Pooling};
 use wisp_backend_encoder::model::{Encoder, HeadKind};
+use wisp_backend_encoder::quantized::{ProductScheme, Scheme, FORMAT};
 
 fuzz_target!(|data: &[u8]| {
     let [a, b, rest @ ..] = data else {
@@ -54,12 +56,40 @@ fuzz_target!(|data: &[u8]| {
     let Ok(dims) = dims else {
         return;
     };
+    // Every I8 weight as a quantized product, symmetric, dynamic, smoothed when the
+    // checkpoint has an input_smooth for it.
+    let products = names
+        .iter()
+        .filter(|n| checkpoint.dtype(n) == Some(Dtype::I8))
+        .filter_map(|n| n.strip_suffix(".weight"))
+        .map(|product| {
+            let smooth = checkpoint.contains(&format!("{product}.input_smooth"));
+            let scheme = ProductScheme {
+                asymmetric: product.ends_with("output.dense"),
+                range: None,
+                smooth,
+            };
+            (product.to_string(), scheme)
+        })
+        .collect();
+    let scheme = Scheme {
+        format: FORMAT.to_string(),
+        version: 1,
+        precision: "int8".to_string(),
+        method: "dynamic".to_string(),
+        smoothquant_alpha: None,
+        products,
+        report: serde_json::Value::Null,
+    };
     let head = HeadKind::from_architecture(&dims.architecture);
     for kind in [head, HeadKind::Embedding] {
-        let encoder = Encoder::load(dims.clone(), &checkpoint, kind, Pooling::Mean, true);
-        wisp_fuzz::debug(&format!("encoder ({kind:?} head)"), &encoder);
-        if let Ok(encoder) = encoder {
-            let _ = encoder.head_width();
+        for scheme in [None, Some(&scheme)] {
+            let encoder =
+                Encoder::load(dims.clone(), &checkpoint, scheme, kind, Pooling::Mean, true);
+            wisp_fuzz::debug(&format!("encoder ({kind:?} head)"), &encoder);
+            if let Ok(encoder) = encoder {
+                let _ = (encoder.head_width(), encoder.precision());
+            }
         }
     }
 });

@@ -315,10 +315,13 @@ impl QuantizedRows {
     ) {
         let (tile, stride) = (self.tile, self.stride);
         let tile_bytes = tile * stride;
-        let one = |(((rows, out), scales), zeros): TileJob| {
-            let mut row_bytes = vec![0u8; stride];
+        let quantize_tile = |rows: &[f32],
+                             out: &mut [u8],
+                             scales: &mut [f32],
+                             zeros: &mut [i32],
+                             row_bytes: &mut [u8]| {
             for (r, row) in rows.chunks_exact(k).enumerate() {
-                (scales[r], zeros[r]) = quantize_row(row, &mut row_bytes, input, inverse_smooth);
+                (scales[r], zeros[r]) = quantize_row(row, row_bytes, input, inverse_smooth);
                 let groups = stride / GROUP;
                 assert!(out.len() >= (groups - 1) * tile * GROUP + r * GROUP + GROUP);
                 for g in 0..groups {
@@ -335,6 +338,13 @@ impl QuantizedRows {
                     }
                 }
             }
+        };
+        let one = |(((rows, out), scales), zeros): TileJob| {
+            ROW_BYTES.with(|cell| {
+                let mut row_bytes = cell.borrow_mut();
+                row_bytes.resize(stride, 0);
+                quantize_tile(rows, out, scales, zeros, &mut row_bytes)
+            })
         };
         let data = &mut self.data[..m.next_multiple_of(tile) * stride];
         if parallel {
@@ -440,14 +450,32 @@ fn quantize_row_body(
     inverse_smooth: Option<&[f32]>,
 ) -> (f32, i32) {
     let (values, padding) = out.split_at_mut(row.len());
-    let mut smoothed = Vec::new();
-    let row = match inverse_smooth {
-        Some(inverse) => {
+    match inverse_smooth {
+        // The smoothed row in a per-thread buffer: no allocation per row.
+        Some(inverse) => SMOOTHED_ROW.with(|cell| {
+            let mut smoothed = cell.borrow_mut();
+            smoothed.clear();
             smoothed.extend(row.iter().zip(inverse).map(|(x, s)| x * s));
-            &smoothed[..]
-        }
-        None => row,
-    };
+            quantize_values(&smoothed, values, padding, input)
+        }),
+        None => quantize_values(row, values, padding, input),
+    }
+}
+
+thread_local! {
+    /// One row divided by its smoothing (quantize_row_body), and one row's bytes before
+    /// they are interleaved into a tile (quantize_tiles): reused, not allocated per row.
+    static SMOOTHED_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ROW_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[inline(always)]
+fn quantize_values(
+    row: &[f32],
+    values: &mut [u8],
+    padding: &mut [u8],
+    input: &InputQuantization,
+) -> (f32, i32) {
     let range = input.range.unwrap_or_else(|| {
         let (min, max) = min_max(row);
         Range { min, max }

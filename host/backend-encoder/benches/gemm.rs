@@ -58,17 +58,11 @@ fn main() {
             let (w8, scales) = int8::quantize_weights(&w, n, k);
             let packed = Int8Panels::new(&w8, n, k);
             let mut rows = QuantizedRows::default();
-            let epilogue = Epilogue {
-                column_scales: &scales,
-                bias: None,
-                activation: None,
-                scale_first: None,
-                accumulate: false,
-            };
+            let epilogue = Epilogue::default();
             let mut run8 = || {
                 pool.install(|| {
                     rows.quantize(isa, &x, m, &packed, &InputQuantization::default());
-                    int8::matmul(isa, &mut y, &rows, &packed, &epilogue, threads)
+                    int8::matmul(isa, &mut y, &rows, &packed, &scales, &epilogue, threads)
                 })
             };
             let median8 = median_seconds(&mut run8, Duration::from_millis(500));

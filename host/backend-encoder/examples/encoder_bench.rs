@@ -65,9 +65,12 @@ fn main() {
     let padded = args.iter().any(|a| a == "--padded");
     let all_rows = args.iter().any(|a| a == "--all-rows");
 
+    // BF16 rounds a float checkpoint's products at load, as the server does.
+    let bf16 = arg(&args, "--precision").as_deref() == Some("bf16");
     let settings = EncoderSettings {
         threads,
         remove_padding: !padded,
+        precision: bf16.then_some(wisp_backend_encoder::Precision::Bf16),
         ..EncoderSettings::new(".")
     };
     // The checkpoint is the model folder itself (paths are confined to the folder given).
@@ -92,9 +95,13 @@ fn main() {
             "--precision {wanted}, but {model} is a {precision} checkpoint (INT8 ones come from `wisp quantize`)"
         );
     }
-    let int8_isa = wisp_backend_encoder::int8::Isa::selected().name();
+    let kernels = match precision {
+        "int8" => wisp_backend_encoder::int8::Isa::selected().name(),
+        "bf16" => wisp_backend_encoder::bf16::Isa::selected().name(),
+        _ => "-",
+    };
     println!(
-        "  wisp GEMM engine: {}, precision {precision} (INT8 kernels: {int8_isa})",
+        "  wisp GEMM engine: {}, precision {precision} (kernels: {kernels})",
         wisp_backend_encoder::linear::engine()
     );
     let mut runner = Runner::new(encoder, !padded, threads);
@@ -165,7 +172,7 @@ fn main() {
         "settings".into(),
         json!({"threads": threads, "remove_padding": !padded,
                "gemm": wisp_backend_encoder::linear::engine(),
-               "precision": precision, "int8_isa": int8_isa}),
+               "precision": precision, "kernels": kernels}),
     );
     if let Some(out) = out {
         std::fs::write(&out, serde_json::to_string_pretty(&results).unwrap()).expect("write --out");

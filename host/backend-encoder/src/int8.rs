@@ -16,7 +16,7 @@
 //! to 16 bits and `vpmaddwd`: exact, where `vpmaddubsw` would saturate at 16 bits for
 //! products of 255·127 pairs), and portable Rust.
 
-use crate::ops::Activation;
+pub use crate::epilogue::Epilogue;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -497,26 +497,14 @@ fn quantize_values(
     (scale, zero)
 }
 
-/// What happens to each output after the integer product:
-/// `y (+)= act(acc · row_scale · column_scale + bias)`.
-pub struct Epilogue<'a> {
-    /// Each output column's weight scale.
-    pub column_scales: &'a [f32],
-    pub bias: Option<&'a [f32]>,
-    pub activation: Option<Activation>,
-    /// Multiplies the first columns (a multiple of 16) by a factor after the bias:
-    /// attention's 1/√d on Q, in the product that computes Q, K and V.
-    pub scale_first: Option<(usize, f32)>,
-    /// Adds to y (the residual) instead of overwriting it.
-    pub accumulate: bool,
-}
-
 /// The context every kernel's tiles finish with.
 struct Finish<'a> {
     y: *mut f32,
     n: usize,
     rows: &'a QuantizedRows,
     column_sums: &'a [i32],
+    /// Each output column's weight scale.
+    column_scales: &'a [f32],
     epilogue: &'a Epilogue<'a>,
 }
 
@@ -537,68 +525,31 @@ impl Finish<'_> {
         }
     }
 
+    /// Dequantizes: `acc · row_scale · column_scale`, then the epilogue.
     #[inline(always)]
     unsafe fn store_n<const L: usize>(&self, acc: &[i32; L], r: usize, column: usize) {
-        let e = self.epilogue;
         let (row_scale, zero) = (self.rows.scales[r], self.rows.zero_points[r]);
         let column_sums = &self.column_sums[column..column + L];
-        let column_scales = &e.column_scales[column..column + L];
+        let column_scales = &self.column_scales[column..column + L];
         let mut v = [0f32; L];
         for c in 0..L {
             let integer = acc[c] - zero * column_sums[c];
             v[c] = integer as f32 * (row_scale * column_scales[c]);
         }
-        if let Some(bias) = e.bias {
-            let bias = &bias[column..column + L];
-            for c in 0..L {
-                v[c] += bias[c];
-            }
-        }
-        if let Some((columns, factor)) = e.scale_first {
-            if column < columns {
-                for value in v.iter_mut() {
-                    *value *= factor;
-                }
-            }
-        }
-        if let Some(act) = e.activation {
-            activate(act, &mut v);
-        }
         let out = std::slice::from_raw_parts_mut(self.y.add(r * self.n + column), L);
-        if e.accumulate {
-            for c in 0..L {
-                out[c] += v[c];
-            }
-        } else {
-            out.copy_from_slice(&v);
-        }
+        self.epilogue.finish(v, column, out);
     }
 }
 
-/// `v = act(v)`, the match outside the loop so that it vectorises.
-#[inline(always)]
-fn activate<const L: usize>(act: Activation, v: &mut [f32; L]) {
-    match act {
-        Activation::Gelu => v.iter_mut().for_each(|v| *v = Activation::Gelu.apply(*v)),
-        Activation::GeluTanh => v
-            .iter_mut()
-            .for_each(|v| *v = Activation::GeluTanh.apply(*v)),
-        other => v.iter_mut().for_each(|v| *v = other.apply(*v)),
-    }
-}
-
-/// Below this many multiply-adds a product runs on one thread.
-const PARALLEL_THRESHOLD: usize = 64 * 64 * 64;
-/// Rows per task when a product is split by rows.
-const ROWS_PER_TASK: usize = 96;
-
-/// y[m, n] (+)= the INT8 product of `x` (quantized rows) and `w`, finished by `epilogue`,
-/// on `isa`, split over the current rayon pool's threads.
+/// y[m, n] (+)= the INT8 product of `x` (quantized rows) and `w`, dequantized with each
+/// row's scale and `column_scales`, finished by `epilogue`, on `isa`, split over the
+/// current rayon pool's threads.
 pub fn matmul(
     isa: Isa,
     y: &mut [f32],
     x: &QuantizedRows,
     w: &Int8Panels,
+    column_scales: &[f32],
     epilogue: &Epilogue,
     threads: usize,
 ) {
@@ -610,52 +561,24 @@ pub fn matmul(
         QuantizedRows::tile_for(isa),
         "rows laid out for another kernel"
     );
-    assert!(y.len() >= m * n && epilogue.column_scales.len() >= n);
+    assert!(y.len() >= m * n && column_scales.len() >= n);
     assert!(epilogue.bias.is_none_or(|b| b.len() >= n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    let blocks = n.div_ceil(WIDTH);
     let y_ptr = crate::linear::SendPtr(y.as_mut_ptr());
     let y_ptr = &y_ptr;
-    // SAFETY (all calls): the asserts bound x, y and the panels; each task writes a
-    // disjoint set of rows or panel columns of y.
+    // SAFETY (all calls): the asserts bound x, y and the panels; each part writes a
+    // disjoint set of rows or panel columns of y, and row parts start on whole tiles.
     let run = |rows: std::ops::Range<usize>, panels: std::ops::Range<usize>| unsafe {
         let finish = Finish {
             y: y_ptr.0,
             n,
             rows: x,
             column_sums: &w.column_sums,
+            column_scales,
             epilogue,
         };
         kernel(isa, &finish, w, rows, panels)
     };
-    let parts = if m * w.k * n >= PARALLEL_THRESHOLD {
-        threads.max(1)
-    } else {
-        1
-    };
-    if parts == 1 {
-        return run(0..m, 0..blocks);
-    }
-    rayon::scope(|s| {
-        if m >= 2 * ROWS_PER_TASK {
-            // Whole tiles per task (12 divides ROWS_PER_TASK and ROW_BLOCK).
-            let per_task = m
-                .div_ceil(m.div_ceil(ROWS_PER_TASK).max(parts))
-                .next_multiple_of(12);
-            for start in (0..m).step_by(per_task) {
-                let end = (start + per_task).min(m);
-                s.spawn(move |_| run(start..end, 0..blocks));
-            }
-        } else {
-            let per_task = blocks.div_ceil(parts.min(blocks));
-            for first in (0..blocks).step_by(per_task) {
-                let last = (first + per_task).min(blocks);
-                s.spawn(move |_| run(0..m, first..last));
-            }
-        }
-    });
+    crate::linear::split_product(m, w.k, n, WIDTH, threads, &run);
 }
 
 unsafe fn kernel(
@@ -872,33 +795,15 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
     unsafe fn store(finish: &Finish, acc: __m512i, r: usize, column: usize) {
-        let e = finish.epilogue;
         let rows = finish.rows;
         let zero = _mm512_set1_epi32(rows.zero_points[r]);
         let sums = _mm512_loadu_si512(finish.column_sums.as_ptr().add(column).cast());
         let integer = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zero, sums));
-        let column_scales = _mm512_loadu_ps(e.column_scales.as_ptr().add(column));
+        let column_scales = _mm512_loadu_ps(finish.column_scales.as_ptr().add(column));
         let scale = _mm512_mul_ps(_mm512_set1_ps(rows.scales[r]), column_scales);
-        let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(integer), scale);
-        if let Some(bias) = e.bias {
-            v = _mm512_add_ps(v, _mm512_loadu_ps(bias.as_ptr().add(column)));
-        }
-        if let Some((columns, factor)) = e.scale_first {
-            if column < columns {
-                v = _mm512_mul_ps(v, _mm512_set1_ps(factor));
-            }
-        }
-        if let Some(act) = e.activation {
-            let mut lanes = [0f32; WIDTH];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-            super::activate(act, &mut lanes);
-            v = _mm512_loadu_ps(lanes.as_ptr());
-        }
+        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(integer), scale);
         let out = finish.y.add(r * finish.n + column);
-        if e.accumulate {
-            v = _mm512_add_ps(v, _mm512_loadu_ps(out));
-        }
-        _mm512_storeu_ps(out, v);
+        crate::epilogue::avx512::finish(finish.epilogue, v, column, out);
     }
 }
 
@@ -1034,6 +939,7 @@ pub fn quantize_weights(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::Activation;
 
     /// Integer reference: Σₖ q(x)·w, straight from the unpacked matrices.
     fn reference(q: &QuantizedRows, w: &[i8], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -1092,14 +998,8 @@ mod tests {
                 let ones = vec![1.0 / q.scales[0]; n];
                 for threads in [1, 3] {
                     let mut y = vec![f32::NAN; m * n + 3];
-                    let epilogue = Epilogue {
-                        column_scales: &ones,
-                        bias: None,
-                        activation: None,
-                        scale_first: None,
-                        accumulate: false,
-                    };
-                    matmul(isa, &mut y, &q, &panels, &epilogue, threads);
+                    let epilogue = Epilogue::default();
+                    matmul(isa, &mut y, &q, &panels, &ones, &epilogue, threads);
                     assert_eq!(&y[..m * n], &want[..], "{} m {m} k {k} n {n}", isa.name());
                     assert!(y[m * n..].iter().all(|v| v.is_nan()), "wrote past y");
                 }
@@ -1122,13 +1022,12 @@ mod tests {
             q.quantize(isa, &x, m, &panels, &InputQuantization::default());
             let mut y = vec![1f32; m * n];
             let epilogue = Epilogue {
-                column_scales: &scales,
                 bias: Some(&bias),
                 activation: Some(Activation::Gelu),
                 scale_first: None,
                 accumulate: true,
             };
-            matmul(isa, &mut y, &q, &panels, &epilogue, 2);
+            matmul(isa, &mut y, &q, &panels, &scales, &epilogue, 2);
             results.push((isa, y));
         }
         // Against f32: dynamic per-row INT8 keeps a product within a few percent.

@@ -5,7 +5,9 @@
 //! of requests is packed into one token matrix without padding (see `model.rs`), so a
 //! batch of short and long sequences costs its real tokens.
 
+pub mod bf16;
 pub mod checkpoint;
+pub mod epilogue;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod int8;
@@ -53,8 +55,9 @@ pub struct EncoderSettings {
     /// false runs every sequence padded to the batch's longest, as padded engines do
     /// (for comparison and tests; results are the same).
     pub remove_padding: bool,
-    /// "f32" or "int8" (CPU instances; int8 needs a checkpoint from `wisp quantize`), or
-    /// "fp16" (GPU instances); None: each kind's own, INT8 for a quantized checkpoint.
+    /// "f32", "bf16" or "int8" (CPU instances; int8 needs a checkpoint from `wisp
+    /// quantize`), or "fp16" (GPU instances); None: each kind's own, and the precision a
+    /// checkpoint from `wisp quantize` was written for.
     pub precision: Option<Precision>,
     /// GPU instances replay CUDA graphs per launch shape (false: launch kernels directly).
     pub cuda_graphs: bool,
@@ -74,7 +77,19 @@ pub enum GpuRuntime {
 pub enum Precision {
     Fp32,
     Fp16,
+    Bf16,
     Int8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "f32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
 }
 
 impl EncoderSettings {
@@ -148,11 +163,12 @@ impl EncoderSettings {
             None => None,
             Some("f32" | "fp32") => Some(Precision::Fp32),
             Some("fp16" | "f16") => Some(Precision::Fp16),
+            Some("bf16") => Some(Precision::Bf16),
             Some("int8") => Some(Precision::Int8),
             Some(_) => {
                 return Err(bad(
                     "precision",
-                    "\"f32\" or \"int8\" (CPU; int8 needs a checkpoint from `wisp quantize`) or \"fp16\" (GPU)",
+                    "\"f32\", \"bf16\" or \"int8\" (CPU; int8 needs a checkpoint from `wisp quantize`) or \"fp16\" (GPU)",
                 ))
             }
         };
@@ -233,7 +249,17 @@ pub fn load_encoder(settings: &EncoderSettings, version_dir: &Path) -> Result<En
     let (st_pooling, st_normalize) = checkpoint::sentence_transformers_pooling(&folder)?;
     let pooling = settings.pooling.or(st_pooling).unwrap_or(Pooling::Mean);
     let normalize = settings.normalize.unwrap_or(st_normalize);
-    Encoder::load(dims, &checkpoint, scheme.as_ref(), head, pooling, normalize)
+    let mut encoder = Encoder::load(dims, &checkpoint, scheme.as_ref(), head, pooling, normalize)?;
+    let stored_bf16 = scheme.as_ref().is_some_and(|s| s.precision == "bf16");
+    let bf16 = match settings.precision {
+        Some(Precision::Bf16) => true,
+        None => stored_bf16,
+        _ => false,
+    };
+    if bf16 && !encoder.is_quantized() {
+        encoder.use_bf16();
+    }
+    Ok(encoder)
 }
 
 pub struct EncoderBackend {
@@ -330,15 +356,14 @@ fn check_precision(
              parameters.checkpoint ({checkpoint}) is float: run `wisp quantize CHECKPOINT --out DIR` \
              and point parameters.checkpoint at DIR"
         ))),
-        (Some(Precision::Fp32 | Precision::Fp16), true) => Err(Error::invalid(format!(
-            "model '{model}': the checkpoint at parameters.checkpoint ({checkpoint}) is quantized \
-             (INT8, quantization.json), so it cannot run in precision {:?}: set precision = \"int8\" \
-             or point parameters.checkpoint at the float checkpoint",
-            settings.precision.map(|p| match p {
-                Precision::Fp16 => "fp16",
-                _ => "f32",
-            }).unwrap_or_default()
-        ))),
+        (Some(precision @ (Precision::Fp32 | Precision::Fp16 | Precision::Bf16)), true) => {
+            Err(Error::invalid(format!(
+                "model '{model}': the checkpoint at parameters.checkpoint ({checkpoint}) is quantized \
+                 (INT8, quantization.json), so it cannot run in precision {:?}: set precision = \"int8\" \
+                 or point parameters.checkpoint at the float checkpoint",
+                precision.name()
+            )))
+        }
         (_, true) if gpu_instances > 0 => Err(Error::invalid(format!(
             "model '{model}': the checkpoint is quantized (INT8), which runs on CPU instances only; \
              GPU instances need the float checkpoint"
@@ -395,10 +420,11 @@ impl EncoderBackend {
                     config.name
                 )))
             }
-            (Some(Precision::Int8), _, true) => {
+            (Some(p @ (Precision::Int8 | Precision::Bf16)), _, true) => {
                 return Err(Error::invalid(format!(
-                    "model '{}': precision \"int8\" runs on CPU instances only",
-                    config.name
+                    "model '{}': precision {:?} runs on CPU instances only",
+                    config.name,
+                    p.name()
                 )))
             }
             (Some(Precision::Fp32), _, true) => {
@@ -409,7 +435,12 @@ impl EncoderBackend {
             }
             _ => {}
         }
-        let mut encoder = load_encoder(&settings, version_dir)
+        let mut load_settings = settings.clone();
+        if gpu_instances > 0 && settings.precision.is_none() {
+            // GPU instances copy the float weights: none are rounded to BF16 at load.
+            load_settings.precision = Some(Precision::Fp32);
+        }
+        let mut encoder = load_encoder(&load_settings, version_dir)
             .map_err(|e| e.context(format!("model '{}'", config.name)))?;
         check_precision(&config.name, &settings, &encoder, gpu_instances)?;
         let packed_bytes = if cpu_instances > 0 {
@@ -490,7 +521,11 @@ impl EncoderBackend {
             gpus = %devices.join(", "),
             threads,
             precision = encoder.precision(),
-            int8_isa = if encoder.is_quantized() { int8::Isa::selected().name() } else { "-" },
+            kernels = match encoder.precision() {
+                "int8" => int8::Isa::selected().name(),
+                "bf16" => bf16::Isa::selected().name(),
+                _ => "-",
+            },
             gemm = linear::engine(),
             few_row_panels_mib = packed_bytes >> 20,
             "encoder loaded"

@@ -310,6 +310,53 @@ pub(super) struct SendPtr(pub *mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
+/// Below this many multiply-adds a reduced-precision product runs on one thread.
+const SPLIT_THRESHOLD: usize = 64 * 64 * 64;
+/// Rows per part when a reduced-precision product is split by rows.
+const ROWS_PER_PART: usize = 96;
+
+/// Runs a product y[m, n] = x[m, k] · wᵀ, whose weights are packed in panels of `width`
+/// columns, as `run(rows, panels)` parts on the current rayon pool: ranges of rows
+/// (whole 12-row tiles) when there are many rows, else ranges of panels.
+pub(crate) fn split_product(
+    m: usize,
+    k: usize,
+    n: usize,
+    width: usize,
+    threads: usize,
+    run: &(dyn Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let blocks = n.div_ceil(width);
+    let parts = if m * k * n >= SPLIT_THRESHOLD {
+        threads.max(1)
+    } else {
+        1
+    };
+    if parts == 1 {
+        return run(0..m, 0..blocks);
+    }
+    rayon::scope(|s| {
+        if m >= 2 * ROWS_PER_PART {
+            let per_part = m
+                .div_ceil(m.div_ceil(ROWS_PER_PART).max(parts))
+                .next_multiple_of(12);
+            for start in (0..m).step_by(per_part) {
+                let end = (start + per_part).min(m);
+                s.spawn(move |_| run(start..end, 0..blocks));
+            }
+        } else {
+            let per_part = blocks.div_ceil(parts.min(blocks));
+            for first in (0..blocks).step_by(per_part) {
+                let last = (first + per_part).min(blocks);
+                s.spawn(move |_| run(0..m, first..last));
+            }
+        }
+    });
+}
+
 /// y[m, n] (row stride ldy) (+)= x[m, k] · w[n, k]ᵀ on this thread.
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel(

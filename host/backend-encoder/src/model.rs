@@ -2,6 +2,7 @@
 //! RoBERTa, and a forward pass over a packed batch (all sequences' tokens in one
 //! matrix, attention per sequence), so cost follows real tokens.
 
+use super::bf16::{self, Bf16Panels, Bf16Rows};
 use super::checkpoint::{Checkpoint, Dimensions, Family, Pooling, Weight};
 use super::int8::{self, Epilogue, QuantizedRows};
 use super::linear::{dense, matmul_transposed, Threads};
@@ -139,6 +140,9 @@ pub(super) struct Layer {
     /// Each product's INT8 form, where the checkpoint is quantized ([`Product`] order);
     /// its f32 weight is then absent.
     pub(super) int8: [Option<QuantizedLinear>; 4],
+    /// Each product's BF16 form, where the model runs in BF16 ([`Encoder::use_bf16`]);
+    /// its f32 weight is then absent.
+    pub(super) bf16: [Option<Bf16Panels>; 4],
 }
 
 pub(super) struct LayerPanels {
@@ -214,6 +218,8 @@ pub struct Workspace {
     intermediate: Vec<f32>,
     /// The current INT8 product's quantized input.
     rows: QuantizedRows,
+    /// The current BF16 product's rounded input.
+    bf16_rows: Bf16Rows,
 }
 
 /// Sees each product's input during a forward pass (calibration): layer, product, and
@@ -357,6 +363,7 @@ impl Encoder {
                 packed: None,
                 names: [qkv_names, vec![out], vec![up], vec![down]],
                 int8: [qkv_int8, out_int8, up_int8, down_int8],
+                bf16: Default::default(),
             });
         }
         let head = Self::load_head(&dims, checkpoint, head_kind, pooling, normalize)?;
@@ -454,7 +461,7 @@ impl Encoder {
         let (h, inter) = (self.dims.hidden, self.dims.intermediate);
         let mut bytes = 0;
         for layer in &mut self.layers {
-            if layer.int8.iter().any(Option::is_some) {
+            if layer.int8.iter().any(Option::is_some) || layer.bf16.iter().any(Option::is_some) {
                 // A quantized layer's f32 products are the sensitive few; they run on
                 // the GEMM engine.
                 continue;
@@ -512,13 +519,55 @@ impl Encoder {
             .any(|l| l.int8.iter().any(Option::is_some))
     }
 
-    /// "int8" for a quantized checkpoint, else "f32".
+    /// Whether the products run in BF16 ([`Encoder::use_bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.bf16.iter().any(Option::is_some))
+    }
+
+    /// "int8" for a quantized checkpoint, "bf16" after [`Encoder::use_bf16`], else "f32".
     pub fn precision(&self) -> &'static str {
         if self.is_quantized() {
             "int8"
+        } else if self.is_bf16() {
+            "bf16"
         } else {
             "f32"
         }
+    }
+
+    /// Runs every layer's four float products in BF16 from now on: their weights
+    /// rounded to bf16 and packed (exact for a checkpoint stored in BF16), the f32
+    /// copies released. Returns the bytes the BF16 weights take.
+    pub fn use_bf16(&mut self) -> usize {
+        let (h, inter) = (self.dims.hidden, self.dims.intermediate);
+        let mut bytes = 0;
+        for layer in &mut self.layers {
+            let shapes = [(3 * h, h), (h, h), (inter, h), (h, inter)];
+            for (which, (n, k)) in Product::ALL.into_iter().zip(shapes) {
+                if layer.int8[which as usize].is_some() {
+                    continue;
+                }
+                let weight = match which {
+                    Product::Qkv => std::mem::take(&mut layer.qkv_weight),
+                    Product::AttentionOut => layer.out.0.data().to_vec(),
+                    Product::FfnUp => layer.up.0.data().to_vec(),
+                    Product::FfnDown => layer.down.0.data().to_vec(),
+                };
+                let panels = Bf16Panels::new(&weight, n, k);
+                bytes += panels.bytes();
+                layer.bf16[which as usize] = Some(panels);
+                match which {
+                    Product::Qkv => {}
+                    Product::AttentionOut => layer.out.0 = Weight::absent(&[n, k]),
+                    Product::FfnUp => layer.up.0 = Weight::absent(&[n, k]),
+                    Product::FfnDown => layer.down.0 = Weight::absent(&[n, k]),
+                }
+            }
+            layer.packed = None;
+        }
+        bytes
     }
 
     /// Runs the embeddings and every layer over `batch`; the last hidden states are
@@ -542,6 +591,7 @@ impl Encoder {
         let scale = 1.0 / ((h / d.heads) as f32).sqrt();
         let isa = int8::Isa::selected();
         let rows = &mut ws.rows;
+        let bf16_rows = &mut ws.bf16_rows;
         let observing = observer.is_some();
         for (index, layer) in self.layers.iter().enumerate() {
             let mut observe = |product: Product, x: &[f32]| {
@@ -549,9 +599,9 @@ impl Encoder {
                     observer(index, product, x)
                 }
             };
-            // y (+)= x · Wᵀ for one product: INT8 where the checkpoint is quantized (its
-            // epilogue doing `fused`'s work too; returns true), else f32 (the caller then
-            // does that work).
+            // y (+)= x · Wᵀ for one product: INT8 where the checkpoint is quantized, BF16
+            // where the model runs in BF16 (their epilogues doing `fused`'s work too;
+            // returns true), else f32 (the caller then does that work).
             let mut product = |which: Product,
                                y: &mut [f32],
                                x: &[f32],
@@ -561,17 +611,30 @@ impl Encoder {
                                accumulate: bool,
                                fused: Fused|
              -> bool {
+                let epilogue = Epilogue {
+                    bias: fused.bias,
+                    activation: fused.activation,
+                    scale_first: fused.scale_first,
+                    accumulate,
+                };
+                if let Some(w) = &layer.bf16[which as usize] {
+                    let isa = bf16::Isa::selected();
+                    bf16_rows.round(isa, x, m, w);
+                    bf16::matmul(isa, y, bf16_rows, w, &epilogue, threads.0);
+                    return true;
+                }
                 match &layer.int8[which as usize] {
                     Some(q) => {
                         rows.quantize(isa, x, m, &q.panels, &q.input);
-                        let epilogue = Epilogue {
-                            column_scales: &q.column_scales,
-                            bias: fused.bias,
-                            activation: fused.activation,
-                            scale_first: fused.scale_first,
-                            accumulate,
-                        };
-                        int8::matmul(isa, y, rows, &q.panels, &epilogue, threads.0);
+                        int8::matmul(
+                            isa,
+                            y,
+                            rows,
+                            &q.panels,
+                            &q.column_scales,
+                            &epilogue,
+                            threads.0,
+                        );
                         true
                     }
                     None => {

@@ -13,6 +13,7 @@
 //! outputs miss the targets, each product's damage is measured alone and the most
 //! damaging products stay in f32, one at a time, until the targets are met.
 
+use crate::bf16;
 use crate::checkpoint::{self, Checkpoint, Dimensions, Pooling};
 use crate::int8::{self, InputQuantization, Int8Panels, QuantizedRows, Range};
 use crate::linear::{matmul_transposed, Threads};
@@ -138,54 +139,15 @@ pub fn quantize(
     options: &Options,
     log: &mut (dyn FnMut(String) + Send),
 ) -> Result<Scheme> {
-    check_output_folder(out)?;
-    if Scheme::read(source)?.is_some() {
-        return Err(Error::invalid(format!(
-            "{} is already quantized ({SCHEME_FILE}); quantize the f32 checkpoint",
-            source.display()
-        )));
-    }
-    let dims = Dimensions::read(source)?;
-    let checkpoint = Checkpoint::open(source)?;
-    let head = HeadKind::from_architecture(&dims.architecture);
-    let (pooling, normalize) = checkpoint::sentence_transformers_pooling(source)?;
-    let mut encoder = Encoder::load(
-        dims.clone(),
-        &checkpoint,
-        None,
+    let Prepared {
+        checkpoint,
+        mut encoder,
         head,
-        pooling.unwrap_or(Pooling::Mean),
-        normalize,
-    )?;
-    let tokenizer = options
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| source.join("tokenizer.json"));
-    let sequences = tokenize(&tokenizer, &dims, texts, options.max_tokens)?;
-    if sequences.len() < 10 {
-        return Err(Error::invalid(format!(
-            "{} calibration texts; wisp quantize needs at least 10 (one in five is held out to check accuracy)",
-            sequences.len()
-        )));
-    }
-    let (held_out, calibration): (Vec<_>, Vec<_>) = sequences
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| i % 5 == 4);
-    let strip = |v: Vec<(usize, Vec<u32>)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
-    let (held_out, calibration) = (strip(held_out), strip(calibration));
-    let calibration_batches = batches(&dims, &calibration);
-    let held_out_batches = batches(&dims, &held_out);
-    log(format!(
-        "{} calibration and {} held-out texts, {} tokens",
-        calibration.len(),
-        held_out.len(),
-        calibration
-            .iter()
-            .chain(&held_out)
-            .map(Vec::len)
-            .sum::<usize>()
-    ));
+        calibration,
+        held_out,
+        calibration_batches,
+        held_out_batches,
+    } = prepare(source, out, texts, options, log)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.threads.max(1))
         .build()
@@ -308,8 +270,169 @@ pub fn quantize(
                 "isa": int8::Isa::selected().name(),
             }),
         };
-        write_checkpoint(source, out, &checkpoint, &encoder, &weights, &smoothing, &scheme)?;
+        let tensors = int8_tensors(&encoder, &weights, &smoothing, &scheme);
+        write_checkpoint(source, out, &checkpoint, &tensors, &scheme)?;
         Ok(scheme)
+    })
+}
+
+/// Rounds the checkpoint in `source` to BF16 into `out`: every layer's four products'
+/// weights stored as BF16 (to nearest even), every other tensor as it was, and the
+/// accuracy of running the products in BF16 (inputs rounded too, f32 sums) measured on
+/// the held-out texts against f32. No calibration: BF16 keeps f32's range.
+pub fn quantize_bf16(
+    source: &Path,
+    out: &Path,
+    texts: &[String],
+    options: &Options,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<Scheme> {
+    let Prepared {
+        checkpoint,
+        mut encoder,
+        head,
+        calibration,
+        held_out,
+        held_out_batches,
+        ..
+    } = prepare(source, out, texts, options, log)?;
+    let threads = Threads(options.threads.max(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.0)
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start threads: {e}")))?;
+    let width = encoder.head_width();
+    let mut tensors = Tensors::new();
+    let mut products = BTreeMap::new();
+    for layer in 0..encoder.layers.len() {
+        for product in Product::ALL {
+            for name in encoder.product_names(layer, product) {
+                let weight = format!("{name}.weight");
+                let shape = checkpoint.shape(&weight).unwrap_or_default().to_vec();
+                let values = checkpoint.get(&weight, &shape)?;
+                let bytes = values
+                    .data()
+                    .iter()
+                    .flat_map(|&v| bf16::round(v).to_le_bytes())
+                    .collect();
+                tensors.insert(weight, (Dtype::BF16, shape, bytes));
+            }
+            let name = encoder.product_names(layer, product)[0].clone();
+            products.insert(
+                name,
+                ProductScheme {
+                    asymmetric: false,
+                    range: None,
+                    smooth: false,
+                },
+            );
+        }
+    }
+    let accuracy = pool.install(|| {
+        let reference = outputs(&encoder, &held_out_batches, threads);
+        encoder.use_bf16();
+        let got = outputs(&encoder, &held_out_batches, threads);
+        compare(&reference, &got, head, width)
+    });
+    log(format!(
+        "every product BF16: held-out cosine to f32 mean {:.6}, worst {:.6}",
+        accuracy.mean_cosine, accuracy.min_cosine
+    ));
+    let scheme = Scheme {
+        format: FORMAT.to_string(),
+        version: 1,
+        precision: "bf16".to_string(),
+        method: "nearest-even".to_string(),
+        smoothquant_alpha: None,
+        products,
+        report: json!({
+            "source": source.display().to_string(),
+            "held_out_texts": held_out.len(),
+            "calibration_texts": calibration.len(),
+            "target": { "mean_cosine": options.target_mean_cosine, "min_cosine": options.target_min_cosine },
+            "held_out": accuracy,
+            "targets_met": accuracy.meets(options),
+            "isa": bf16::Isa::selected().name(),
+        }),
+    };
+    write_checkpoint(source, out, &checkpoint, &tensors, &scheme)?;
+    Ok(scheme)
+}
+
+/// The float checkpoint loaded, and the calibration texts tokenized and split.
+struct Prepared {
+    checkpoint: Checkpoint,
+    encoder: Encoder,
+    head: HeadKind,
+    calibration: Vec<Vec<u32>>,
+    held_out: Vec<Vec<u32>>,
+    calibration_batches: Vec<PackedBatch>,
+    held_out_batches: Vec<PackedBatch>,
+}
+
+fn prepare(
+    source: &Path,
+    out: &Path,
+    texts: &[String],
+    options: &Options,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<Prepared> {
+    check_output_folder(out)?;
+    if Scheme::read(source)?.is_some() {
+        return Err(Error::invalid(format!(
+            "{} is already quantized ({SCHEME_FILE}); quantize the f32 checkpoint",
+            source.display()
+        )));
+    }
+    let dims = Dimensions::read(source)?;
+    let checkpoint = Checkpoint::open(source)?;
+    let head = HeadKind::from_architecture(&dims.architecture);
+    let (pooling, normalize) = checkpoint::sentence_transformers_pooling(source)?;
+    let encoder = Encoder::load(
+        dims.clone(),
+        &checkpoint,
+        None,
+        head,
+        pooling.unwrap_or(Pooling::Mean),
+        normalize,
+    )?;
+    let tokenizer = options
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| source.join("tokenizer.json"));
+    let sequences = tokenize(&tokenizer, &dims, texts, options.max_tokens)?;
+    if sequences.len() < 10 {
+        return Err(Error::invalid(format!(
+            "{} calibration texts; wisp quantize needs at least 10 (one in five is held out to check accuracy)",
+            sequences.len()
+        )));
+    }
+    let (held_out, calibration): (Vec<_>, Vec<_>) = sequences
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 5 == 4);
+    let strip = |v: Vec<(usize, Vec<u32>)>| v.into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+    let (held_out, calibration) = (strip(held_out), strip(calibration));
+    let calibration_batches = batches(&dims, &calibration);
+    let held_out_batches = batches(&dims, &held_out);
+    log(format!(
+        "{} calibration and {} held-out texts, {} tokens",
+        calibration.len(),
+        held_out.len(),
+        calibration
+            .iter()
+            .chain(&held_out)
+            .map(Vec::len)
+            .sum::<usize>()
+    ));
+    Ok(Prepared {
+        checkpoint,
+        encoder,
+        head,
+        calibration,
+        held_out,
+        calibration_batches,
+        held_out_batches,
     })
 }
 
@@ -772,19 +895,13 @@ fn product_errors(
             matmul_transposed(&mut want, x, w, m, k, n, false, threads);
             let mut got = vec![0f32; m * n];
             rows.quantize(int8::Isa::selected(), x, m, &q.panels, &q.input);
-            let epilogue = int8::Epilogue {
-                column_scales: &q.column_scales,
-                bias: None,
-                activation: None,
-                scale_first: None,
-                accumulate: false,
-            };
             int8::matmul(
                 int8::Isa::selected(),
                 &mut got,
                 &rows,
                 &q.panels,
-                &epilogue,
+                &q.column_scales,
+                &int8::Epilogue::default(),
                 threads.0,
             );
             let entry = sums.entry((layer, product)).or_default();
@@ -800,25 +917,18 @@ fn product_errors(
         .collect()
 }
 
-/// Writes `out`: model.safetensors with the INT8 products' weights, scales and
-/// smoothing in place of their f32 weights (every other tensor as it was), the scheme,
-/// and the checkpoint's other files (config, tokenizer, sentence-transformers modules).
-fn write_checkpoint(
-    source: &Path,
-    out: &Path,
-    checkpoint: &Checkpoint,
+/// Owned bytes of new tensors, by name: (dtype, shape, little-endian bytes).
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The INT8 products' weights, with their scales (and input smoothing), in place of
+/// their f32 weights.
+fn int8_tensors(
     encoder: &Encoder,
     weights: &BTreeMap<Key, (Vec<i8>, Vec<f32>)>,
     smoothing: &Smoothing,
     scheme: &Scheme,
-) -> Result<()> {
-    let io = |what: &str, path: &Path, e: std::io::Error| {
-        Error::invalid(format!("cannot {what} {}: {e}", path.display()))
-    };
-    std::fs::create_dir_all(out).map_err(|e| io("create", out, e))?;
-    // Owned bytes of every new tensor, by name.
-    let mut new: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    let mut replaced = std::collections::BTreeSet::new();
+) -> Tensors {
+    let mut new = Tensors::new();
     for (&(layer, product), (w8, scales)) in weights {
         if encoder.int8(layer, product).is_none() {
             continue;
@@ -830,16 +940,14 @@ fn write_checkpoint(
         );
         for (part, name) in names.iter().enumerate() {
             let rows = &w8[part * n * k..(part + 1) * n * k];
-            let weight = format!("{name}.weight");
             new.insert(
-                weight.clone(),
+                format!("{name}.weight"),
                 (
                     Dtype::I8,
                     vec![n, k],
                     rows.iter().map(|&v| v as u8).collect(),
                 ),
             );
-            replaced.insert(weight);
             let scale = &scales[part * n..(part + 1) * n];
             new.insert(format!("{name}.weight_scale"), f32_tensor(scale));
             if scheme.products.values().next().is_some_and(|p| p.smooth) {
@@ -850,15 +958,32 @@ fn write_checkpoint(
             }
         }
     }
+    new
+}
+
+/// Writes `out`: model.safetensors with the `new` tensors in place of (or beside) the
+/// checkpoint's (every other tensor as it was), the scheme, and the checkpoint's other
+/// files (config, tokenizer, sentence-transformers modules).
+fn write_checkpoint(
+    source: &Path,
+    out: &Path,
+    checkpoint: &Checkpoint,
+    new: &Tensors,
+    scheme: &Scheme,
+) -> Result<()> {
+    let io = |what: &str, path: &Path, e: std::io::Error| {
+        Error::invalid(format!("cannot {what} {}: {e}", path.display()))
+    };
+    std::fs::create_dir_all(out).map_err(|e| io("create", out, e))?;
     let mut views: Vec<(String, TensorView)> = Vec::new();
     for name in checkpoint.names() {
-        if replaced.contains(name) {
+        if new.contains_key(name) {
             continue;
         }
         let (dtype, shape, bytes) = checkpoint.raw(name).expect("a listed tensor");
         views.push((name.to_string(), view(dtype, shape.to_vec(), bytes)?));
     }
-    for (name, (dtype, shape, bytes)) in &new {
+    for (name, (dtype, shape, bytes)) in new {
         views.push((name.clone(), view(*dtype, shape.clone(), bytes)?));
     }
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);

@@ -25,7 +25,7 @@ pub struct Scheme {
     /// Always [`FORMAT`].
     pub format: String,
     pub version: u32,
-    /// "int8".
+    /// "int8", or "bf16" (the products' weights stored as BF16, run in BF16).
     pub precision: String,
     /// How activations were calibrated: "dynamic" (per row at run time) or the method
     /// ("max", "percentile", "entropy", "mse").
@@ -64,9 +64,10 @@ impl Scheme {
         let text = crate::checkpoint::read_small_file(&file)?;
         let scheme: Scheme = serde_json::from_str(&text)
             .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
-        if scheme.format != FORMAT || scheme.version != 1 || scheme.precision != "int8" {
+        let precision_known = matches!(scheme.precision.as_str(), "int8" | "bf16");
+        if scheme.format != FORMAT || scheme.version != 1 || !precision_known {
             return Err(Error::invalid(format!(
-                "{}: format {:?} version {} precision {:?}; this wisp reads format \"{FORMAT}\" version 1, precision \"int8\"",
+                "{}: format {:?} version {} precision {:?}; this wisp reads format \"{FORMAT}\" version 1, precision \"int8\" or \"bf16\"",
                 file.display(),
                 scheme.format,
                 scheme.version,
@@ -108,6 +109,13 @@ impl QuantizedLinear {
                 weight(&names[0])
             )));
         };
+        if scheme.precision != "int8" {
+            return Err(Error::invalid(format!(
+                "tensor '{}' is INT8 but {SCHEME_FILE} says precision {:?}",
+                weight(&names[0]),
+                scheme.precision
+            )));
+        }
         if quantized != names.len() {
             return Err(Error::invalid(format!(
                 "tensors {names:?} must all be INT8 or all float: they are one product"
@@ -217,22 +225,36 @@ pub fn feed_forward(
                     let intermediate = &mut intermediate[..rows * width];
                     quantized.quantize_here(isa, x, rows, &up.panels, &up.input);
                     let up_epilogue = Epilogue {
-                        column_scales: &up.column_scales,
                         bias: Some(up_bias),
                         activation: Some(activation),
                         scale_first: None,
                         accumulate: false,
                     };
-                    int8::matmul(isa, intermediate, quantized, &up.panels, &up_epilogue, 1);
+                    let up_scales = &up.column_scales;
+                    int8::matmul(
+                        isa,
+                        intermediate,
+                        quantized,
+                        &up.panels,
+                        up_scales,
+                        &up_epilogue,
+                        1,
+                    );
                     quantized.quantize_here(isa, intermediate, rows, &down.panels, &down.input);
                     let down_epilogue = Epilogue {
-                        column_scales: &down.column_scales,
-                        bias: None,
-                        activation: None,
-                        scale_first: None,
                         accumulate: true,
+                        ..Epilogue::default()
                     };
-                    int8::matmul(isa, x, quantized, &down.panels, &down_epilogue, 1);
+                    let down_scales = &down.column_scales;
+                    int8::matmul(
+                        isa,
+                        x,
+                        quantized,
+                        &down.panels,
+                        down_scales,
+                        &down_epilogue,
+                        1,
+                    );
                 })
             });
         }

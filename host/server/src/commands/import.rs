@@ -278,13 +278,13 @@ impl Plan {
             queue_size(args.max_batch_size, args.instances),
             head.as_str()
         );
-        // A checkpoint from `wisp quantize` runs in INT8; saying so in the config makes
-        // the model's precision visible (and a float checkpoint put there later an error).
-        let quantized = src
-            .join(wisp_backend_encoder::quantized::SCHEME_FILE)
-            .is_file();
-        if quantized {
-            e += "precision = \"int8\"\n";
+        // A checkpoint from `wisp quantize` runs in the precision it was written for;
+        // saying so in the config makes it visible (and, for INT8, a float checkpoint put
+        // there later an error).
+        let scheme = wisp_backend_encoder::quantized::Scheme::read(src)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        if let Some(scheme) = scheme {
+            let _ = writeln!(e, "precision = \"{}\"", scheme.precision);
         }
         for file in [
             "config.json",

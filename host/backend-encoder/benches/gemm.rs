@@ -4,6 +4,7 @@
 //! NumPy on the same shapes: `python3 bench/gemm_numpy.py`.
 
 use std::time::{Duration, Instant};
+use wisp_backend_encoder::bf16::{self, Bf16Panels, Bf16Rows};
 use wisp_backend_encoder::int8::{self, Epilogue, InputQuantization, Int8Panels, QuantizedRows};
 use wisp_backend_encoder::linear::{matmul_transposed, Threads};
 use wisp_backend_encoder::panels::{self, Panels};
@@ -30,10 +31,28 @@ fn main() {
          quantizing x per row",
         isa.name()
     );
+    // Every BF16 kernel this CPU runs on AVX-512 (where it has both, which is faster is
+    // what this shows), else the one it would use.
+    let bf16_isas: Vec<bf16::Isa> = [bf16::Isa::Avx512Bf16, bf16::Isa::Avx512]
+        .into_iter()
+        .filter(|isa| isa.supported())
+        .collect();
+    let bf16_isas = if bf16_isas.is_empty() {
+        vec![bf16::Isa::fastest()]
+    } else {
+        bf16_isas
+    };
     println!(
+        "bf16: columns per kernel (WISP_BF16_ISA selects in the encoder); time includes rounding x"
+    );
+    print!(
         "{:>6} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8}",
         "M", "K", "N", "f32 ms", "GFLOP/s", "int8 ms", "GOP/s", "ratio"
     );
+    for isa in &bf16_isas {
+        print!(" {:>16}", format!("bf16 {} GFLOP/s", isa.name()));
+    }
+    println!();
     for (k, n) in [
         (384, 384),
         (384, 1536),
@@ -67,12 +86,25 @@ fn main() {
             };
             let median8 = median_seconds(&mut run8, Duration::from_millis(500));
             let gops = 2.0 * (m * k * n) as f64 / median8 / 1e9;
-            println!(
+            print!(
                 "{m:>6} {k:>6} {n:>6} {:>10.3} {gflops:>10.1} {:>10.3} {gops:>10.1} {:>7.2}x",
                 median * 1e3,
                 median8 * 1e3,
                 median / median8
             );
+            let panels16 = Bf16Panels::new(&w, n, k);
+            let mut rows16 = Bf16Rows::default();
+            for &isa in &bf16_isas {
+                let mut run16 = || {
+                    pool.install(|| {
+                        rows16.round(isa, &x, m, &panels16);
+                        bf16::matmul(isa, &mut y, &rows16, &panels16, &epilogue, threads)
+                    })
+                };
+                let median16 = median_seconds(&mut run16, Duration::from_millis(500));
+                print!(" {:>16.1}", 2.0 * (m * k * n) as f64 / median16 / 1e9);
+            }
+            println!();
         }
     }
     streaming(&pool, threads);

@@ -191,10 +191,56 @@ pub struct QuantizedRows {
     tile: usize,
 }
 
-/// One row to quantize: its input, its bytes, and where its scale and zero point go.
-type RowJob<'a> = (((&'a [f32], &'a mut [u8]), &'a mut f32), &'a mut i32);
-/// The same for one tile of rows.
-type TileJob<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [i32]);
+/// One block of rows to quantize: their input, their bytes, and where their scales and
+/// zero points go.
+type BlockParts<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [i32]);
+
+/// Quantizes one block of rows (a tile, or 16 rows row-major) into its bytes.
+struct BlockJob<'a> {
+    k: usize,
+    stride: usize,
+    /// Rows per tile, or 0 for row-major.
+    tile: usize,
+    input: &'a InputQuantization,
+    inverse_smooth: Option<&'a [f32]>,
+}
+
+impl BlockJob<'_> {
+    fn run(&self, rows: &[f32], out: &mut [u8], scales: &mut [f32], zeros: &mut [i32]) {
+        let (k, stride, tile) = (self.k, self.stride, self.tile);
+        if tile == 0 {
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                let bytes = &mut out[r * stride..][..stride];
+                (scales[r], zeros[r]) = quantize_row(row, bytes, self.input, self.inverse_smooth);
+            }
+            return;
+        }
+        // Tiled: each row quantized into a row buffer, then its groups interleaved.
+        ROW_BYTES.with(|cell| {
+            let mut row_bytes = cell.borrow_mut();
+            row_bytes.resize(stride, 0);
+            let groups = stride / GROUP;
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                (scales[r], zeros[r]) =
+                    quantize_row(row, &mut row_bytes, self.input, self.inverse_smooth);
+                assert!(out.len() >= (groups - 1) * tile * GROUP + r * GROUP + GROUP);
+                for g in 0..groups {
+                    // SAFETY: both 4-byte ranges are in bounds (stride = groups·4; the
+                    // assert covers the last group of this row).
+                    unsafe {
+                        let four = row_bytes
+                            .as_ptr()
+                            .add(g * GROUP)
+                            .cast::<u32>()
+                            .read_unaligned();
+                        let at = out.as_mut_ptr().add(g * tile * GROUP + r * GROUP);
+                        at.cast::<u32>().write_unaligned(four);
+                    }
+                }
+            }
+        })
+    }
+}
 
 /// Rounds to the nearest integer, ties to even, for |v| < 2²²: adding 1.5·2²³ leaves no
 /// fraction bits. Branch-free so quantization loops vectorise.
@@ -251,6 +297,43 @@ impl QuantizedRows {
             + col % GROUP]
     }
 
+    /// Sizes the buffers for x[m, k] quantized for `w` on `isa`; returns the inverse
+    /// smoothing (1/s per channel) when the input is smoothed.
+    fn prepare(
+        &mut self,
+        isa: Isa,
+        m: usize,
+        w: &Int8Panels,
+        input: &InputQuantization,
+    ) -> Option<Vec<f32>> {
+        self.stride = w.padded_k();
+        self.rows = m;
+        self.tile = Self::tile_for(isa);
+        // Every byte the kernel reads is written by the blocks; growing is the only fill
+        // needed.
+        let len = m.next_multiple_of(self.block_rows()) * self.stride;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        self.scales.clear();
+        self.scales.resize(m, 1.0);
+        self.zero_points.clear();
+        self.zero_points.resize(m, 128);
+        input
+            .smooth
+            .as_ref()
+            .map(|s| s.iter().map(|v| 1.0 / v).collect())
+    }
+
+    /// Rows per block: a tile, or 16 rows row-major.
+    fn block_rows(&self) -> usize {
+        if self.tile > 0 {
+            self.tile
+        } else {
+            16
+        }
+    }
+
     fn quantize_rows(
         &mut self,
         isa: Isa,
@@ -260,108 +343,69 @@ impl QuantizedRows {
         input: &InputQuantization,
         parallel: bool,
     ) {
-        let (k, stride) = (w.k, w.padded_k());
+        let k = w.k;
         assert!(x.len() >= m * k);
-        self.stride = stride;
-        self.rows = m;
-        self.tile = Self::tile_for(isa);
-        // Every byte the kernel reads is written below; growing is the only fill needed.
-        let len = m.next_multiple_of(self.tile.max(1)) * stride;
-        if self.data.len() < len {
-            self.data.resize(len, 0);
-        }
-        self.scales.clear();
-        self.scales.resize(m, 1.0);
-        self.zero_points.clear();
-        self.zero_points.resize(m, 128);
-        let inverse_smooth: Option<Vec<f32>> = input
-            .smooth
-            .as_ref()
-            .map(|s| s.iter().map(|v| 1.0 / v).collect());
-        let inverse_smooth = inverse_smooth.as_deref();
-        if self.tile > 0 {
-            return self.quantize_tiles(x, m, k, input, inverse_smooth, parallel);
-        }
-        let one = |(((row, out), scale), zero): RowJob| {
-            (*scale, *zero) = quantize_row(row, out, input, inverse_smooth);
+        let inverse_smooth = self.prepare(isa, m, w, input);
+        let (block, stride, tile) = (self.block_rows(), self.stride, self.tile);
+        let job = BlockJob {
+            k,
+            stride,
+            tile,
+            input,
+            inverse_smooth: inverse_smooth.as_deref(),
         };
+        let data = &mut self.data[..m.next_multiple_of(block) * stride];
+        let one = |(((rows, out), scales), zeros): BlockParts| job.run(rows, out, scales, zeros);
         if parallel {
-            let rows = x[..m * k]
-                .par_chunks(k)
-                .zip(self.data[..m * stride].par_chunks_mut(stride))
-                .zip(self.scales.par_iter_mut())
-                .zip(self.zero_points.par_iter_mut());
-            rows.with_min_len(16).for_each(one);
+            x[..m * k]
+                .par_chunks(block * k)
+                .zip(data.par_chunks_mut(block * stride))
+                .zip(self.scales.par_chunks_mut(block))
+                .zip(self.zero_points.par_chunks_mut(block))
+                .for_each(one);
         } else {
-            let rows = x[..m * k]
-                .chunks(k)
-                .zip(self.data[..m * stride].chunks_mut(stride))
-                .zip(self.scales.iter_mut())
-                .zip(self.zero_points.iter_mut());
-            rows.for_each(one);
+            x[..m * k]
+                .chunks(block * k)
+                .zip(data.chunks_mut(block * stride))
+                .zip(self.scales.chunks_mut(block))
+                .zip(self.zero_points.chunks_mut(block))
+                .for_each(one);
         }
     }
 
-    /// Tiled layout: each tile's rows quantized into a row buffer, then their groups
-    /// interleaved.
-    fn quantize_tiles(
+    /// Applies `norm` to each row of x[m, k] in place (the LayerNorm that produces a
+    /// product's input) and quantizes the rows for `w` in the same pass, while they are
+    /// in cache: one parallel step instead of two.
+    pub fn normalize_and_quantize(
         &mut self,
-        x: &[f32],
+        isa: Isa,
+        x: &mut [f32],
         m: usize,
-        k: usize,
+        w: &Int8Panels,
         input: &InputQuantization,
-        inverse_smooth: Option<&[f32]>,
-        parallel: bool,
+        norm: &(dyn Fn(&mut [f32]) + Sync),
     ) {
-        let (tile, stride) = (self.tile, self.stride);
-        let tile_bytes = tile * stride;
-        let quantize_tile = |rows: &[f32],
-                             out: &mut [u8],
-                             scales: &mut [f32],
-                             zeros: &mut [i32],
-                             row_bytes: &mut [u8]| {
-            for (r, row) in rows.chunks_exact(k).enumerate() {
-                (scales[r], zeros[r]) = quantize_row(row, row_bytes, input, inverse_smooth);
-                let groups = stride / GROUP;
-                assert!(out.len() >= (groups - 1) * tile * GROUP + r * GROUP + GROUP);
-                for g in 0..groups {
-                    // SAFETY: both 4-byte ranges are in bounds (stride = groups·4; the
-                    // assert covers the last group of this row).
-                    unsafe {
-                        let four = row_bytes
-                            .as_ptr()
-                            .add(g * GROUP)
-                            .cast::<u32>()
-                            .read_unaligned();
-                        let at = out.as_mut_ptr().add(g * tile * GROUP + r * GROUP);
-                        at.cast::<u32>().write_unaligned(four);
-                    }
-                }
-            }
+        let k = w.k;
+        assert!(x.len() >= m * k);
+        let inverse_smooth = self.prepare(isa, m, w, input);
+        let (block, stride, tile) = (self.block_rows(), self.stride, self.tile);
+        let job = BlockJob {
+            k,
+            stride,
+            tile,
+            input,
+            inverse_smooth: inverse_smooth.as_deref(),
         };
-        let one = |(((rows, out), scales), zeros): TileJob| {
-            ROW_BYTES.with(|cell| {
-                let mut row_bytes = cell.borrow_mut();
-                row_bytes.resize(stride, 0);
-                quantize_tile(rows, out, scales, zeros, &mut row_bytes)
-            })
-        };
-        let data = &mut self.data[..m.next_multiple_of(tile) * stride];
-        if parallel {
-            x[..m * k]
-                .par_chunks(tile * k)
-                .zip(data.par_chunks_mut(tile_bytes))
-                .zip(self.scales.par_chunks_mut(tile))
-                .zip(self.zero_points.par_chunks_mut(tile))
-                .for_each(one);
-        } else {
-            x[..m * k]
-                .chunks(tile * k)
-                .zip(data.chunks_mut(tile_bytes))
-                .zip(self.scales.chunks_mut(tile))
-                .zip(self.zero_points.chunks_mut(tile))
-                .for_each(one);
-        }
+        let data = &mut self.data[..m.next_multiple_of(block) * stride];
+        x[..m * k]
+            .par_chunks_mut(block * k)
+            .zip(data.par_chunks_mut(block * stride))
+            .zip(self.scales.par_chunks_mut(block))
+            .zip(self.zero_points.par_chunks_mut(block))
+            .for_each(|(((rows, out), scales), zeros)| {
+                rows.chunks_exact_mut(k).for_each(norm);
+                job.run(rows, out, scales, zeros)
+            });
     }
 
     /// The quantized values row-major, [rows, stride] of q + z (tests).
@@ -464,7 +508,7 @@ fn quantize_row_body(
 
 thread_local! {
     /// One row divided by its smoothing (quantize_row_body), and one row's bytes before
-    /// they are interleaved into a tile (quantize_tiles): reused, not allocated per row.
+    /// they are interleaved into a tile (BlockJob): reused, not allocated per row.
     static SMOOTHED_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static ROW_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -1089,6 +1133,40 @@ mod tests {
                     assert_eq!(quantize_row(&row, &mut got, &input, inverse), expected);
                     assert_eq!(got, want, "k {k} {input:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_fused_with_quantization_gives_what_they_give_apart() {
+        let mut rng = fastrand::Rng::with_seed(13);
+        let (k, n) = (40, 20);
+        let w = Int8Panels::new(&vec![1i8; n * k], n, k);
+        let smooth: Vec<f32> = (0..k).map(|_| 0.5 + rng.f32()).collect();
+        let (gamma, beta): (Vec<f32>, Vec<f32>) =
+            (0..k).map(|_| (rng.f32() + 0.5, rng.f32() - 0.5)).unzip();
+        let bias: Vec<f32> = (0..k).map(|_| rng.f32()).collect();
+        let norm = |row: &mut [f32]| crate::ops::layer_norm_row(row, &bias, &gamma, &beta, 1e-12);
+        let input = InputQuantization {
+            smooth: Some(smooth),
+            ..Default::default()
+        };
+        for isa in Isa::ALL.into_iter().filter(|isa| isa.supported()) {
+            for m in [1, 11, 12, 13, 40, 100] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 6.0 - 3.0).collect();
+                let mut apart = x.clone();
+                apart.chunks_exact_mut(k).for_each(norm);
+                let mut want = QuantizedRows::default();
+                want.quantize(isa, &apart, m, &w, &input);
+                let mut fused = x.clone();
+                let mut got = QuantizedRows::default();
+                got.normalize_and_quantize(isa, &mut fused, m, &w, &input, &norm);
+                assert_eq!(fused, apart, "{} m {m}: the normalized rows", isa.name());
+                assert_eq!(got.bytes(), want.bytes(), "{} m {m}", isa.name());
+                assert_eq!(
+                    (&got.scales, &got.zero_points),
+                    (&want.scales, &want.zero_points)
+                );
             }
         }
     }

@@ -590,9 +590,31 @@ impl Encoder {
         self.embed(batch, hidden);
         let scale = 1.0 / ((h / d.heads) as f32).sqrt();
         let isa = int8::Isa::selected();
-        let rows = &mut ws.rows;
+        // The INT8 input of the next product, and whether the LayerNorm before it already
+        // quantized it (in the same pass: `normalize`).
+        let rows = std::cell::RefCell::new(&mut ws.rows);
+        let ahead = std::cell::Cell::new(false);
         let bf16_rows = &mut ws.bf16_rows;
         let observing = observer.is_some();
+        let eps = d.layer_norm_eps;
+        // hidden = LN(hidden + bias); when the product that reads it next runs in INT8
+        // (and this is not a calibration pass, which observes its input), its input is
+        // quantized in the same pass over the rows.
+        let normalize = |hidden: &mut [f32],
+                         bias: &[f32],
+                         (gamma, beta): &(Weight, Weight),
+                         next: Option<&QuantizedLinear>| {
+            let (gamma, beta) = (gamma.data(), beta.data());
+            match next.filter(|_| !observing) {
+                Some(q) => {
+                    let norm = |row: &mut [f32]| ops::layer_norm_row(row, bias, gamma, beta, eps);
+                    rows.borrow_mut()
+                        .normalize_and_quantize(isa, hidden, m, &q.panels, &q.input, &norm);
+                    ahead.set(true);
+                }
+                None => ops::add_bias_layer_norm(hidden, h, Some(bias), gamma, beta, eps),
+            }
+        };
         for (index, layer) in self.layers.iter().enumerate() {
             let mut observe = |product: Product, x: &[f32]| {
                 if let Some(observer) = observer.as_mut() {
@@ -625,11 +647,14 @@ impl Encoder {
                 }
                 match &layer.int8[which as usize] {
                     Some(q) => {
-                        rows.quantize(isa, x, m, &q.panels, &q.input);
+                        let mut rows = rows.borrow_mut();
+                        if !ahead.replace(false) {
+                            rows.quantize(isa, x, m, &q.panels, &q.input);
+                        }
                         int8::matmul(
                             isa,
                             y,
-                            rows,
+                            &rows,
                             &q.panels,
                             &q.column_scales,
                             &epilogue,
@@ -700,20 +725,18 @@ impl Encoder {
                 true,
                 Fused::default(),
             );
-            ops::add_bias_layer_norm(
-                hidden,
-                h,
-                Some(layer.out.1.data()),
-                layer.attention_norm.0.data(),
-                layer.attention_norm.1.data(),
-                d.layer_norm_eps,
-            );
             // The FFN: by blocks of rows when both products are INT8 and the batch is
             // large enough (not while calibrating, which observes the whole intermediate).
             let up_int8 = layer.int8[Product::FfnUp as usize].as_ref();
             let down_int8 = layer.int8[Product::FfnDown as usize].as_ref();
+            let by_blocks = up_int8.is_some()
+                && down_int8.is_some()
+                && !observing
+                && m >= 2 * quantized::FFN_BLOCK_ROWS;
+            let up_input = up_int8.filter(|_| !by_blocks);
+            normalize(hidden, layer.out.1.data(), &layer.attention_norm, up_input);
             match (up_int8, down_int8) {
-                (Some(up), Some(down)) if !observing && m >= 2 * quantized::FFN_BLOCK_ROWS => {
+                (Some(up), Some(down)) if by_blocks => {
                     let up_bias = layer.up.1.data();
                     quantized::feed_forward(isa, hidden, m, up, up_bias, d.activation, down);
                 }
@@ -741,14 +764,11 @@ impl Encoder {
                     );
                 }
             }
-            ops::add_bias_layer_norm(
-                hidden,
-                h,
-                Some(layer.down.1.data()),
-                layer.output_norm.0.data(),
-                layer.output_norm.1.data(),
-                d.layer_norm_eps,
-            );
+            let next_qkv = self
+                .layers
+                .get(index + 1)
+                .and_then(|l| l.int8[Product::Qkv as usize].as_ref());
+            normalize(hidden, layer.down.1.data(), &layer.output_norm, next_qkv);
         }
     }
 

@@ -50,7 +50,7 @@ pub fn add_bias_layer_norm(
 }
 
 multiversion! {
-    fn layer_norm_row(row: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    pub fn layer_norm_row(row: &mut [f32], bias: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
         if !bias.is_empty() {
             row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
         }

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Embedding accuracy of INT8 models against f32, over a varied set of sentences.
+"""Embedding accuracy of INT8 and BF16 models against f32, over a varied set of sentences.
 
 Usage:
-  python bench/quantized_accuracy.py --model F32_DIR --wisp-model QUANTIZED_DIR
+  python bench/quantized_accuracy.py --model F32_DIR --wisp-model QUANTIZED_DIR [--wisp-model DIR2]
       [--sentences bench/data/eval_sentences.txt] [--onnx-dir bench-results/onnx] [--json OUT.json]
 
 The reference is the f32 model through ONNX Runtime (bench/onnx_bert.py's plain graph, checked
 against sentence-transformers). Compared with it, sentence by sentence (cosine of the embeddings):
   wisp f32    the encoder on F32_DIR (encoder_bench)
-  wisp int8   the encoder on QUANTIZED_DIR, from `wisp quantize` (encoder_bench)
+  wisp int8   the encoder on QUANTIZED_DIR, from `wisp quantize` (encoder_bench); each --wisp-model
+  (or bf16)   is named by the precision its quantization.json gives
   ORT int8    quantize_dynamic QInt8 graphs, per tensor and per channel, as encoder_vs_ort.py
               --precision int8 builds them in --onnx-dir (skipped when absent)
 The sentences (bench/data/eval_sentences.txt: 600 written for wisp, none in the calibration
@@ -82,7 +83,7 @@ def cosines(a, b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--wisp-model", required=True)
+    ap.add_argument("--wisp-model", required=True, action="append")
     ap.add_argument("--sentences", default=os.path.join(HERE, "data", "eval_sentences.txt"))
     ap.add_argument("--onnx-dir", default=os.path.join(REPO, "bench-results", "onnx"))
     ap.add_argument("--wisp-cmd", default=DEFAULT_WISP)
@@ -99,7 +100,11 @@ def main():
     reference = ort_embeddings(plain, rows)
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for name, model in (("wisp f32", a.model), ("wisp int8", a.wisp_model)):
+        quantized = []
+        for model in a.wisp_model:
+            with open(os.path.join(model, "quantization.json")) as f:
+                quantized.append((f"wisp {json.load(f)['precision']}", model))
+        for name, model in [("wisp f32", a.model)] + quantized:
             emb, settings = wisp_embeddings(a.wisp_cmd, os.path.abspath(model), rows, work)
             results[name] = (cosines(emb, reference), settings)
     for name, file in (("ORT int8 (per tensor)", "model_int8.onnx"), ("ORT int8 (per channel)", "model_int8_pc.onnx")):

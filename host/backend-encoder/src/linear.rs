@@ -310,6 +310,66 @@ pub(super) struct SendPtr(pub *mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
+/// Keeps the other threads of the current rayon pool awake for the duration of one
+/// forward pass: each runs a job that takes the pass's parallel work as it appears
+/// (`rayon::yield_now`) and otherwise spins, instead of going to sleep after each
+/// parallel step and being woken (a futex and a context switch) for the next one, about
+/// ten times per layer. Ends when dropped. `WISP_ENCODER_SPIN=0` turns it off (CPU
+/// quotas, many instances per core).
+pub struct KeepAwake {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Spinner jobs running now (all pools).
+static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl KeepAwake {
+    pub fn start(threads: usize) -> Option<KeepAwake> {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let enabled =
+            *ENABLED.get_or_init(|| std::env::var("WISP_ENCODER_SPIN").map_or(true, |v| v != "0"));
+        let owner = rayon::current_thread_index()?;
+        if !enabled || threads < 2 {
+            return None;
+        }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for _ in 1..threads.min(rayon::current_num_threads()) {
+            let done = done.clone();
+            rayon::spawn(move || {
+                // The pass's own thread may pop this job while it waits for its work:
+                // it must not spin there, or it would wait on itself.
+                if rayon::current_thread_index() == Some(owner) {
+                    return;
+                }
+                SPINNING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut idle = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    match rayon::yield_now() {
+                        Some(rayon::Yield::Executed) => idle = 0,
+                        _ => {
+                            idle += 1;
+                            if idle.is_multiple_of(256) {
+                                // Lets other threads of the process have the core.
+                                std::thread::yield_now();
+                            } else {
+                                std::hint::spin_loop();
+                            }
+                        }
+                    }
+                }
+                SPINNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        Some(KeepAwake { done })
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Below this many multiply-adds a reduced-precision product runs on one thread.
 const SPLIT_THRESHOLD: usize = 64 * 64 * 64;
 /// Rows per part when a reduced-precision product is split by rows.
@@ -453,6 +513,54 @@ pub fn matmul_strided(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn passes_with_threads_kept_awake_finish_and_release_them() {
+        assert!(
+            KeepAwake::start(4).is_none(),
+            "off a rayon pool: nothing to keep awake"
+        );
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let (sent, received) = std::sync::mpsc::channel();
+        let sum = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let total = sum.clone();
+        pool.spawn(move || {
+            // Many short passes, each with parallel steps: the pass's thread pops its own
+            // spinner jobs at times, and must not wait on them.
+            for _ in 0..300 {
+                let awake = KeepAwake::start(3);
+                assert!(awake.is_some());
+                for _ in 0..4 {
+                    rayon::scope(|s| {
+                        for _ in 0..6 {
+                            let total = &total;
+                            s.spawn(move |_| {
+                                total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            });
+                        }
+                    });
+                }
+            }
+            sent.send(()).unwrap();
+        });
+        received
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the passes finished");
+        assert_eq!(sum.load(std::sync::atomic::Ordering::Relaxed), 300 * 4 * 6);
+        // Every spinner ends once its pass drops the guard.
+        let start = std::time::Instant::now();
+        while SPINNING.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "spinners outlived their pass"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     use super::*;
 
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {

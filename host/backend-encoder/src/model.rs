@@ -586,6 +586,7 @@ impl Encoder {
     ) {
         let d = &self.dims;
         let (m, h) = (batch.tokens(), d.hidden);
+        let _awake = crate::linear::KeepAwake::start(threads.0);
         let hidden = grow(&mut ws.hidden, m * h);
         self.embed(batch, hidden);
         let scale = 1.0 / ((h / d.heads) as f32).sqrt();

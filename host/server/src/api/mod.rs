@@ -1,5 +1,6 @@
 //! The HTTP front: Open Inference Protocol routes with Triton's extensions.
 
+pub mod openai;
 pub mod protocol;
 pub mod shm;
 
@@ -443,6 +444,9 @@ enum Route<'a> {
     /// CUDA shared memory: status (always empty) or a change (refused).
     CudaShmStatus,
     CudaShmChange,
+    /// OpenAI's embeddings and model list.
+    OpenAiEmbeddings,
+    OpenAiModels,
 }
 
 impl Route<'_> {
@@ -451,7 +455,8 @@ impl Route<'_> {
             Route::Live | Route::Ready | Route::ModelReady(..) => ApiGroup::Health,
             Route::ServerMetadata | Route::ModelMetadata(..) => ApiGroup::Metadata,
             Route::ModelConfig(..) => ApiGroup::ModelConfig,
-            Route::Infer(..) => ApiGroup::Inference,
+            Route::Infer(..) | Route::OpenAiEmbeddings => ApiGroup::Inference,
+            Route::OpenAiModels => ApiGroup::Metadata,
             Route::Stats(..) => ApiGroup::Statistics,
             Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => ApiGroup::ModelRepository,
             Route::Logging => ApiGroup::Logging,
@@ -467,6 +472,7 @@ impl Route<'_> {
     fn method(&self) -> Method {
         match self {
             Route::Infer(..)
+            | Route::OpenAiEmbeddings
             | Route::RepositoryIndex
             | Route::Load(_)
             | Route::Unload(_)
@@ -482,6 +488,8 @@ fn route(segments: &[String]) -> Option<Route<'_>> {
     let segments: Vec<&str> = segments.iter().map(|s| s.as_str()).collect();
     Some(match segments.as_slice() {
         ["v2"] => Route::ServerMetadata,
+        ["v1", "embeddings"] => Route::OpenAiEmbeddings,
+        ["v1", "models"] => Route::OpenAiModels,
         ["v2", "health", "live"] => Route::Live,
         ["v2", "health", "ready"] => Route::Ready,
         ["v2", "models", "stats"] => Route::Stats(None, None),
@@ -553,8 +561,10 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Body>, std::convert::Infallible> {
     let started = std::time::Instant::now();
+    let openai = req.uri().path().starts_with("/v1/");
     let response = match dispatch(&state, req).await {
         Ok(r) => r,
+        Err(e) if openai => openai::error_response(&e, None),
         Err(e) => error_response(&e),
     };
     state
@@ -755,6 +765,8 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
             "CUDA shared memory is not supported by this server; use system shared memory \
              (with --allow-client-shm true)",
         )),
+        Route::OpenAiEmbeddings => Ok(openai::embeddings(state, req).await),
+        Route::OpenAiModels => Ok(openai::models(state)),
         Route::Infer(m, v) => {
             let model = repo.get(m, v.map(parse_version).transpose()?)?;
             let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());

@@ -366,6 +366,12 @@ impl Plan {
                 _ => ("logits", "LOGITS", format!("[-1, {num_labels}]")),
             };
             p += &tensor("output", pipeline_out, "FP32", &dims_text, &labels);
+            if head == HeadKind::Embedding {
+                // Each text's tokens: the count /v1/embeddings reports in `usage`.
+                p +=
+                    "# Each text's tokens (1 per token), for the token counts of /v1/embeddings.\n";
+                p += &tensor("output", "attention_mask", "INT64", "[-1]", "");
+            }
             let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ TEXT = \"TEXT\" }}\noutput_map = {token_map}\n");
             let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ {out} = \"{pipeline_out}\" }}");
         }

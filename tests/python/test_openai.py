@@ -125,9 +125,11 @@ def test_errors_come_in_openais_shape_with_the_right_status(server):
         client.embeddings.create(model="minilm_embed", input="x", encoding_format="int8")
     with pytest.raises(openai.BadRequestError, match="token ids"):
         client.embeddings.create(model="minilm_embed", input=[[1, 2], [-5]])
-    # Past the model's positions: the encoder's own error, as a 400.
-    with pytest.raises(openai.BadRequestError):
+    # Past the model's positions, or an id past its vocabulary: the encoder's own errors.
+    with pytest.raises(openai.BadRequestError, match="input_ids"):
         client.embeddings.create(model="minilm_embed_encoder", input=[[101] * 600])
+    with pytest.raises(openai.BadRequestError, match="input_ids"):
+        client.embeddings.create(model="minilm_embed", input=[[101, 10**9, 102]])
 
 
 def test_models_lists_the_ready_models(server):

@@ -312,16 +312,8 @@ async fn embed_texts(
     };
     let response = model.infer(request).await?;
     let embeddings = rows_f32(&response.outputs, &how.embedding, n)?;
-    let tokens = match &how.mask {
-        Some(mask) => mask_counts(&response.outputs, mask, n)?,
-        None => {
-            return Err(Error::invalid(format!(
-                "model '{}' does not output its token counts (an INT64 output 'attention_mask', which `wisp import` adds to embedding pipelines), which /v1/embeddings reports in 'usage'",
-                model.name()
-            )))
-        }
-    };
-    Ok((embeddings, tokens))
+    let mask = how.mask.as_deref().expect("checked before the request ran");
+    Ok((embeddings, mask_counts(&response.outputs, mask, n)?))
 }
 
 async fn embed_ids(model: Arc<LoadedModel>, rows: Vec<Vec<i64>>) -> Result<Part> {
@@ -485,6 +477,15 @@ async fn embeddings_inner(
                 error,
                 param: Some("model"),
             })?);
+            if how.mask.is_none() {
+                return Err(invalid(
+                    "model",
+                    format!(
+                        "model '{}' does not output its token counts (an INT64 output 'attention_mask', which `wisp import` adds to embedding pipelines), which /v1/embeddings reports in 'usage'",
+                        request.model
+                    ),
+                ));
+            }
             let per_part = (model.config.max_batch_size as usize).max(1);
             let mut tasks = tokio::task::JoinSet::new();
             for (index, chunk) in texts.chunks(per_part).enumerate() {
@@ -559,28 +560,66 @@ async fn embeddings_inner(
             }
         }
     }
-    let data: Vec<Value> = embeddings
+    let data: Vec<Embedding> = embeddings
         .iter()
         .enumerate()
-        .map(|(index, row)| {
-            let embedding = if base64 {
+        .map(|(index, row)| Embedding {
+            object: "embedding",
+            index,
+            embedding: if base64 {
                 let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+                Values::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
-                json!(row)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+                Values::Floats(row)
+            },
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "object": "list",
-            "data": data,
-            "model": request.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }),
-    ))
+    let response = EmbeddingsResponse {
+        object: "list",
+        data,
+        model: &request.model,
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    };
+    // Serialized from the typed values: f32 printed as f32 (shortest round trip), not
+    // widened to f64 as a `Value` would (half the digits).
+    let body = serde_json::to_vec(&response)
+        .map_err(|e| Error::internal(format!("cannot write the response: {e}")))?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .expect("valid response"))
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingsResponse<'a> {
+    object: &'static str,
+    data: Vec<Embedding<'a>>,
+    model: &'a str,
+    usage: Usage,
+}
+
+#[derive(serde::Serialize)]
+struct Embedding<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: Values<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Values<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
 }
 
 /// The parts' results in input order, or the first error.

@@ -221,6 +221,22 @@ pub struct DynamicBatching {
     pub default_queue_policy: QueuePolicy,
     /// Policies of single levels, keyed by level ("1", "2", ...).
     pub priority_queue_policy: BTreeMap<String, QueuePolicy>,
+    /// A batch's real tokens stay within this (0: no budget): the sum of each request's
+    /// `attention_mask` ones (else its `input_ids` elements). A request larger than the
+    /// budget runs alone. For encoders, where a batch's cost follows its tokens.
+    pub max_batch_tokens: u64,
+    /// When a batch leaves: "delay" (Triton's: wait up to `max_queue_delay_us` for a
+    /// fuller batch) or "eager" (a free instance takes what is queued at once; batches
+    /// form by themselves while the instances are busy).
+    pub dispatch: Dispatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    #[default]
+    Delay,
+    Eager,
 }
 
 impl DynamicBatching {
@@ -282,6 +298,9 @@ impl DynamicBatching {
             "default_priority_level": self.default_priority_level,
             "default_queue_policy": self.default_queue_policy.to_triton_json(),
             "priority_queue_policy": per_level,
+            // wisp's own keys (Triton's clients ignore fields they do not know).
+            "max_batch_tokens": self.max_batch_tokens,
+            "dispatch": match self.dispatch { Dispatch::Delay => "delay", Dispatch::Eager => "eager" },
         })
     }
 }
@@ -408,6 +427,7 @@ pub mod limits {
     pub const MAX_PREFERRED_SIZES: u64 = 64;
     pub const MAX_QUEUE_DELAY_US: u64 = 60_000_000;
     pub const MAX_PRIORITY_LEVELS: u64 = 64;
+    pub const MAX_BATCH_TOKENS: u64 = 1 << 24;
     pub const MAX_QUEUE_TIMEOUT_US: u64 = 3_600_000_000;
     pub const MAX_QUEUE_SIZE: u64 = 1 << 20;
     pub const MAX_SEQUENCE_IDLE_US: u64 = 24 * 3_600_000_000;
@@ -596,6 +616,11 @@ impl ModelConfig {
                 "dynamic_batching.priority_levels".into(),
                 b.priority_levels.into(),
                 limits::MAX_PRIORITY_LEVELS,
+            )?;
+            check(
+                "dynamic_batching.max_batch_tokens".into(),
+                b.max_batch_tokens,
+                limits::MAX_BATCH_TOKENS,
             )?;
             let policies =
                 std::iter::once(("default_queue_policy".to_string(), &b.default_queue_policy))
@@ -981,6 +1006,10 @@ pub(crate) mod tests {
             (
                 format!("{SIMPLE}\n[[instance_group]]\ncount = 100000\n"),
                 "instance_group[0].count",
+            ),
+            (
+                format!("{SIMPLE}\n[dynamic_batching]\nmax_batch_tokens = 100000000000\n"),
+                "dynamic_batching.max_batch_tokens",
             ),
             (
                 format!("{SIMPLE}\n[dynamic_batching]\npriority_levels = 20000000\n"),

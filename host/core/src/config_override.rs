@@ -219,6 +219,8 @@ fn dynamic_batching(value: &Value) -> Result<toml::Value> {
             "default_priority_level",
             "default_queue_policy",
             "priority_queue_policy",
+            "max_batch_tokens",
+            "dispatch",
         ],
     )?;
     let mut table = toml::Table::new();
@@ -235,6 +237,17 @@ fn dynamic_batching(value: &Value) -> Result<toml::Value> {
                 (k.as_str(), toml::Value::Integer(unsigned(&item, v)?))
             }
             "default_queue_policy" => (k.as_str(), queue_policy(&item, v)?),
+            "max_batch_tokens" => (k.as_str(), toml::Value::Integer(unsigned(&item, v)?)),
+            "dispatch" => (
+                k.as_str(),
+                toml::Value::String(
+                    v.as_str()
+                        .ok_or_else(|| {
+                            Error::invalid(format!("'{item}' must be \"delay\" or \"eager\""))
+                        })?
+                        .to_string(),
+                ),
+            ),
             _ => {
                 let mut levels = toml::Table::new();
                 for (level, policy) in object(&item, v)? {

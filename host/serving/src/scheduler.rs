@@ -19,7 +19,8 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 use wisp_core::backend::{Backend, BackendRequest, BackendResponse, ExecutionTimes};
 use wisp_core::config::{
-    ControlKind, DynamicBatching, ParameterValue, SequenceBatching, SequenceStrategy, TimeoutAction,
+    ControlKind, Dispatch, DynamicBatching, ParameterValue, SequenceBatching, SequenceStrategy,
+    TimeoutAction,
 };
 use wisp_core::error::{Error, Result};
 use wisp_core::tensor::{DataType, Tensor};
@@ -178,6 +179,8 @@ impl Scheduler {
 struct Pending {
     request: BackendRequest,
     batch_size: u64,
+    /// Real tokens, counted when the model has a token budget ([`real_tokens`]).
+    tokens: u64,
     arrived: Instant,
     /// When the queue policy's timeout expires.
     deadline: Option<Instant>,
@@ -303,9 +306,15 @@ impl DynamicBatcher {
         } else {
             None
         };
+        let tokens = if config.max_batch_tokens > 0 {
+            real_tokens(&request)
+        } else {
+            0
+        };
         let pending = Pending {
             request,
             batch_size,
+            tokens,
             arrived,
             deadline: (timeout > 0).then(|| arrived + Duration::from_micros(timeout)),
             action: policy.timeout_action,
@@ -408,32 +417,66 @@ impl Shared {
         let flush_at = oldest + Duration::from_micros(self.config.max_queue_delay_us);
         let preferred = &self.config.preferred_batch_size;
         let largest_preferred = preferred.iter().max().map(|&p| p as u64);
-        let target =
-            if total >= self.max_batch || now >= flush_at || preferred.contains(&(total as u32)) {
-                self.max_batch
-            } else if let Some(p) = largest_preferred.filter(|&p| total >= p) {
-                p
-            } else {
-                let wake = next_expiry.map_or(flush_at, |e| e.min(flush_at));
-                return Decision::Wait(Some(wake));
-            };
+        let budget = self.config.max_batch_tokens;
+        let tokens_full = budget > 0 && order().map(|p| p.tokens).sum::<u64>() >= budget;
+        let eager = self.config.dispatch == Dispatch::Eager;
+        let target = if eager
+            || total >= self.max_batch
+            || tokens_full
+            || now >= flush_at
+            || preferred.contains(&(total as u32))
+        {
+            self.max_batch
+        } else if let Some(p) = largest_preferred.filter(|&p| total >= p) {
+            p
+        } else {
+            let wake = next_expiry.map_or(flush_at, |e| e.min(flush_at));
+            return Decision::Wait(Some(wake));
+        };
 
         let mut batch = Vec::new();
-        let mut size = 0;
-        for queue in levels.iter_mut().chain(std::iter::once(delayed)) {
+        let (mut size, mut tokens) = (0, 0);
+        'levels: for queue in levels.iter_mut().chain(std::iter::once(delayed)) {
             while let Some(front) = queue.front() {
-                if !batch.is_empty() && size + front.batch_size > target {
-                    break;
+                let over_budget = budget > 0 && tokens + front.tokens > budget;
+                if !batch.is_empty() && (size + front.batch_size > target || over_budget) {
+                    // In arrival order: a request that does not fit waits for the next
+                    // batch rather than being overtaken.
+                    break 'levels;
                 }
                 size += front.batch_size;
+                tokens += front.tokens;
                 batch.push(queue.pop_front().expect("front exists"));
-            }
-            if size >= target {
-                break;
             }
         }
         Decision::Dispatch(batch)
     }
+}
+
+/// A request's real tokens, for a token budget: the non-zero elements of its
+/// `attention_mask` input, else the elements of its `input_ids`; 0 with neither.
+pub fn real_tokens(request: &BackendRequest) -> u64 {
+    let find = |name: &str| request.inputs.iter().find(|t| t.name == name);
+    if let Some(mask) = find("attention_mask") {
+        let nonzero = |size: usize| {
+            mask.data
+                .chunks_exact(size)
+                .filter(|b| b.iter().any(|&x| x != 0))
+                .count() as u64
+        };
+        match mask.datatype {
+            DataType::Int64 | DataType::Uint64 | DataType::Fp64 => return nonzero(8),
+            DataType::Int32 | DataType::Uint32 | DataType::Fp32 => return nonzero(4),
+            DataType::Int16 | DataType::Uint16 | DataType::Fp16 | DataType::Bf16 => {
+                return nonzero(2)
+            }
+            DataType::Int8 | DataType::Uint8 | DataType::Bool => return nonzero(1),
+            _ => {}
+        }
+    }
+    find("input_ids")
+        .and_then(|ids| wisp_core::tensor::element_count(&ids.shape))
+        .map_or(0, |n| n as u64)
 }
 
 /// Sends each request of an executed batch its outcome; the first records the batch.
@@ -957,6 +1000,113 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap().batch_size, 4);
         }
         assert_eq!(fake.batch_sizes(), vec![4, 4]);
+    }
+
+    /// A request of one sequence whose attention mask has `tokens` ones (padded to 8
+    /// more, which do not count).
+    fn tokens_request(tokens: usize) -> BackendRequest {
+        let mask: Vec<u8> = (0..tokens + 8)
+            .flat_map(|i| i64::from(i < tokens).to_le_bytes())
+            .collect();
+        BackendRequest {
+            inputs: vec![Tensor {
+                name: "attention_mask".into(),
+                datatype: DataType::Int64,
+                shape: vec![1, (tokens + 8) as i64],
+                data: mask.into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_budget_cuts_batches_and_a_large_request_runs_alone() {
+        let fake = Fake::new(10, 1);
+        let s = scheduler(
+            &fake,
+            "max_batch_size = 8",
+            "[dynamic_batching]\nmax_queue_delay_us = 100000\nmax_batch_tokens = 250\n",
+        );
+        // Queued at once, in order: 100, 100, 100, 400, 20, 20 tokens (740 ≥ the budget,
+        // so batches leave without the delay until what is left is under it).
+        let mut tasks = Vec::new();
+        for tokens in [100, 100, 100, 400, 20, 20] {
+            let (s, request) = (s.clone(), tokens_request(tokens));
+            tasks.push(tokio::spawn(async move { s.schedule(request, 1).await }));
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        // 100+100 (a third would pass 250), 100 (400 would), 400 alone, then 20+20.
+        assert_eq!(fake.batch_sizes(), vec![2, 1, 1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_with_the_budgets_tokens_dispatches_without_waiting() {
+        let fake = Fake::new(0, 1);
+        let s = scheduler(
+            &fake,
+            "max_batch_size = 8",
+            "[dynamic_batching]\nmax_queue_delay_us = 1000000\nmax_batch_tokens = 200\n",
+        );
+        let started = Instant::now();
+        let tasks: Vec<_> = [120, 90]
+            .into_iter()
+            .map(|tokens| {
+                let (s, request) = (s.clone(), tokens_request(tokens));
+                tokio::spawn(async move { s.schedule(request, 1).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        // 210 tokens queued ≥ 200: the first leaves at once, alone; the second waits
+        // out the delay.
+        assert_eq!(fake.batch_sizes(), vec![1, 1]);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eager_dispatch_never_waits_while_an_instance_is_free() {
+        let fake = Fake::new(10, 1);
+        let s = scheduler(
+            &fake,
+            "max_batch_size = 8",
+            "[dynamic_batching]\nmax_queue_delay_us = 500000\ndispatch = \"eager\"\n",
+        );
+        let started = Instant::now();
+        spawn(&s, &[]).await.unwrap().unwrap();
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(10),
+            "no batching delay"
+        );
+        // While the instance runs one, the others queue and leave together after it.
+        let first = spawn(&s, &[]);
+        tokio::task::yield_now().await;
+        let rest: Vec<_> = (0..5).map(|_| spawn(&s, &[])).collect();
+        first.await.unwrap().unwrap();
+        for t in rest {
+            assert_eq!(t.await.unwrap().unwrap().batch_size, 5);
+        }
+        assert_eq!(fake.batch_sizes(), vec![1, 1, 5]);
+    }
+
+    #[test]
+    fn real_tokens_count_the_mask_else_the_ids() {
+        assert_eq!(real_tokens(&tokens_request(37)), 37);
+        let ids = BackendRequest {
+            inputs: vec![Tensor {
+                name: "input_ids".into(),
+                datatype: DataType::Int64,
+                shape: vec![2, 9],
+                data: vec![0u8; 2 * 9 * 8].into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(real_tokens(&ids), 18);
+        assert_eq!(real_tokens(&BackendRequest::default()), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -268,11 +268,14 @@ impl Plan {
                 )
             }
         }
-        // A few batches of backlog per instance: past it the encoder answers 503 at once,
-        // since a deeper queue under overload only turns into latency and client timeouts.
+        // Eager dispatch: a free instance takes what is queued at once (no request waits
+        // for a batch while an instance idles); batches form while the instances are
+        // busy. A few batches of backlog per instance: past it the encoder answers 503 at
+        // once, since a deeper queue under overload only turns into latency and client
+        // timeouts.
         let _ = writeln!(
             e,
-            "[[instance_group]]\ncount = {}\nkind = \"cpu\"\n\n[dynamic_batching]\nmax_queue_delay_us = 2000\n\n\
+            "[[instance_group]]\ncount = {}\nkind = \"cpu\"\n\n[dynamic_batching]\ndispatch = \"eager\"\n\n\
              [dynamic_batching.default_queue_policy]\nmax_queue_size = {}\n\n[parameters]\nhead = \"{}\"",
             args.instances,
             queue_size(args.max_batch_size, args.instances),

@@ -12,6 +12,9 @@ pub enum Mode {
     Single,
     /// (question, context) pairs, contexts split into overlapping windows.
     Qa,
+    /// (text, text) pairs, one encoding each, cut at `max_length` (longest first): a
+    /// cross-encoder's (query, document).
+    Pair,
 }
 
 #[derive(Debug, Clone)]
@@ -99,7 +102,7 @@ impl Encoder {
         let (added_single, added_pair) = (added(false), added(true));
         let needed = match options.mode {
             Mode::Single => added_single,
-            Mode::Qa => added_pair,
+            Mode::Qa | Mode::Pair => added_pair,
         };
         if options.max_length <= needed {
             return Err(format!(
@@ -110,8 +113,9 @@ impl Encoder {
         tokenizer.with_padding(None);
         let mut pair_processor = None;
         let truncation = match options.mode {
-            // Cut at max_length; whatever overflows is dropped.
-            Mode::Single => Some(TruncationParams {
+            // Cut at max_length; whatever overflows is dropped (a pair loses tokens from
+            // its longer text first, as sentence-transformers' CrossEncoder does).
+            Mode::Single | Mode::Pair => Some(TruncationParams {
                 max_length: options.max_length,
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
@@ -159,6 +163,23 @@ impl Encoder {
                 self.tokenizer
                     .encode_fast(*text, true)
                     .map_err(|e| EncodeError::Internal(format!("cannot tokenize TEXT[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Batch::pack(&encodings, self.pad_id))
+    }
+
+    /// Encodes (first, second) pairs with special tokens, one encoding each, truncated
+    /// at `max_length` longest first.
+    pub fn encode_pairs(&self, first: &[&str], second: &[&str]) -> Result<Batch, EncodeError> {
+        debug_assert_eq!(first.len(), second.len());
+        let encodings = first
+            .iter()
+            .zip(second)
+            .enumerate()
+            .map(|(i, (a, b))| {
+                self.tokenizer
+                    .encode_fast((*a, *b), true)
+                    .map_err(|e| EncodeError::Internal(format!("cannot tokenize pair {i}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Batch::pack(&encodings, self.pad_id))
@@ -401,6 +422,26 @@ mod tests {
         assert_eq!(row(&b.input_ids, &b, 2), [2, 3, -7, -7, -7, -7]);
         assert_eq!(row(&b.attention_mask, &b, 0), [1, 1, 1, 1, 0, 0]);
         assert_eq!(b.token_type_ids, vec![0; 18]);
+    }
+
+    #[test]
+    fn pairs_carry_both_segments_and_cut_the_longer_first() {
+        let e = encoder(Options {
+            mode: Mode::Pair,
+            max_length: 9,
+            pad_id: Some(-7),
+            ..Default::default()
+        });
+        let b = e
+            .encode_pairs(&["a b", "a"], &["c d", "c d e f g h"])
+            .unwrap();
+        assert_eq!((b.rows, b.width), (2, 9));
+        // [CLS] a b [SEP] c d [SEP], the second segment typed 1.
+        assert_eq!(row(&b.input_ids, &b, 0), [2, 15, 16, 3, 17, 18, 3, -7, -7]);
+        assert_eq!(row(&b.token_type_ids, &b, 0), [0, 0, 0, 0, 1, 1, 1, 0, 0]);
+        // 9 tokens: the document (the longer) loses its tail.
+        assert_eq!(row(&b.input_ids, &b, 1), [2, 15, 3, 17, 18, 19, 20, 21, 3]);
+        assert_eq!(row(&b.attention_mask, &b, 1), [1; 9]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Parameters (config.toml `[parameters]`):
 //! - `tokenizer_file`: in the version folder, default `tokenizer.json`.
-//! - `mode`: `single` (default) or `qa`.
+//! - `mode`: `single` (default), `pair` or `qa`.
 //! - `max_length`: longest encoding, special tokens included (default 512).
 //! - `doc_stride`: qa only, tokens shared by consecutive context windows (default 128).
 //! - `max_windows`: qa only, most windows one request may produce (default 64).
@@ -14,6 +14,11 @@
 //!
 //! `single`: `TEXT` (BYTES, n elements of any shape) gives `input_ids`,
 //! `attention_mask` and `token_type_ids`, INT64 `[n, L]`.
+//!
+//! `pair`: `TEXT` and `TEXT_PAIR` (BYTES, n elements each) give the same three for each
+//! pair with its special tokens (`token_type_ids` 1 on the second text where the
+//! tokenizer says so), cut at `max_length` from the longer text first: a cross-encoder's
+//! (query, document).
 //!
 //! `qa`: `QUESTION` and `CONTEXT` (BYTES, n elements each) give the same three
 //! as `[W, L]` for the W windows of all pairs, plus `offsets` INT64 `[W, L, 2]`
@@ -46,9 +51,10 @@ impl Model for TokenizerModel {
             None => Mode::Single,
             Some(ParameterValue::Text(m)) if m == "single" => Mode::Single,
             Some(ParameterValue::Text(m)) if m == "qa" => Mode::Qa,
+            Some(ParameterValue::Text(m)) if m == "pair" => Mode::Pair,
             Some(other) => {
                 return Err(Error::InvalidInput(format!(
-                    "parameter 'mode' must be \"single\" or \"qa\", got {}",
+                    "parameter 'mode' must be \"single\", \"pair\" or \"qa\", got {}",
                     other
                 )))
             }
@@ -99,6 +105,20 @@ impl Model for TokenizerModel {
                 let texts = texts(&request, "TEXT")?;
                 self.encoder
                     .encode_single(&texts)
+                    .map(|batch| (batch, None))
+            }
+            Mode::Pair => {
+                let first = texts(&request, "TEXT")?;
+                let second = texts(&request, "TEXT_PAIR")?;
+                if first.len() != second.len() {
+                    return Err(Error::InvalidInput(format!(
+                        "TEXT has {} elements, TEXT_PAIR has {}; they must pair up",
+                        first.len(),
+                        second.len()
+                    )));
+                }
+                self.encoder
+                    .encode_pairs(&first, &second)
                     .map(|batch| (batch, None))
             }
             Mode::Qa => {

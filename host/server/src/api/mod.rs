@@ -444,9 +444,10 @@ enum Route<'a> {
     /// CUDA shared memory: status (always empty) or a change (refused).
     CudaShmStatus,
     CudaShmChange,
-    /// OpenAI's embeddings and model list.
+    /// OpenAI's embeddings and model list, and Cohere's/Jina's rerank.
     OpenAiEmbeddings,
     OpenAiModels,
+    Rerank,
 }
 
 impl Route<'_> {
@@ -455,7 +456,7 @@ impl Route<'_> {
             Route::Live | Route::Ready | Route::ModelReady(..) => ApiGroup::Health,
             Route::ServerMetadata | Route::ModelMetadata(..) => ApiGroup::Metadata,
             Route::ModelConfig(..) => ApiGroup::ModelConfig,
-            Route::Infer(..) | Route::OpenAiEmbeddings => ApiGroup::Inference,
+            Route::Infer(..) | Route::OpenAiEmbeddings | Route::Rerank => ApiGroup::Inference,
             Route::OpenAiModels => ApiGroup::Metadata,
             Route::Stats(..) => ApiGroup::Statistics,
             Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) => ApiGroup::ModelRepository,
@@ -473,6 +474,7 @@ impl Route<'_> {
         match self {
             Route::Infer(..)
             | Route::OpenAiEmbeddings
+            | Route::Rerank
             | Route::RepositoryIndex
             | Route::Load(_)
             | Route::Unload(_)
@@ -490,6 +492,7 @@ fn route(segments: &[String]) -> Option<Route<'_>> {
         ["v2"] => Route::ServerMetadata,
         ["v1", "embeddings"] => Route::OpenAiEmbeddings,
         ["v1", "models"] => Route::OpenAiModels,
+        ["v1", "rerank"] => Route::Rerank,
         ["v2", "health", "live"] => Route::Live,
         ["v2", "health", "ready"] => Route::Ready,
         ["v2", "models", "stats"] => Route::Stats(None, None),
@@ -767,6 +770,7 @@ async fn dispatch(state: &ServerState, req: Request<Incoming>) -> Result<Respons
         )),
         Route::OpenAiEmbeddings => Ok(openai::embeddings(state, req).await),
         Route::OpenAiModels => Ok(openai::models(state)),
+        Route::Rerank => Ok(openai::rerank(state, req).await),
         Route::Infer(m, v) => {
             let model = repo.get(m, v.map(parse_version).transpose()?)?;
             let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());

@@ -1,4 +1,5 @@
-//! OpenAI-compatible routes on the HTTP front: `POST /v1/embeddings` and `GET /v1/models`.
+//! OpenAI-compatible routes on the HTTP front: `POST /v1/embeddings` and `GET /v1/models`,
+//! and `POST /v1/rerank` in Cohere's and Jina's shape.
 //!
 //! An embeddings request names a repository model that maps text to an embedding (one
 //! BYTES input, an FP32 output), such as an embedding pipeline from `wisp import`. Its
@@ -431,6 +432,171 @@ fn mask_counts(outputs: &[Tensor], name: &str, n: usize) -> Result<Vec<usize>> {
         .chunks_exact(values.len() / n)
         .map(|row| row.iter().filter(|v| **v != 0).count())
         .collect())
+}
+
+/// Most documents in one rerank request (Cohere's limit).
+pub const MAX_DOCUMENTS: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RerankRequest {
+    model: String,
+    query: String,
+    documents: Vec<Value>,
+    #[serde(default)]
+    top_n: Option<usize>,
+    #[serde(default)]
+    return_documents: Option<bool>,
+    #[serde(default)]
+    max_tokens_per_doc: Option<u64>,
+}
+
+/// `POST /v1/rerank`: the documents scored against the query by a cross-encoder pipeline
+/// (inputs `QUERY` and `DOCUMENT`, output `SCORE`: `wisp import --head rerank`), sorted
+/// by relevance (the logit's sigmoid), highest first.
+pub async fn rerank(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
+    match rerank_inner(state, req).await {
+        Ok(response) => response,
+        Err(FieldError { error, param }) => error_response(&error, param),
+    }
+}
+
+async fn rerank_inner(
+    state: &ServerState,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Body>, FieldError> {
+    let _reserved = reserve_body(state, req.headers())?;
+    let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+    let request: RerankRequest = serde_json::from_slice(&body).map_err(|e| FieldError {
+        error: Error::invalid(format!("the request body is not a rerank request: {e}")),
+        param: None,
+    })?;
+    if request.max_tokens_per_doc.is_some() {
+        return Err(invalid(
+            "max_tokens_per_doc",
+            "'max_tokens_per_doc' is not supported: each (query, document) pair is cut at the model's max_length, the longer text first".into(),
+        ));
+    }
+    if request.documents.is_empty() || request.documents.len() > MAX_DOCUMENTS {
+        return Err(invalid(
+            "documents",
+            format!(
+                "'documents' has {} items; give 1 to {MAX_DOCUMENTS}",
+                request.documents.len()
+            ),
+        ));
+    }
+    let documents: Vec<String> = request
+        .documents
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Value::String(text) => Ok(text.clone()),
+            Value::Object(o) => o
+                .get("text")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    invalid("documents", format!("documents[{i}] has no string 'text'"))
+                }),
+            _ => Err(invalid(
+                "documents",
+                format!("documents[{i}] must be a string or an object with 'text'"),
+            )),
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let model = state
+        .repository
+        .get(&request.model, None)
+        .map_err(|error| FieldError {
+            error,
+            param: Some("model"),
+        })?;
+    let config = &model.config;
+    let has = |name: &str, datatype: DataType, outputs: bool| {
+        let list = if outputs {
+            &config.outputs
+        } else {
+            &config.inputs
+        };
+        list.iter()
+            .any(|t| t.name == name && t.datatype == datatype)
+    };
+    if !(has("QUERY", DataType::Bytes, false)
+        && has("DOCUMENT", DataType::Bytes, false)
+        && has("SCORE", DataType::Fp32, true))
+    {
+        return Err(invalid(
+            "model",
+            format!(
+                "model '{}' is not a reranker: it needs BYTES inputs QUERY and DOCUMENT and an FP32 output SCORE (`wisp import --head rerank`)",
+                request.model
+            ),
+        ));
+    }
+    let mask = has("attention_mask", DataType::Int64, true);
+    let per_part = (config.max_batch_size as usize).max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, chunk) in documents.chunks(per_part).enumerate() {
+        let (model, chunk, query) = (model.clone(), chunk.to_vec(), request.query.clone());
+        tasks.spawn(async move {
+            let n = chunk.len();
+            let queries = vec![query; n];
+            let mut requested = vec!["SCORE".to_string()];
+            if mask {
+                requested.push("attention_mask".into());
+            }
+            let request = BackendRequest {
+                inputs: vec![
+                    Tensor::from_strings("QUERY", vec![n as i64, 1], &queries),
+                    Tensor::from_strings("DOCUMENT", vec![n as i64, 1], &chunk),
+                ],
+                requested_outputs: requested,
+                ..Default::default()
+            };
+            let part = async {
+                let response = model.infer(request).await?;
+                let scores = rows_f32(&response.outputs, "SCORE", n)?;
+                let tokens = if mask {
+                    mask_counts(&response.outputs, "attention_mask", n)?
+                } else {
+                    vec![0; n]
+                };
+                Ok((scores, tokens))
+            };
+            (index, part.await)
+        });
+    }
+    let parts = collect(tasks).await?;
+    let (mut scores, mut tokens) = (Vec::with_capacity(documents.len()), 0usize);
+    for (rows, counts) in parts {
+        scores.extend(rows.into_iter().map(|r| r[0]));
+        tokens += counts.iter().sum::<usize>();
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // Highest first; equal scores keep the documents' order.
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order.truncate(request.top_n.unwrap_or(order.len()));
+    let return_documents = request.return_documents.unwrap_or(false);
+    let results: Vec<Value> = order
+        .into_iter()
+        .map(|i| {
+            let relevance = 1.0 / (1.0 + (-scores[i]).exp());
+            let mut result = json!({"index": i, "relevance_score": relevance});
+            if return_documents {
+                result["document"] = json!({"text": documents[i]});
+            }
+            result
+        })
+        .collect();
+    let mut usage = json!({"total_tokens": tokens});
+    if !mask {
+        usage = Value::Null;
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"model": request.model, "results": results, "usage": usage}),
+    ))
 }
 
 /// `POST /v1/embeddings`.

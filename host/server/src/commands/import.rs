@@ -22,7 +22,9 @@ pub struct ImportArgs {
     /// Name of the pipeline; its parts are NAME_tokenizer, NAME_encoder (and NAME_decode).
     #[arg(long)]
     pub name: String,
-    /// The head to serve (default: from `architectures` in config.json).
+    /// The head to serve: embedding, qa, classification, token_classification, or rerank (a
+    /// one-label cross-encoder over (query, document) pairs; default: from `architectures`
+    /// in config.json).
     #[arg(long)]
     pub head: Option<String>,
     /// Longest tokenized input, special tokens included (default: sentence-transformers'
@@ -101,12 +103,22 @@ impl Plan {
                 args.name
             );
         }
+        // A reranker is a cross-encoder: one logit per (query, document) pair.
+        let rerank = args.head.as_deref() == Some("rerank");
         let head = match &args.head {
+            Some(_) if rerank => HeadKind::Classification,
             Some(h) => HeadKind::parse(h).with_context(|| {
-                format!("--head '{h}' is not one of embedding, qa, classification, token_classification")
+                format!("--head '{h}' is not one of embedding, qa, classification, token_classification, rerank")
             })?,
             None => HeadKind::from_architecture(&dims.architecture),
         };
+        if rerank && dims.labels.len() > 1 {
+            bail!(
+                "--head rerank needs a cross-encoder with one label (a relevance logit); {} has {}",
+                src.display(),
+                dims.labels.len()
+            );
+        }
         let position_limit = match dims.family {
             Family::Roberta => dims
                 .max_positions
@@ -185,12 +197,20 @@ impl Plan {
         } else {
             let _ = writeln!(t, "max_batch_size = {}\n", args.max_batch_size);
             t += &tensor("input", "TEXT", "BYTES", "[1]", "");
+            if rerank {
+                t += &tensor("input", "TEXT_PAIR", "BYTES", "[1]", "");
+            }
             for out in ["input_ids", "attention_mask", "token_type_ids"] {
                 t += &tensor("output", out, "INT64", "[-1]", "");
             }
         }
         t += "[[instance_group]]\ncount = 2\n\n[parameters]\n";
-        let _ = writeln!(t, "mode = \"{}\"", if qa { "qa" } else { "single" });
+        let mode = match (qa, rerank) {
+            (true, _) => "qa",
+            (_, true) => "pair",
+            _ => "single",
+        };
+        let _ = writeln!(t, "mode = \"{mode}\"");
         let _ = writeln!(t, "max_length = {max_length}");
         if qa {
             let _ = writeln!(t, "doc_stride = {}", args.doc_stride);
@@ -360,6 +380,17 @@ impl Plan {
                 format!("{decode}/1/model.wasm").into(),
             ));
             models.push((decode, d));
+        } else if rerank {
+            // (query, document) → the cross-encoder's relevance logit; /v1/rerank sorts
+            // by its sigmoid.
+            let _ = writeln!(p, "max_batch_size = {}\n", args.max_batch_size);
+            p += &tensor("input", "QUERY", "BYTES", "[1]", "");
+            p += &tensor("input", "DOCUMENT", "BYTES", "[1]", "");
+            p += &tensor("output", "SCORE", "FP32", "[1]", "");
+            p += "# Each pair's tokens (1 per token), for the token counts of /v1/rerank.\n";
+            p += &tensor("output", "attention_mask", "INT64", "[-1]", "");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ TEXT = \"QUERY\", TEXT_PAIR = \"DOCUMENT\" }}\noutput_map = {token_map}\n");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ logits = \"SCORE\" }}");
         } else {
             let _ = writeln!(p, "max_batch_size = {}\n", args.max_batch_size);
             p += &tensor("input", "TEXT", "BYTES", "[1]", "");

@@ -466,6 +466,25 @@ fn tiles<const ROWS: usize, const PANELS: usize>(
     }
 }
 
+/// Calls `$tile::<R, P>(args)` for a register tile of `count` rows (1 to 12) × `width`
+/// panels (1 or 2): the monomorphised tiles of both AVX-512 kernels.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles_12x2 {
+    ($tile:ident, $count:expr, $width:expr, $($arg:expr),*) => {
+        tiles_12x2!(@rows $tile, $count, $width, ($($arg),*), 1 2 3 4 5 6 7 8 9 10 11 12)
+    };
+    (@rows $tile:ident, $count:expr, $width:expr, $args:tt, $($r:literal)*) => {
+        match ($count, $width) {
+            $(($r, 2) => tiles_12x2!(@call $tile, $r, 2, $args),
+              ($r, 1) => tiles_12x2!(@call $tile, $r, 1, $args),)*
+            _ => unreachable!(),
+        }
+    };
+    (@call $tile:ident, $r:literal, $p:literal, ($($arg:expr),*)) => {
+        $tile::<$r, $p>($($arg),*)
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
     use super::{Bf16Panels, Bf16Rows, Finish, PAIR_VALUES};
@@ -485,16 +504,7 @@ mod avx512bf16 {
         panels: std::ops::Range<usize>,
     ) {
         super::tiles::<ROWS, PANELS>(rows, panels, |count, width, i, b| {
-            macro_rules! go {
-                ($($r:literal)*) => {
-                    match (count, width) {
-                        $(($r, 2) => tile::<$r, 2>(finish, x, w, i, b),
-                          ($r, 1) => tile::<$r, 1>(finish, x, w, i, b),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1 2 3 4 5 6 7 8 9 10 11 12);
+            tiles_12x2!(tile, count, width, finish, x, w, i, b)
         });
     }
 
@@ -559,16 +569,7 @@ mod avx512 {
         panels: std::ops::Range<usize>,
     ) {
         super::tiles::<ROWS, PANELS>(rows, panels, |count, width, i, b| {
-            macro_rules! go {
-                ($($r:literal)*) => {
-                    match (count, width) {
-                        $(($r, 2) => tile::<$r, 2>(finish, x, w, i, b),
-                          ($r, 1) => tile::<$r, 1>(finish, x, w, i, b),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1 2 3 4 5 6 7 8 9 10 11 12);
+            tiles_12x2!(tile, count, width, finish, x, w, i, b)
         });
     }
 

@@ -201,8 +201,11 @@ struct BlockJob<'a> {
     stride: usize,
     /// Rows per tile, or 0 for row-major.
     tile: usize,
+    /// Rows per block: a tile, or 16 row-major.
+    block: usize,
     input: &'a InputQuantization,
-    inverse_smooth: Option<&'a [f32]>,
+    /// 1/s per channel when the input is smoothed.
+    inverse_smooth: Option<Vec<f32>>,
 }
 
 impl BlockJob<'_> {
@@ -211,7 +214,8 @@ impl BlockJob<'_> {
         if tile == 0 {
             for (r, row) in rows.chunks_exact(k).enumerate() {
                 let bytes = &mut out[r * stride..][..stride];
-                (scales[r], zeros[r]) = quantize_row(row, bytes, self.input, self.inverse_smooth);
+                (scales[r], zeros[r]) =
+                    quantize_row(row, bytes, self.input, self.inverse_smooth.as_deref());
             }
             return;
         }
@@ -221,8 +225,12 @@ impl BlockJob<'_> {
             row_bytes.resize(stride, 0);
             let groups = stride / GROUP;
             for (r, row) in rows.chunks_exact(k).enumerate() {
-                (scales[r], zeros[r]) =
-                    quantize_row(row, &mut row_bytes, self.input, self.inverse_smooth);
+                (scales[r], zeros[r]) = quantize_row(
+                    row,
+                    &mut row_bytes,
+                    self.input,
+                    self.inverse_smooth.as_deref(),
+                );
                 assert!(out.len() >= (groups - 1) * tile * GROUP + r * GROUP + GROUP);
                 for g in 0..groups {
                     // SAFETY: both 4-byte ranges are in bounds (stride = groups·4; the
@@ -297,15 +305,15 @@ impl QuantizedRows {
             + col % GROUP]
     }
 
-    /// Sizes the buffers for x[m, k] quantized for `w` on `isa`; returns the inverse
-    /// smoothing (1/s per channel) when the input is smoothed.
-    fn prepare(
+    /// Sizes the buffers for x[m, k] quantized for `w` on `isa`; returns the job that
+    /// quantizes one block of its rows.
+    fn prepare<'a>(
         &mut self,
         isa: Isa,
         m: usize,
         w: &Int8Panels,
-        input: &InputQuantization,
-    ) -> Option<Vec<f32>> {
+        input: &'a InputQuantization,
+    ) -> BlockJob<'a> {
         self.stride = w.padded_k();
         self.rows = m;
         self.tile = Self::tile_for(isa);
@@ -319,10 +327,17 @@ impl QuantizedRows {
         self.scales.resize(m, 1.0);
         self.zero_points.clear();
         self.zero_points.resize(m, 128);
-        input
-            .smooth
-            .as_ref()
-            .map(|s| s.iter().map(|v| 1.0 / v).collect())
+        BlockJob {
+            k: w.k,
+            stride: self.stride,
+            tile: self.tile,
+            block: self.block_rows(),
+            input,
+            inverse_smooth: input
+                .smooth
+                .as_ref()
+                .map(|s| s.iter().map(|v| 1.0 / v).collect()),
+        }
     }
 
     /// Rows per block: a tile, or 16 rows row-major.
@@ -345,15 +360,8 @@ impl QuantizedRows {
     ) {
         let k = w.k;
         assert!(x.len() >= m * k);
-        let inverse_smooth = self.prepare(isa, m, w, input);
-        let (block, stride, tile) = (self.block_rows(), self.stride, self.tile);
-        let job = BlockJob {
-            k,
-            stride,
-            tile,
-            input,
-            inverse_smooth: inverse_smooth.as_deref(),
-        };
+        let job = self.prepare(isa, m, w, input);
+        let (block, stride) = (job.block, job.stride);
         let data = &mut self.data[..m.next_multiple_of(block) * stride];
         let one = |(((rows, out), scales), zeros): BlockParts| job.run(rows, out, scales, zeros);
         if parallel {
@@ -387,15 +395,8 @@ impl QuantizedRows {
     ) {
         let k = w.k;
         assert!(x.len() >= m * k);
-        let inverse_smooth = self.prepare(isa, m, w, input);
-        let (block, stride, tile) = (self.block_rows(), self.stride, self.tile);
-        let job = BlockJob {
-            k,
-            stride,
-            tile,
-            input,
-            inverse_smooth: inverse_smooth.as_deref(),
-        };
+        let job = self.prepare(isa, m, w, input);
+        let (block, stride) = (job.block, job.stride);
         let data = &mut self.data[..m.next_multiple_of(block) * stride];
         x[..m * k]
             .par_chunks_mut(block * k)

@@ -434,6 +434,23 @@ fn mask_counts(outputs: &[Tensor], name: &str, n: usize) -> Result<Vec<usize>> {
         .collect())
 }
 
+/// The JSON body of a request, read within the body cap and deadline, with its
+/// reservation in the server's budget of request bytes in flight (held, as v2's, until
+/// the request is answered).
+async fn read_request<T: serde::de::DeserializeOwned>(
+    state: &ServerState,
+    req: Request<Incoming>,
+    what: &str,
+) -> std::result::Result<(T, tokio::sync::OwnedSemaphorePermit), FieldError> {
+    let reserved = reserve_body(state, req.headers())?;
+    let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
+    let request = serde_json::from_slice(&body).map_err(|e| FieldError {
+        error: Error::invalid(format!("the request body is not {what}: {e}")),
+        param: None,
+    })?;
+    Ok((request, reserved))
+}
+
 /// Most documents in one rerank request (Cohere's limit).
 pub const MAX_DOCUMENTS: usize = 1000;
 
@@ -465,12 +482,8 @@ async fn rerank_inner(
     state: &ServerState,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Body>, FieldError> {
-    let _reserved = reserve_body(state, req.headers())?;
-    let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
-    let request: RerankRequest = serde_json::from_slice(&body).map_err(|e| FieldError {
-        error: Error::invalid(format!("the request body is not a rerank request: {e}")),
-        param: None,
-    })?;
+    let (request, _reserved): (RerankRequest, _) =
+        read_request(state, req, "a rerank request").await?;
     if request.max_tokens_per_doc.is_some() {
         return Err(invalid(
             "max_tokens_per_doc",
@@ -611,14 +624,8 @@ async fn embeddings_inner(
     state: &ServerState,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Body>, FieldError> {
-    let _reserved = reserve_body(state, req.headers())?;
-    let (_, body) = read_body(req, state.max_body_bytes, state.body_timeout).await?;
-    let request: EmbeddingsRequest = serde_json::from_slice(&body).map_err(|e| FieldError {
-        error: Error::invalid(format!(
-            "the request body is not an embeddings request: {e}"
-        )),
-        param: None,
-    })?;
+    let (request, _reserved): (EmbeddingsRequest, _) =
+        read_request(state, req, "an embeddings request").await?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

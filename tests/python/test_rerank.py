@@ -57,6 +57,18 @@ def words(arch, count, seed):
     return " ".join(rng.choice(vocab) for _ in range(count))
 
 
+def cut_documents(ckpt, documents, n):
+    """Each document cut after its first n tokens (by their character offsets)."""
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    cut = []
+    for doc in documents:
+        offsets = tok.encode(doc, add_special_tokens=False).offsets
+        cut.append(doc[:offsets[n - 1][1]] if len(offsets) > n else doc)
+    return cut
+
+
 def reference_scores(ckpt, query, documents):
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     tok.no_padding()
@@ -95,13 +107,22 @@ def test_rerank_orders_and_scores_as_the_reference(server, arch):
         v2 = client.infer(f"rr_{arch}", [text_input("QUERY", [query] * len(documents)),
                                          text_input("DOCUMENT", documents)]).as_numpy("SCORE")
     np.testing.assert_allclose(v2[:, 0], logits, rtol=1e-4, atol=1e-5)
+    # max_tokens_per_doc: each document cut after its first 4 tokens before pairing.
+    cut_logits, cut_tokens = reference_scores(server.checkpoints[arch], query,
+                                              cut_documents(server.checkpoints[arch], documents, 4))
+    status, cut = post(server, {"model": f"rr_{arch}", "query": query, "documents": documents,
+                                "max_tokens_per_doc": 4})
+    assert status == 200, cut
+    cut_scores = 1 / (1 + np.exp(-cut_logits))
+    assert [r["index"] for r in cut["results"]] == sorted(range(len(documents)), key=lambda i: (-cut_scores[i], i))
+    assert cut["usage"]["total_tokens"] == cut_tokens < tokens
 
 
 def test_rerank_refuses_bad_requests_naming_the_field(server):
     cases = [
         ({"model": "rr_bert", "query": "a", "documents": []}, "documents"),
         ({"model": "rr_bert", "query": "a", "documents": [{"title": "x"}]}, "documents"),
-        ({"model": "rr_bert", "query": "a", "documents": ["x"], "max_tokens_per_doc": 8}, "max_tokens_per_doc"),
+        ({"model": "rr_bert", "query": "a", "documents": ["x"], "max_tokens_per_doc": 0}, "max_tokens_per_doc"),
         ({"model": "rr_bert_encoder", "query": "a", "documents": ["x"]}, "model"),
         ({"model": "rr_bert", "query": "a", "documents": ["x"] * 1001}, "documents"),
     ]

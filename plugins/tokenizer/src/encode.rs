@@ -169,17 +169,40 @@ impl Encoder {
     }
 
     /// Encodes (first, second) pairs with special tokens, one encoding each, truncated
-    /// at `max_length` longest first.
-    pub fn encode_pairs(&self, first: &[&str], second: &[&str]) -> Result<Batch, EncodeError> {
+    /// at `max_length` longest first; with `max_second`, each second text is first cut
+    /// after its first `max_second` tokens (a reranker's `max_tokens_per_doc`).
+    pub fn encode_pairs(
+        &self,
+        first: &[&str],
+        second: &[&str],
+        max_second: Option<usize>,
+    ) -> Result<Batch, EncodeError> {
         debug_assert_eq!(first.len(), second.len());
+        let internal = |i: usize, e: tokenizers::Error| {
+            EncodeError::Internal(format!("cannot tokenize pair {i}: {e}"))
+        };
         let encodings = first
             .iter()
             .zip(second)
             .enumerate()
             .map(|(i, (a, b))| {
+                let b = match max_second {
+                    Some(n) => {
+                        // Byte offsets into `b`: its first n tokens end at a char boundary.
+                        let alone = self
+                            .tokenizer
+                            .encode(*b, false)
+                            .map_err(|e| internal(i, e))?;
+                        match alone.get_offsets().get(n) {
+                            Some(_) => &b[..alone.get_offsets()[n - 1].1],
+                            None => b,
+                        }
+                    }
+                    None => b,
+                };
                 self.tokenizer
-                    .encode_fast((*a, *b), true)
-                    .map_err(|e| EncodeError::Internal(format!("cannot tokenize pair {i}: {e}")))
+                    .encode_fast((*a, b), true)
+                    .map_err(|e| internal(i, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Batch::pack(&encodings, self.pad_id))
@@ -433,7 +456,7 @@ mod tests {
             ..Default::default()
         });
         let b = e
-            .encode_pairs(&["a b", "a"], &["c d", "c d e f g h"])
+            .encode_pairs(&["a b", "a"], &["c d", "c d e f g h"], None)
             .unwrap();
         assert_eq!((b.rows, b.width), (2, 9));
         // [CLS] a b [SEP] c d [SEP], the second segment typed 1.
@@ -442,6 +465,11 @@ mod tests {
         // 9 tokens: the document (the longer) loses its tail.
         assert_eq!(row(&b.input_ids, &b, 1), [2, 15, 3, 17, 18, 19, 20, 21, 3]);
         assert_eq!(row(&b.attention_mask, &b, 1), [1; 9]);
+        // The document cut after its first 2 tokens first.
+        let cut = e.encode_pairs(&["a"], &["c d e f"], Some(2)).unwrap();
+        assert_eq!(row(&cut.input_ids, &cut, 0), [2, 15, 3, 17, 18, 3]);
+        let short = e.encode_pairs(&["a"], &["c"], Some(2)).unwrap();
+        assert_eq!(row(&short.input_ids, &short, 0), [2, 15, 3, 17, 3]);
     }
 
     #[test]

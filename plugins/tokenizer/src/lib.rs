@@ -18,7 +18,8 @@
 //! `pair`: `TEXT` and `TEXT_PAIR` (BYTES, n elements each) give the same three for each
 //! pair with its special tokens (`token_type_ids` 1 on the second text where the
 //! tokenizer says so), cut at `max_length` from the longer text first: a cross-encoder's
-//! (query, document).
+//! (query, document). The request parameter `max_tokens_per_doc` cuts each `TEXT_PAIR`
+//! after its first N tokens first.
 //!
 //! `qa`: `QUESTION` and `CONTEXT` (BYTES, n elements each) give the same three
 //! as `[W, L]` for the W windows of all pairs, plus `offsets` INT64 `[W, L, 2]`
@@ -117,8 +118,13 @@ impl Model for TokenizerModel {
                         second.len()
                     )));
                 }
+                // A request may cut each second text to its first N tokens first.
+                let max_second = match Parameters::get(&request.parameters, "max_tokens_per_doc") {
+                    None => None,
+                    Some(_) => Some(count(&request.parameters, "max_tokens_per_doc", 1, 1)?),
+                };
                 self.encoder
-                    .encode_pairs(&first, &second)
+                    .encode_pairs(&first, &second, max_second)
                     .map(|batch| (batch, None))
             }
             Mode::Qa => {

@@ -484,12 +484,18 @@ async fn rerank_inner(
 ) -> std::result::Result<Response<Body>, FieldError> {
     let (request, _reserved): (RerankRequest, _) =
         read_request(state, req, "a rerank request").await?;
-    if request.max_tokens_per_doc.is_some() {
-        return Err(invalid(
-            "max_tokens_per_doc",
-            "'max_tokens_per_doc' is not supported: each (query, document) pair is cut at the model's max_length, the longer text first".into(),
-        ));
-    }
+    // Passed to the pipeline's tokenizer (its `pair` mode cuts each document after its
+    // first N tokens); bounded so it stays a small integer.
+    let max_tokens_per_doc = match request.max_tokens_per_doc {
+        None => None,
+        Some(n @ 1..=1_000_000) => Some(n as i64),
+        Some(n) => {
+            return Err(invalid(
+                "max_tokens_per_doc",
+                format!("'max_tokens_per_doc' is {n}; it must be between 1 and 1000000"),
+            ))
+        }
+    };
     if request.documents.is_empty() || request.documents.len() > MAX_DOCUMENTS {
         return Err(invalid(
             "documents",
@@ -552,6 +558,10 @@ async fn rerank_inner(
     let mut tasks = tokio::task::JoinSet::new();
     for (index, chunk) in documents.chunks(per_part).enumerate() {
         let (model, chunk, query) = (model.clone(), chunk.to_vec(), request.query.clone());
+        let parameters: Vec<(String, ParameterValue)> = max_tokens_per_doc
+            .map(|n| ("max_tokens_per_doc".to_string(), ParameterValue::Int(n)))
+            .into_iter()
+            .collect();
         tasks.spawn(async move {
             let n = chunk.len();
             let queries = vec![query; n];
@@ -565,6 +575,7 @@ async fn rerank_inner(
                     Tensor::from_strings("DOCUMENT", vec![n as i64, 1], &chunk),
                 ],
                 requested_outputs: requested,
+                parameters,
                 ..Default::default()
             };
             let part = async {

@@ -127,21 +127,9 @@ impl Isa {
     /// the CPU cannot run is logged and ignored). Decided once per process.
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
-        *SELECTED.get_or_init(|| match std::env::var("WISP_BF16_ISA") {
-            Ok(name) if !name.is_empty() => match Isa::parse(&name) {
-                Some(isa) if isa.supported() => isa,
-                _ => {
-                    let fastest = Isa::fastest();
-                    tracing::warn!(
-                        requested = %name,
-                        using = fastest.name(),
-                        "WISP_BF16_ISA names an instruction set this CPU does not run \
-                         (avx512bf16, avx512, avx2 or portable)"
-                    );
-                    fastest
-                }
-            },
-            _ => Isa::fastest(),
+        *SELECTED.get_or_init(|| {
+            let parse = |name: &str| Isa::parse(name).filter(|isa| isa.supported());
+            crate::int8::chosen_by_env("WISP_BF16_ISA", parse, Isa::fastest, |isa| isa.name())
         })
     }
 }

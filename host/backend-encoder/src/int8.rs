@@ -83,21 +83,33 @@ impl Isa {
     /// CPU cannot run is logged and ignored).
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
-        *SELECTED.get_or_init(|| match std::env::var("WISP_INT8_ISA") {
-            Ok(name) if !name.is_empty() => match Isa::parse(&name) {
-                Some(isa) if isa.supported() => isa,
-                _ => {
-                    tracing::warn!(
-                        requested = %name,
-                        using = Isa::best().name(),
-                        "WISP_INT8_ISA names an instruction set this CPU does not run \
-                         (avx512vnni, avxvnni, avx2 or portable)"
-                    );
-                    Isa::best()
-                }
-            },
-            _ => Isa::best(),
+        *SELECTED.get_or_init(|| {
+            let parse = |name: &str| Isa::parse(name).filter(|isa| isa.supported());
+            chosen_by_env("WISP_INT8_ISA", parse, Isa::best, |isa| isa.name())
         })
+    }
+}
+
+/// The kernel the environment variable `var` names when this CPU runs it (`parse`
+/// answers None otherwise: logged, then `default`), else `default`. Shared by the INT8
+/// and BF16 kernel families.
+pub(crate) fn chosen_by_env<I: Copy>(
+    var: &str,
+    parse: impl Fn(&str) -> Option<I>,
+    default: impl Fn() -> I,
+    name: impl Fn(I) -> &'static str,
+) -> I {
+    match std::env::var(var) {
+        Ok(requested) if !requested.is_empty() => parse(&requested).unwrap_or_else(|| {
+            let using = default();
+            tracing::warn!(
+                %requested,
+                using = name(using),
+                "{var} names an instruction set this CPU does not run, or none wisp knows"
+            );
+            using
+        }),
+        _ => default(),
     }
 }
 

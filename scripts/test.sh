@@ -27,6 +27,8 @@ export WISP_CUDA_HOME WISP_REQUIRE_NVRTC=1
 
 echo "== cargo test (unit + end-to-end)"
 cargo test
+# The plugins' own logic (tokenization, QA and NER decoding), natively.
+cargo test -p wisp-plugin-tokenizer -p wisp-plugin-qa-decode -p wisp-plugin-ner-decode
 
 echo "== fuzz targets, 20 s each (tests/fuzz; longer runs: scripts/fuzz.sh SECONDS)"
 ./scripts/fuzz.sh 20

@@ -49,11 +49,11 @@ impl Model for QaDecode {
         };
         let (w, l) = (count as i64, len as i64);
         let end = request.input("end_logits")?;
-        expect_shape(end, &[w, l], "start_logits")?;
+        end.expect_shape(&[w, l], "start_logits")?;
         let offsets = request.input("offsets")?;
-        expect_shape(offsets, &[w, l, 2], "start_logits")?;
+        offsets.expect_shape(&[w, l, 2], "start_logits")?;
         let owner = request.input("window_owner")?;
-        expect_shape(owner, &[w], "start_logits")?;
+        owner.expect_shape(&[w], "start_logits")?;
 
         let context = request.input("CONTEXT")?;
         let contexts = context.utf8_elements()?;
@@ -109,18 +109,6 @@ impl Model for QaDecode {
             parameters: Vec::new(),
         })
     }
-}
-
-/// Fails unless `tensor` has `shape`, the one `reference` implies. (Datatypes
-/// are checked where the data is read.)
-fn expect_shape(tensor: &Tensor, shape: &[i64], reference: &str) -> Result<(), Error> {
-    if tensor.shape != shape {
-        return Err(Error::InvalidInput(format!(
-            "{} has shape {:?}; {reference} implies {shape:?}",
-            tensor.name, tensor.shape
-        )));
-    }
-    Ok(())
 }
 
 /// `base` with whatever `params` set.

@@ -48,6 +48,17 @@ impl Element for bool {
 }
 
 impl Tensor {
+    /// Fails unless the tensor has `shape`, the one `reference` (another input) implies.
+    pub fn expect_shape(&self, shape: &[i64], reference: &str) -> Result<(), Error> {
+        if self.shape != shape {
+            return Err(Error::InvalidInput(format!(
+                "{} has shape {:?}; {reference} implies {shape:?}",
+                self.name, self.shape
+            )));
+        }
+        Ok(())
+    }
+
     /// Number of elements the shape describes.
     pub fn element_count(&self) -> usize {
         self.shape.iter().map(|&d| d.max(0) as usize).product()

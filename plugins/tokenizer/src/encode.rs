@@ -59,6 +59,18 @@ pub struct Batch {
     pub token_type_ids: Vec<i64>,
 }
 
+/// A single-mode batch with where each token came from, for token classification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpannedBatch {
+    pub batch: Batch,
+    /// `[rows, width, 2]` character offsets into the row's text; -1 for special tokens
+    /// and padding.
+    pub offsets: Vec<i64>,
+    /// `[rows, width]` the word (of the tokenizer's pre-tokenizer) each token belongs to,
+    /// counted from 0 in its text; -1 for special tokens and padding.
+    pub word_ids: Vec<i64>,
+}
+
 /// A QA batch: one row per context window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QaBatch {
@@ -166,6 +178,44 @@ impl Encoder {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Batch::pack(&encodings, self.pad_id))
+    }
+
+    /// As `encode_single`, with each token's character offsets and word.
+    pub fn encode_single_spans(&self, texts: &[&str]) -> Result<SpannedBatch, EncodeError> {
+        let encodings = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                self.tokenizer
+                    .encode(*text, true)
+                    .map_err(|e| EncodeError::Internal(format!("cannot tokenize TEXT[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = Batch::pack(&encodings, self.pad_id);
+        let mut offsets = vec![-1i64; batch.rows * batch.width * 2];
+        let mut word_ids = vec![-1i64; batch.rows * batch.width];
+        for (row, (encoding, text)) in encodings.iter().zip(texts).enumerate() {
+            let chars = CharIndex::new(text);
+            let tokens = encoding
+                .get_offsets()
+                .iter()
+                .zip(encoding.get_word_ids())
+                .zip(encoding.get_special_tokens_mask());
+            let out_offsets = &mut offsets[row * batch.width * 2..];
+            let out_words = &mut word_ids[row * batch.width..];
+            for (k, ((&(start, end), &word), &special)) in tokens.enumerate() {
+                if special == 0 {
+                    out_offsets[2 * k] = chars.of(start);
+                    out_offsets[2 * k + 1] = chars.of(end);
+                    out_words[k] = word.map_or(-1, i64::from);
+                }
+            }
+        }
+        Ok(SpannedBatch {
+            batch,
+            offsets,
+            word_ids,
+        })
     }
 
     /// Encodes (first, second) pairs with special tokens, one encoding each, truncated
@@ -445,6 +495,39 @@ mod tests {
         assert_eq!(row(&b.input_ids, &b, 2), [2, 3, -7, -7, -7, -7]);
         assert_eq!(row(&b.attention_mask, &b, 0), [1, 1, 1, 1, 0, 0]);
         assert_eq!(b.token_type_ids, vec![0; 18]);
+    }
+
+    #[test]
+    fn single_spans_give_character_offsets_and_words() {
+        let e = encoder(Options {
+            pad_id: Some(-7),
+            ..Default::default()
+        });
+        let s = e.encode_single_spans(&["naïve café €4.50", "a b"]).unwrap();
+        let b = &s.batch;
+        assert_eq!(*b, e.encode_single(&["naïve café €4.50", "a b"]).unwrap());
+        assert_eq!(row(&b.input_ids, b, 0), [2, 10, 9, 11, 12, 13, 14, 3]);
+        // Characters, not bytes ("ï", "é" and "€" are several bytes each); -1 for
+        // [CLS], [SEP] and padding.
+        let offsets: Vec<_> = s.offsets.chunks(2).map(|p| (p[0], p[1])).collect();
+        assert_eq!(
+            offsets[..8],
+            [
+                (-1, -1),
+                (0, 5),
+                (6, 10),
+                (11, 12),
+                (12, 13),
+                (13, 14),
+                (14, 16),
+                (-1, -1)
+            ]
+        );
+        assert_eq!(offsets[8..12], [(-1, -1), (0, 1), (2, 3), (-1, -1)]);
+        assert_eq!(offsets[12..], [(-1, -1); 4]);
+        // "€4" is one word of two tokens; "." splits off as its own.
+        assert_eq!(row(&s.word_ids, b, 0), [-1, 0, 1, 2, 2, 3, 4, -1]);
+        assert_eq!(row(&s.word_ids, b, 1), [-1, 0, 1, -1, -1, -1, -1, -1]);
     }
 
     #[test]

@@ -13,7 +13,11 @@
 //! are cut at `max_length` and padded only to the longest of their request.
 //!
 //! `single`: `TEXT` (BYTES, n elements of any shape) gives `input_ids`,
-//! `attention_mask` and `token_type_ids`, INT64 `[n, L]`.
+//! `attention_mask` and `token_type_ids`, INT64 `[n, L]`. With `spans = true` (or
+//! when a request names them), also `offsets` INT64 `[n, L, 2]` (each token's
+//! character offsets into its text) and `word_ids` INT64 `[n, L]` (the word of the
+//! tokenizer's pre-tokenizer each token belongs to), both -1 for special tokens and
+//! padding: what token classification needs to group tokens into entities.
 //!
 //! `pair`: `TEXT` and `TEXT_PAIR` (BYTES, n elements each) give the same three for each
 //! pair with its special tokens (`token_type_ids` 1 on the second text where the
@@ -42,6 +46,8 @@ static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_all
 
 struct TokenizerModel {
     encoder: Encoder,
+    /// Single mode: give `offsets` and `word_ids` unless a request leaves them out.
+    spans: bool,
 }
 
 impl Model for TokenizerModel {
@@ -95,7 +101,16 @@ impl Model for TokenizerModel {
                 encoder.pad_id()
             ),
         );
-        Ok(TokenizerModel { encoder })
+        let spans = match params.get("spans") {
+            None => false,
+            Some(ParameterValue::Boolean(b)) => *b,
+            Some(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "parameter 'spans' must be true or false, got {other}"
+                )))
+            }
+        };
+        Ok(TokenizerModel { encoder, spans })
     }
 
     // The SDK's `execute_batch` runs requests one by one, each with its own
@@ -104,9 +119,19 @@ impl Model for TokenizerModel {
         let encoded = match self.encoder.mode() {
             Mode::Single => {
                 let texts = texts(&request, "TEXT")?;
-                self.encoder
-                    .encode_single(&texts)
-                    .map(|batch| (batch, None))
+                let named = |name| request.requested_outputs.iter().any(|o| o == name);
+                let spans = ["offsets", "word_ids"]
+                    .iter()
+                    .any(|name| named(name) || (self.spans && request.wants_output(name)));
+                if spans {
+                    self.encoder
+                        .encode_single_spans(&texts)
+                        .map(|s| (s.batch, Some(Extra::Spans(s.offsets, s.word_ids))))
+                } else {
+                    self.encoder
+                        .encode_single(&texts)
+                        .map(|batch| (batch, None))
+                }
             }
             Mode::Pair => {
                 let first = texts(&request, "TEXT")?;
@@ -139,10 +164,10 @@ impl Model for TokenizerModel {
                 }
                 self.encoder
                     .encode_qa(&questions, &contexts)
-                    .map(|qa| (qa.batch, Some((qa.offsets, qa.window_owner))))
+                    .map(|qa| (qa.batch, Some(Extra::Qa(qa.offsets, qa.window_owner))))
             }
         };
-        let (batch, qa) = encoded.map_err(|e| match e {
+        let (batch, extra) = encoded.map_err(|e| match e {
             EncodeError::Input(m) => Error::InvalidInput(m),
             EncodeError::Internal(m) => Error::Internal(m),
         })?;
@@ -160,9 +185,16 @@ impl Model for TokenizerModel {
             ("attention_mask", vec![rows, width], attention_mask),
             ("token_type_ids", vec![rows, width], token_type_ids),
         ];
-        if let Some((offsets, window_owner)) = qa {
-            outputs.push(("offsets", vec![rows, width, 2], offsets));
-            outputs.push(("window_owner", vec![rows], window_owner));
+        match extra {
+            Some(Extra::Qa(offsets, window_owner)) => {
+                outputs.push(("offsets", vec![rows, width, 2], offsets));
+                outputs.push(("window_owner", vec![rows], window_owner));
+            }
+            Some(Extra::Spans(offsets, word_ids)) => {
+                outputs.push(("offsets", vec![rows, width, 2], offsets));
+                outputs.push(("word_ids", vec![rows, width], word_ids));
+            }
+            None => {}
         }
         Ok(Response {
             outputs: outputs
@@ -173,6 +205,14 @@ impl Model for TokenizerModel {
             parameters: Vec::new(),
         })
     }
+}
+
+/// Outputs beside the token tensors.
+enum Extra {
+    /// QA: `offsets` and `window_owner`.
+    Qa(Vec<i64>, Vec<i64>),
+    /// Single with spans: `offsets` and `word_ids`.
+    Spans(Vec<i64>, Vec<i64>),
 }
 
 /// The UTF-8 elements of BYTES input `name`.

@@ -22,9 +22,9 @@ pub struct ImportArgs {
     /// Name of the pipeline; its parts are NAME_tokenizer, NAME_encoder (and NAME_decode).
     #[arg(long)]
     pub name: String,
-    /// The head to serve: embedding, qa, classification, token_classification, or rerank (a
-    /// one-label cross-encoder over (query, document) pairs; default: from `architectures`
-    /// in config.json).
+    /// The head to serve: embedding, qa, classification, token_classification (or ner:
+    /// entities with character spans), or rerank (a one-label cross-encoder over (query,
+    /// document) pairs); default: from `architectures` in config.json.
     #[arg(long)]
     pub head: Option<String>,
     /// Longest tokenized input, special tokens included (default: sentence-transformers'
@@ -41,7 +41,7 @@ pub struct ImportArgs {
     #[arg(long, default_value_t = 1)]
     pub instances: u32,
     /// Folder with the built plugin components (wisp_plugin_tokenizer.wasm,
-    /// wisp_plugin_qa_decode.wasm); default: target/wasm32-wasip2/plugin beside the binary.
+    /// wisp_plugin_qa_decode.wasm, wisp_plugin_ner_decode.wasm); default: target/wasm32-wasip2/plugin beside the binary.
     #[arg(long, env = "WISP_COMPONENTS")]
     pub components: Option<PathBuf>,
     /// Replace existing models of the same names.
@@ -180,6 +180,7 @@ impl Plan {
         let num_labels = dims.labels.len().max(1);
         let has_types = dims.type_vocab > 0;
         let qa = head == HeadKind::QuestionAnswering;
+        let ner = head == HeadKind::TokenClassification;
         let mut copies = Vec::new();
 
         // The tokenizer plugin.
@@ -203,6 +204,10 @@ impl Plan {
             for out in ["input_ids", "attention_mask", "token_type_ids"] {
                 t += &tensor("output", out, "INT64", "[-1]", "");
             }
+            if ner {
+                t += &tensor("output", "offsets", "INT64", "[-1, 2]", "");
+                t += &tensor("output", "word_ids", "INT64", "[-1]", "");
+            }
         }
         t += "[[instance_group]]\ncount = 2\n\n[parameters]\n";
         let mode = match (qa, rerank) {
@@ -212,6 +217,9 @@ impl Plan {
         };
         let _ = writeln!(t, "mode = \"{mode}\"");
         let _ = writeln!(t, "max_length = {max_length}");
+        if ner {
+            t += "spans = true\n";
+        }
         if qa {
             let _ = writeln!(t, "doc_stride = {}", args.doc_stride);
             let _ = writeln!(t, "max_windows = {}", args.max_batch_size);
@@ -339,7 +347,7 @@ impl Plan {
         let mut p = header(&format!(
             "The {} pipeline: {tokenizer} → {encoder}{}.",
             head.as_str(),
-            if qa {
+            if qa || ner {
                 format!(" → {decode}")
             } else {
                 String::new()
@@ -391,6 +399,54 @@ impl Plan {
             p += &tensor("output", "attention_mask", "INT64", "[-1]", "");
             let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ TEXT = \"QUERY\", TEXT_PAIR = \"DOCUMENT\" }}\noutput_map = {token_map}\n");
             let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ logits = \"SCORE\" }}");
+        } else if ner {
+            // Per-token logits → entities with character spans.
+            let _ = writeln!(p, "max_batch_size = {}\n", args.max_batch_size);
+            p += &tensor("input", "TEXT", "BYTES", "[1]", "");
+            p += "# Each text's entities, a JSON array (transformers' token-classification output).\n";
+            p += &tensor("output", "ENTITIES", "BYTES", "[1]", "");
+            p += &tensor(
+                "output",
+                "LOGITS",
+                "FP32",
+                &format!("[-1, {num_labels}]"),
+                &labels,
+            );
+            let spans = format!(
+                "{}, offsets = \"offsets\", word_ids = \"word_ids\" }}",
+                token_map.trim_end_matches(" }")
+            );
+            let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ TEXT = \"TEXT\" }}\noutput_map = {spans}\n");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ logits = \"LOGITS\" }}\n");
+            let _ = writeln!(p, "[[step]]\nmodel = \"{decode}\"\ninput_map = {{ logits = \"LOGITS\", offsets = \"offsets\", word_ids = \"word_ids\", TEXT = \"TEXT\" }}\noutput_map = {{ ENTITIES = \"ENTITIES\" }}");
+
+            let mut d = header("Token classification to entities (Wasm plugin): labels from config.json's id2label.");
+            let _ = writeln!(
+                d,
+                "backend = \"wasm\"\nmax_batch_size = {}\n",
+                args.max_batch_size
+            );
+            d += &tensor(
+                "input",
+                "logits",
+                "FP32",
+                &format!("[-1, {num_labels}]"),
+                "",
+            );
+            d += &tensor("input", "offsets", "INT64", "[-1, 2]", "");
+            d += &tensor("input", "word_ids", "INT64", "[-1]", "");
+            d += &tensor("input", "TEXT", "BYTES", "[1]", "");
+            d += &tensor("output", "ENTITIES", "BYTES", "[1]", "");
+            d += "[[instance_group]]\ncount = 2\n\n[parameters]\n# none, simple, first, average or max; a request may choose its own.\naggregation_strategy = \"simple\"\nignore_labels = \"O\"\n";
+            copies.push((
+                component("wisp_plugin_ner_decode.wasm")?,
+                format!("{decode}/1/model.wasm").into(),
+            ));
+            copies.push((
+                src.join("config.json"),
+                format!("{decode}/1/config.json").into(),
+            ));
+            models.push((decode, d));
         } else {
             let _ = writeln!(p, "max_batch_size = {}\n", args.max_batch_size);
             p += &tensor("input", "TEXT", "BYTES", "[1]", "");

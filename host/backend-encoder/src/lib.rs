@@ -38,6 +38,9 @@ use wisp_core::worker::{Recycle, Worker, WorkerPool};
 pub const INPUT_IDS: &str = "input_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
 pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+/// Embedding heads: the text each row is a window of (`[rows]` or `[rows, 1]`, from 0,
+/// each row's the same as the row before or the next); the rows of one text are pooled.
+pub const WINDOW_OWNER: &str = "window_owner";
 
 /// The encoder's settings from the `[parameters]` table of config.toml.
 #[derive(Debug, Clone)]
@@ -557,7 +560,11 @@ fn check_signature(config: &ModelConfig, encoder: &Encoder) -> Result<()> {
         )));
     }
     for input in &config.inputs {
-        let known = [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS];
+        let known: &[&str] = if encoder.head_kind == HeadKind::Embedding {
+            &[INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS, WINDOW_OWNER]
+        } else {
+            &[INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS]
+        };
         if !known.contains(&input.name.as_str()) {
             return Err(Error::invalid(format!(
                 "model '{model}': the encoder has no input '{}' (inputs: {})",
@@ -622,6 +629,40 @@ pub(crate) struct RequestRows {
     columns: Vec<u32>,
     /// First segment of this request in the packed batch.
     first_segment: usize,
+    /// With `window_owner`: each row's text, and its real tokens (the row's weight).
+    windows: Option<Windows>,
+}
+
+/// Rows that are windows of longer texts.
+struct Windows {
+    owner: Vec<usize>,
+    tokens: Vec<usize>,
+}
+
+impl Windows {
+    /// The texts' embeddings: each the mean of its windows' `rows` (`width` wide)
+    /// weighted by their tokens, re-normalised when the head normalises.
+    fn pool(&self, rows: &[f32], width: usize, normalize: bool) -> Vec<f32> {
+        let texts = self.owner.last().map_or(0, |&o| o + 1);
+        let mut pooled = vec![0f32; texts * width];
+        let mut weights = vec![0f32; texts];
+        for (r, row) in rows.chunks_exact(width).enumerate() {
+            let (text, weight) = (self.owner[r], self.tokens[r] as f32);
+            weights[text] += weight;
+            for (p, v) in pooled[text * width..(text + 1) * width].iter_mut().zip(row) {
+                *p += weight * v;
+            }
+        }
+        for (text, out) in pooled.chunks_exact_mut(width).enumerate() {
+            let scale = if normalize {
+                1.0 / out.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12)
+            } else {
+                1.0 / weights[text]
+            };
+            out.iter_mut().for_each(|v| *v *= scale);
+        }
+        pooled
+    }
 }
 
 /// One instance: the encoder and its buffers. `run` uses the rayon pool it is called in.
@@ -741,15 +782,15 @@ fn unpack(
 ) -> BackendResponse {
     let width = encoder.head_width();
     let segments = &batch.segments[rows.first_segment..rows.first_segment + rows.rows];
-    let lead: Vec<i64> = if rows.batched {
-        vec![rows.rows as i64]
-    } else {
-        Vec::new()
-    };
     let mut outputs = Vec::new();
-    let mut push = |name: &str, extra: &[i64], values: Vec<f32>| {
+    // `count` rows of `extra` shape (rows.rows, or the texts of pooled windows).
+    let mut push = |name: &str, count: usize, extra: &[i64], values: Vec<f32>| {
         if requested.is_empty() || requested.iter().any(|r| r == name) {
-            let mut shape = lead.clone();
+            let mut shape = if rows.batched {
+                vec![count as i64]
+            } else {
+                Vec::new()
+            };
             shape.extend_from_slice(extra);
             outputs.push(f32_tensor(name, shape, &values));
         }
@@ -757,13 +798,19 @@ fn unpack(
     match encoder.head_kind {
         HeadKind::Embedding | HeadKind::Classification => {
             let first = rows.first_segment * width;
-            let values = head_out[first..first + rows.rows * width].to_vec();
+            let values = &head_out[first..first + rows.rows * width];
             let name = if encoder.head_kind == HeadKind::Embedding {
                 "embedding"
             } else {
                 "logits"
             };
-            push(name, &[width as i64], values);
+            match &rows.windows {
+                Some(windows) => {
+                    let pooled = windows.pool(values, width, encoder.normalizes());
+                    push(name, pooled.len() / width.max(1), &[width as i64], pooled);
+                }
+                None => push(name, rows.rows, &[width as i64], values.to_vec()),
+            }
         }
         HeadKind::QuestionAnswering | HeadKind::TokenClassification => {
             // Scatter packed tokens back to their columns; padding stays 0.
@@ -784,10 +831,15 @@ fn unpack(
             if encoder.head_kind == HeadKind::QuestionAnswering {
                 let (start, end): (Vec<f32>, Vec<f32>) =
                     values.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
-                push("start_logits", &[rows.width as i64], start);
-                push("end_logits", &[rows.width as i64], end);
+                push("start_logits", rows.rows, &[rows.width as i64], start);
+                push("end_logits", rows.rows, &[rows.width as i64], end);
             } else {
-                push("logits", &[rows.width as i64, width as i64], values);
+                push(
+                    "logits",
+                    rows.rows,
+                    &[rows.width as i64, width as i64],
+                    values,
+                );
             }
         }
     }
@@ -925,13 +977,54 @@ fn pack_request(
             len: batch.tokens() - start,
         });
     }
+    let windows = match find(WINDOW_OWNER) {
+        None => None,
+        Some(t) => {
+            let owner = read_window_owner(t, rows, batched)?;
+            let tokens = batch.segments[first_segment..]
+                .iter()
+                .map(|s| s.len)
+                .collect();
+            Some(Windows { owner, tokens })
+        }
+    };
     Ok(RequestRows {
         rows,
         width,
         batched,
         columns,
         first_segment,
+        windows,
     })
+}
+
+/// `window_owner` for `rows` rows: from 0, each the row before's or one more.
+fn read_window_owner(tensor: &Tensor, rows: usize, batched: bool) -> Result<Vec<usize>> {
+    let shape_ok = batched && matches!(tensor.shape[..], [r] | [r, 1] if r as usize == rows);
+    if !shape_ok {
+        return Err(Error::invalid(format!(
+            "input '{WINDOW_OWNER}' has shape {:?}; '{INPUT_IDS}' has {rows} rows, so it must be [{rows}] or [{rows}, 1]",
+            tensor.shape
+        )));
+    }
+    let (values, ..) = read_ids(&Tensor {
+        shape: vec![rows as i64, 1],
+        ..tensor.clone()
+    })?;
+    let mut owner = Vec::with_capacity(rows);
+    for (r, &v) in values.iter().enumerate() {
+        let expected = match owner.last() {
+            None => v == 0,
+            Some(&last) => v == last as i64 || v == last as i64 + 1,
+        };
+        if !expected {
+            return Err(Error::invalid(format!(
+                "input '{WINDOW_OWNER}'[{r}] is {v}: owners must start at 0 and go up by at most 1 a row"
+            )));
+        }
+        owner.push(v as usize);
+    }
+    Ok(owner)
 }
 
 /// Padded mode: every segment grows to the batch's longest with padding tokens that
@@ -1022,5 +1115,48 @@ mod settings_tests {
             before,
             "the caller's priority is unchanged"
         );
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn windows_average_by_tokens_and_renormalise() {
+        let windows = Windows {
+            owner: vec![0, 0, 1],
+            tokens: vec![3, 1, 5],
+        };
+        let rows = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0];
+        // Weighted mean: (3·(1,0) + 1·(0,1)) / 4, and the single window as it is.
+        assert_eq!(windows.pool(&rows, 2, false), [0.75, 0.25, 2.0, 2.0]);
+        let unit = windows.pool(&rows, 2, true);
+        let norm = 10f32.sqrt();
+        let want = [3.0 / norm, 1.0 / norm, 0.5f32.sqrt(), 0.5f32.sqrt()];
+        for (u, w) in unit.iter().zip(want) {
+            assert!((u - w).abs() < 1e-6, "{unit:?}");
+        }
+    }
+
+    #[test]
+    fn window_owners_must_count_up_from_zero() {
+        let owner = |values: &[i64], shape: Vec<i64>| {
+            let tensor = Tensor {
+                name: WINDOW_OWNER.into(),
+                datatype: DataType::Int64,
+                shape,
+                data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            read_window_owner(&tensor, 3, true)
+        };
+        assert_eq!(owner(&[0, 0, 1], vec![3, 1]).unwrap(), [0, 0, 1]);
+        assert_eq!(owner(&[0, 1, 2], vec![3]).unwrap(), [0, 1, 2]);
+        for bad in [[1, 1, 2], [0, 2, 2], [0, 1, 0], [0, -1, 0]] {
+            let err = owner(&bad, vec![3, 1]).unwrap_err();
+            assert!(err.message.contains("window_owner"), "{}", err.message);
+        }
+        assert!(owner(&[0, 0], vec![2, 1]).is_err());
+        assert!(owner(&[0, 0, 0], vec![1, 3]).is_err());
     }
 }

@@ -441,6 +441,17 @@ impl Encoder {
         })
     }
 
+    /// Whether the head L2-normalises its embeddings.
+    pub fn normalizes(&self) -> bool {
+        matches!(
+            self.head,
+            Head::Embedding {
+                normalize: true,
+                ..
+            }
+        )
+    }
+
     /// How many values the head gives per sequence (classification) or per token.
     pub fn head_width(&self) -> usize {
         match &self.head {

@@ -17,12 +17,24 @@ pub enum Mode {
     Pair,
 }
 
+/// What single mode does with a text longer than `max_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongInput {
+    /// Cut it at `max_length`.
+    Truncate,
+    /// Split it into windows of `max_length` overlapping by `doc_stride`, each with its
+    /// special tokens, for an encoder to embed and average (`window_owner` says whose).
+    Mean,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub mode: Mode,
+    /// Single mode only.
+    pub long_input: LongInput,
     /// Longest encoding, special tokens included.
     pub max_length: usize,
-    /// Tokens shared by consecutive windows of a context (HF `stride`).
+    /// Tokens shared by consecutive windows of a context or long text (HF `stride`).
     pub doc_stride: usize,
     /// Most windows one request may produce.
     pub max_windows: usize,
@@ -34,6 +46,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             mode: Mode::Single,
+            long_input: LongInput::Truncate,
             max_length: 512,
             doc_stride: 128,
             max_windows: 64,
@@ -69,6 +82,14 @@ pub struct SpannedBatch {
     /// `[rows, width]` the word (of the tokenizer's pre-tokenizer) each token belongs to,
     /// counted from 0 in its text; -1 for special tokens and padding.
     pub word_ids: Vec<i64>,
+}
+
+/// A single-mode batch of windows: one row per window of each text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowBatch {
+    pub batch: Batch,
+    /// The text of each row.
+    pub window_owner: Vec<i64>,
 }
 
 /// A QA batch: one row per context window.
@@ -123,14 +144,23 @@ impl Encoder {
             ));
         }
         tokenizer.with_padding(None);
+        let windows = options.mode == Mode::Single && options.long_input == LongInput::Mean;
+        // tokenizers panics on a stride that leaves a window no new tokens.
+        if windows && options.doc_stride >= options.max_length - needed {
+            return Err(format!(
+                "doc_stride {} must be below max_length {} less the {needed} special tokens",
+                options.doc_stride, options.max_length
+            ));
+        }
         let mut pair_processor = None;
         let truncation = match options.mode {
             // Cut at max_length; whatever overflows is dropped (a pair loses tokens from
-            // its longer text first, as sentence-transformers' CrossEncoder does).
+            // its longer text first, as sentence-transformers' CrossEncoder does), or, for
+            // long inputs by windows, kept as the next windows.
             Mode::Single | Mode::Pair => Some(TruncationParams {
                 max_length: options.max_length,
                 strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
+                stride: if windows { options.doc_stride } else { 0 },
                 direction: TruncationDirection::Right,
             }),
             // `encode_pair` windows the context itself, so the tokenizer only
@@ -157,6 +187,10 @@ impl Encoder {
         self.options.mode
     }
 
+    pub fn long_input(&self) -> LongInput {
+        self.options.long_input
+    }
+
     pub fn pad_id(&self) -> i64 {
         self.pad_id
     }
@@ -178,6 +212,37 @@ impl Encoder {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Batch::pack(&encodings, self.pad_id))
+    }
+
+    /// Encodes each text as windows of at most `max_length` tokens overlapping by
+    /// `doc_stride` (one for a short text), each with its special tokens; at most
+    /// `max_windows` in all.
+    pub fn encode_windows(&self, texts: &[&str]) -> Result<WindowBatch, EncodeError> {
+        let mut windows = Vec::new();
+        let mut window_owner = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let mut encoding = self
+                .tokenizer
+                .encode_fast(*text, true)
+                .map_err(|e| EncodeError::Internal(format!("cannot tokenize TEXT[{i}]: {e}")))?;
+            let overflowing = encoding.take_overflowing();
+            if windows.len() + 1 + overflowing.len() > self.options.max_windows {
+                return Err(EncodeError::Input(format!(
+                    "the texts need more than max_windows = {} windows of {} tokens \
+                     (TEXT[{i}] alone needs {})",
+                    self.options.max_windows,
+                    self.options.max_length,
+                    1 + overflowing.len()
+                )));
+            }
+            windows.push(encoding);
+            windows.extend(overflowing);
+            window_owner.resize(windows.len(), i as i64);
+        }
+        Ok(WindowBatch {
+            batch: Batch::pack(&windows, self.pad_id),
+            window_owner,
+        })
     }
 
     /// As `encode_single`, with each token's character offsets and word.
@@ -531,6 +596,47 @@ mod tests {
     }
 
     #[test]
+    fn long_texts_become_overlapping_windows() {
+        let e = encoder(Options {
+            long_input: LongInput::Mean,
+            max_length: 6,
+            doc_stride: 1,
+            max_windows: 5,
+            pad_id: Some(-7),
+            ..Default::default()
+        });
+        // 4 tokens a window, sharing 1: a..d, d..g, g h.
+        let w = e.encode_windows(&["a b", "a b c d e f g h"]).unwrap();
+        let b = &w.batch;
+        assert_eq!((b.rows, b.width), (4, 6));
+        assert_eq!(w.window_owner, [0, 1, 1, 1]);
+        assert_eq!(row(&b.input_ids, b, 0), [2, 15, 16, 3, -7, -7]);
+        assert_eq!(row(&b.input_ids, b, 1), [2, 15, 16, 17, 18, 3]);
+        assert_eq!(row(&b.input_ids, b, 2), [2, 18, 19, 20, 21, 3]);
+        assert_eq!(row(&b.input_ids, b, 3), [2, 21, 22, 3, -7, -7]);
+        assert_eq!(row(&b.attention_mask, b, 3), [1, 1, 1, 1, 0, 0]);
+        // Bounded before anything is returned, naming the text.
+        let err = e
+            .encode_windows(&["a b c d e f g h", "a b c d e f g h"])
+            .unwrap_err();
+        assert!(
+            matches!(&err, EncodeError::Input(m) if m.contains("max_windows = 5") && m.contains("TEXT[1] alone needs 3")),
+            "{err:?}"
+        );
+        // A stride that leaves a window no new tokens is refused at load.
+        let bad = Options {
+            long_input: LongInput::Mean,
+            max_length: 6,
+            doc_stride: 4,
+            ..Default::default()
+        };
+        assert!(Encoder::new(bert(), bad)
+            .err()
+            .unwrap()
+            .contains("doc_stride 4"));
+    }
+
+    #[test]
     fn pairs_carry_both_segments_and_cut_the_longer_first() {
         let e = encoder(Options {
             mode: Mode::Pair,
@@ -601,6 +707,7 @@ mod tests {
             doc_stride,
             max_windows,
             pad_id: None,
+            ..Default::default()
         })
     }
 

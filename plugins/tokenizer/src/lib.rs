@@ -18,6 +18,11 @@
 //! character offsets into its text) and `word_ids` INT64 `[n, L]` (the word of the
 //! tokenizer's pre-tokenizer each token belongs to), both -1 for special tokens and
 //! padding: what token classification needs to group tokens into entities.
+//! With `long_input = "mean"` (default `"truncate"`), a text longer than `max_length`
+//! becomes windows of `max_length` tokens overlapping by `doc_stride`, each with its
+//! special tokens, one row each (at most `max_windows` rows a request), and
+//! `window_owner` INT64 `[rows, 1]` gives each row's text: the encoder averages the
+//! windows' embeddings.
 //!
 //! `pair`: `TEXT` and `TEXT_PAIR` (BYTES, n elements each) give the same three for each
 //! pair with its special tokens (`token_type_ids` 1 on the second text where the
@@ -32,7 +37,7 @@
 
 mod encode;
 
-use encode::{Batch, EncodeError, Encoder, Mode, Options};
+use encode::{Batch, EncodeError, Encoder, LongInput, Mode, Options};
 use wisp_plugin_sdk::{
     export_model, log, Error, Level, Model, ModelInfo, Parameter, ParameterValue, Parameters,
     Request, Response, Tensor,
@@ -66,8 +71,19 @@ impl Model for TokenizerModel {
                 )))
             }
         };
+        let long_input = match params.get("long_input") {
+            None => LongInput::Truncate,
+            Some(ParameterValue::Text(m)) if m == "truncate" => LongInput::Truncate,
+            Some(ParameterValue::Text(m)) if m == "mean" && mode == Mode::Single => LongInput::Mean,
+            Some(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "parameter 'long_input' must be \"truncate\" or, in single mode, \"mean\", got {other}"
+                )))
+            }
+        };
         let options = Options {
             mode,
+            long_input,
             max_length: count(params, "max_length", defaults.max_length, 1)?,
             doc_stride: count(params, "doc_stride", defaults.doc_stride, 0)?,
             max_windows: count(params, "max_windows", defaults.max_windows, 1)?,
@@ -110,6 +126,11 @@ impl Model for TokenizerModel {
                 )))
             }
         };
+        if spans && long_input == LongInput::Mean {
+            return Err(Error::InvalidInput(
+                "parameters 'spans' and 'long_input = \"mean\"' do not combine".into(),
+            ));
+        }
         Ok(TokenizerModel { encoder, spans })
     }
 
@@ -123,7 +144,11 @@ impl Model for TokenizerModel {
                 let spans = ["offsets", "word_ids"]
                     .iter()
                     .any(|name| named(name) || (self.spans && request.wants_output(name)));
-                if spans {
+                if self.encoder.long_input() == LongInput::Mean {
+                    self.encoder
+                        .encode_windows(&texts)
+                        .map(|w| (w.batch, Some(Extra::Windows(w.window_owner))))
+                } else if spans {
                     self.encoder
                         .encode_single_spans(&texts)
                         .map(|s| (s.batch, Some(Extra::Spans(s.offsets, s.word_ids))))
@@ -194,6 +219,9 @@ impl Model for TokenizerModel {
                 outputs.push(("offsets", vec![rows, width, 2], offsets));
                 outputs.push(("word_ids", vec![rows, width], word_ids));
             }
+            Some(Extra::Windows(window_owner)) => {
+                outputs.push(("window_owner", vec![rows, 1], window_owner));
+            }
             None => {}
         }
         Ok(Response {
@@ -213,6 +241,8 @@ enum Extra {
     Qa(Vec<i64>, Vec<i64>),
     /// Single with spans: `offsets` and `word_ids`.
     Spans(Vec<i64>, Vec<i64>),
+    /// Single by windows: `window_owner`.
+    Windows(Vec<i64>),
 }
 
 /// The UTF-8 elements of BYTES input `name`.

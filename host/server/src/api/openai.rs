@@ -295,8 +295,8 @@ fn allowed_dimensions(config: &ModelConfig) -> Option<Vec<usize>> {
     }
 }
 
-/// One part's results: each input's embedding and token count.
-type Part = (Vec<Vec<f32>>, Vec<usize>);
+/// One part's results: each input's embedding, and the tokens they took.
+type Part = (Vec<Vec<f32>>, usize);
 
 async fn embed_texts(
     model: Arc<LoadedModel>,
@@ -314,7 +314,7 @@ async fn embed_texts(
     let response = model.infer(request).await?;
     let embeddings = rows_f32(&response.outputs, &how.embedding, n)?;
     let mask = how.mask.as_deref().expect("checked before the request ran");
-    Ok((embeddings, mask_counts(&response.outputs, mask, n)?))
+    Ok((embeddings, mask_tokens(&response.outputs, mask)?))
 }
 
 async fn embed_ids(model: Arc<LoadedModel>, rows: Vec<Vec<i64>>) -> Result<Part> {
@@ -364,7 +364,7 @@ async fn embed_ids(model: Arc<LoadedModel>, rows: Vec<Vec<i64>>) -> Result<Part>
     };
     let response = model.infer(request).await?;
     let embeddings = rows_f32(&response.outputs, &embedding, n)?;
-    Ok((embeddings, rows.iter().map(Vec::len).collect()))
+    Ok((embeddings, rows.iter().map(Vec::len).sum()))
 }
 
 fn output<'a>(outputs: &'a [Tensor], name: &str) -> Result<&'a Tensor> {
@@ -399,8 +399,9 @@ fn rows_f32(outputs: &[Tensor], name: &str, n: usize) -> Result<Vec<Vec<f32>>> {
     Ok(values.chunks_exact(d).map(<[f32]>::to_vec).collect())
 }
 
-/// Each row's count of ones in an integer mask output [n, len].
-fn mask_counts(outputs: &[Tensor], name: &str, n: usize) -> Result<Vec<usize>> {
+/// The ones in an integer mask output: the tokens encoded, every window of a long
+/// text counted (a pipeline by windows has a row per window).
+fn mask_tokens(outputs: &[Tensor], name: &str) -> Result<usize> {
     let t = output(outputs, name)?;
     let size = match t.datatype {
         DataType::Int64 => 8,
@@ -411,27 +412,10 @@ fn mask_counts(outputs: &[Tensor], name: &str, n: usize) -> Result<Vec<usize>> {
             )))
         }
     };
-    let values: Vec<i64> = t
-        .data
+    Ok(t.data
         .chunks_exact(size)
-        .map(|b| {
-            if size == 8 {
-                i64::from_le_bytes(b.try_into().expect("8 bytes"))
-            } else {
-                i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64
-            }
-        })
-        .collect();
-    if n == 0 || !values.len().is_multiple_of(n) {
-        return Err(Error::internal(format!(
-            "output '{name}' has {} values for {n} inputs",
-            values.len()
-        )));
-    }
-    Ok(values
-        .chunks_exact(values.len() / n)
-        .map(|row| row.iter().filter(|v| **v != 0).count())
-        .collect())
+        .filter(|b| b.iter().any(|&byte| byte != 0))
+        .count())
 }
 
 /// The JSON body of a request, read within the body cap and deadline, with its
@@ -582,9 +566,9 @@ async fn rerank_inner(
                 let response = model.infer(request).await?;
                 let scores = rows_f32(&response.outputs, "SCORE", n)?;
                 let tokens = if mask {
-                    mask_counts(&response.outputs, "attention_mask", n)?
+                    mask_tokens(&response.outputs, "attention_mask")?
                 } else {
-                    vec![0; n]
+                    0
                 };
                 Ok((scores, tokens))
             };
@@ -593,9 +577,9 @@ async fn rerank_inner(
     }
     let parts = collect(tasks).await?;
     let (mut scores, mut tokens) = (Vec::with_capacity(documents.len()), 0usize);
-    for (rows, counts) in parts {
+    for (rows, count) in parts {
         scores.extend(rows.into_iter().map(|r| r[0]));
-        tokens += counts.iter().sum::<usize>();
+        tokens += count;
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // Highest first; equal scores keep the documents' order.
@@ -702,9 +686,9 @@ async fn embeddings_inner(
         }
     };
     let (mut embeddings, mut tokens) = (Vec::new(), 0usize);
-    for (rows, counts) in parts {
+    for (rows, count) in parts {
         embeddings.extend(rows);
-        tokens += counts.iter().sum::<usize>();
+        tokens += count;
     }
     if let Some(wanted) = request.dimensions {
         let full = embeddings.first().map_or(0, Vec::len);

@@ -31,9 +31,15 @@ pub struct ImportArgs {
     /// max_seq_length, else 384 for QA and 512 otherwise, capped by the position table).
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// QA: tokens shared by consecutive windows over a long context.
-    #[arg(long, default_value_t = 128)]
-    pub doc_stride: usize,
+    /// Tokens shared by consecutive windows over a long context (QA, default 128) or a long
+    /// text (`--long-input mean`, default an eighth of max_length).
+    #[arg(long)]
+    pub doc_stride: Option<usize>,
+    /// Embeddings: what to do with a text longer than max_length: `truncate` it, or embed
+    /// overlapping windows of it and average them (`mean`; the pipeline then takes one
+    /// text a request, and the encoder batches the windows of concurrent requests).
+    #[arg(long, default_value = "truncate", value_parser = ["truncate", "mean"])]
+    pub long_input: String,
     /// Largest batch the encoder runs at once.
     #[arg(long, default_value_t = 64)]
     pub max_batch_size: u32,
@@ -136,11 +142,18 @@ impl Plan {
             .max_length
             .unwrap_or(default_length)
             .min(position_limit);
-        if head == HeadKind::QuestionAnswering && args.doc_stride >= max_length / 2 {
+        let windows = args.long_input == "mean";
+        if windows && head != HeadKind::Embedding {
             bail!(
-                "--doc-stride {} must be below half of max_length {max_length}",
-                args.doc_stride
+                "--long-input mean is for embedding pipelines; this is {}",
+                head.as_str()
             );
+        }
+        let doc_stride = args
+            .doc_stride
+            .unwrap_or(if windows { max_length / 8 } else { 128 });
+        if (head == HeadKind::QuestionAnswering || windows) && doc_stride >= max_length / 2 {
+            bail!("--doc-stride {doc_stride} must be below half of max_length {max_length}");
         }
         let components = components_dir(args)?;
         let component = |file: &str| -> Result<PathBuf> {
@@ -208,6 +221,9 @@ impl Plan {
                 t += &tensor("output", "offsets", "INT64", "[-1, 2]", "");
                 t += &tensor("output", "word_ids", "INT64", "[-1]", "");
             }
+            if windows {
+                t += &tensor("output", "window_owner", "INT64", "[1]", "");
+            }
         }
         t += "[[instance_group]]\ncount = 2\n\n[parameters]\n";
         let mode = match (qa, rerank) {
@@ -220,8 +236,12 @@ impl Plan {
         if ner {
             t += "spans = true\n";
         }
-        if qa {
-            let _ = writeln!(t, "doc_stride = {}", args.doc_stride);
+        if windows {
+            t += "long_input = \"mean\"\n";
+        }
+        if qa || windows {
+            // A request's windows must fit one encoder batch.
+            let _ = writeln!(t, "doc_stride = {doc_stride}");
             let _ = writeln!(t, "max_windows = {}", args.max_batch_size);
         }
         copies.push((
@@ -262,6 +282,10 @@ impl Plan {
                 "[-1]",
                 "optional = true\n",
             );
+        }
+        if windows {
+            e += "# Long texts come as windows: rows with the same owner are averaged.\n";
+            e += &tensor("input", "window_owner", "INT64", "[1]", "optional = true\n");
         }
         match head {
             HeadKind::Embedding => {
@@ -448,7 +472,9 @@ impl Plan {
             ));
             models.push((decode, d));
         } else {
-            let _ = writeln!(p, "max_batch_size = {}\n", args.max_batch_size);
+            // By windows, one text a request: its windows fill the encoder's batches.
+            let pipeline_batch = if windows { 1 } else { args.max_batch_size };
+            let _ = writeln!(p, "max_batch_size = {pipeline_batch}\n");
             p += &tensor("input", "TEXT", "BYTES", "[1]", "");
             let (out, pipeline_out, dims_text) = match head {
                 HeadKind::Embedding => ("embedding", "EMBEDDING", format!("[{}]", dims.hidden)),
@@ -462,6 +488,14 @@ impl Plan {
                     "# Each text's tokens (1 per token), for the token counts of /v1/embeddings.\n";
                 p += &tensor("output", "attention_mask", "INT64", "[-1]", "");
             }
+            let token_map = if windows {
+                format!(
+                    "{}, window_owner = \"window_owner\" }}",
+                    token_map.trim_end_matches(" }")
+                )
+            } else {
+                token_map.to_string()
+            };
             let _ = writeln!(p, "[[step]]\nmodel = \"{tokenizer}\"\ninput_map = {{ TEXT = \"TEXT\" }}\noutput_map = {token_map}\n");
             let _ = writeln!(p, "[[step]]\nmodel = \"{encoder}\"\ninput_map = {token_map}\noutput_map = {{ {out} = \"{pipeline_out}\" }}");
         }

@@ -80,6 +80,11 @@ pub struct PerfArgs {
     /// Write an SVG plot of p95 latency against throughput.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Also measure this model (repeatable), with the same inputs, at each load level in
+    /// turn with the main one (side by side, so drift on a shared machine hits all alike);
+    /// a table each, and one curve each in the plot.
+    #[arg(long = "compare")]
+    pub compare: Vec<String>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -1202,14 +1207,50 @@ async fn run_loads(
 
 /// `wisp perf`.
 pub async fn run(args: PerfArgs) -> Result<()> {
-    let results = measure(&args).await?;
-    print_table(&results);
+    let models: Vec<String> = std::iter::once(args.model.clone())
+        .chain(args.compare.iter().cloned())
+        .collect();
+    let mut series: Vec<Vec<StepResult>> = vec![Vec::new(); models.len()];
+    if models.len() == 1 {
+        series[0] = measure(&args).await?;
+    } else {
+        // One load level at a time, every model at it in turn.
+        let (levels, rate) = match &args.request_rate_range {
+            Some(range) => (parse_range(range)?, true),
+            None => (parse_range(&args.concurrency_range)?, false),
+        };
+        for level in levels {
+            for (model, results) in models.iter().zip(&mut series) {
+                let mut step = args.clone();
+                step.model = model.clone();
+                let single = format!("{level}:{level}:1");
+                if rate {
+                    step.request_rate_range = Some(single);
+                } else {
+                    step.concurrency_range = single;
+                }
+                eprint!("{model}: ");
+                results.extend(measure(&step).await?);
+            }
+        }
+    }
+    for (model, results) in models.iter().zip(&series) {
+        if models.len() > 1 {
+            println!("{model}");
+        }
+        print_table(results);
+    }
     if let Some(path) = &args.csv {
-        std::fs::write(path, csv(&results))
+        std::fs::write(path, csv(&series[0]))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, svg_plot(&[(args.model.as_str(), &results)]))
+        let curves: Vec<(&str, &[StepResult])> = models
+            .iter()
+            .zip(&series)
+            .map(|(m, r)| (m.as_str(), r.as_slice()))
+            .collect();
+        std::fs::write(path, svg_plot(&curves))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -84,6 +84,7 @@ fn main() {
                 max_windows: 6,
                 csv: None,
                 plot: None,
+                compare: vec![],
             };
             results.extend(runtime.block_on(measure(&args)).unwrap());
         }

@@ -34,9 +34,12 @@ mod bindings {
     });
 }
 
+pub mod cache;
+
 use bindings::wisp::plugin::log::Level;
 use bindings::wisp::plugin::types as wit;
 use bindings::{Plugin, PluginPre};
+use cache::CompileCache;
 
 /// How often the engine's epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -56,14 +59,19 @@ const MAX_TABLES: usize = 64;
 const MAX_MEMORIES: usize = 4;
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
-/// The engine shared by all Wasm models, with the thread that advances its epoch.
+/// Largest component file a model may have.
+const MAX_COMPONENT_BYTES: u64 = 512 << 20;
+
+/// The engine shared by all Wasm models, with the thread that advances its epoch, and
+/// the compilation cache when there is one.
 #[derive(Clone)]
 pub struct WasmRuntime {
     engine: Engine,
+    cache: Option<CompileCache>,
 }
 
 impl WasmRuntime {
-    pub fn new() -> Result<Self> {
+    pub fn new(cache: Option<CompileCache>) -> Result<Self> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -80,7 +88,7 @@ impl WasmRuntime {
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the epoch thread: {e}")))?;
-        Ok(WasmRuntime { engine })
+        Ok(WasmRuntime { engine, cache })
     }
 }
 
@@ -543,6 +551,30 @@ fn datatype_from_wit(d: wit::Datatype) -> DataType {
         .expect("every wit datatype maps")
 }
 
+/// The component in `file`, from the compilation cache or compiled.
+fn compile(runtime: &WasmRuntime, file: &Path) -> Result<(Component, cache::Origin)> {
+    let unavailable = |what: String| Error::unavailable(format!("{}: {what}", file.display()));
+    let size = std::fs::metadata(file)
+        .map_err(|e| unavailable(format!("cannot read it: {e}")))?
+        .len();
+    if size > MAX_COMPONENT_BYTES {
+        return Err(unavailable(format!(
+            "{} MiB, more than the {} MiB a component may have",
+            size >> 20,
+            MAX_COMPONENT_BYTES >> 20
+        )));
+    }
+    let wasm = std::fs::read(file).map_err(|e| unavailable(format!("cannot read it: {e}")))?;
+    match &runtime.cache {
+        Some(cache) => cache
+            .component(&runtime.engine, &wasm)
+            .map_err(|e| unavailable(e.message)),
+        None => Component::new(&runtime.engine, &wasm)
+            .map(|c| (c, cache::Origin::Compiled))
+            .map_err(|e| unavailable(format!("not a valid component: {e:#}"))),
+    }
+}
+
 impl WasmBackend {
     /// Compiles the component of `version_dir` and starts its instances, each
     /// on its own thread. Blocking: call it off the async runtime.
@@ -565,12 +597,8 @@ impl WasmBackend {
             )));
         }
         let started = Instant::now();
-        let component = Component::from_file(&runtime.engine, &file).map_err(|e| {
-            Error::unavailable(format!(
-                "{} is not a valid component: {e:#}",
-                file.display()
-            ))
-        })?;
+        let (component, origin) = compile(runtime, &file)?;
+        let compiled_ms = started.elapsed().as_millis() as u64;
         let mut linker: Linker<HostState> = Linker::new(&runtime.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|_| {
@@ -637,8 +665,10 @@ impl WasmBackend {
         tracing::info!(
             model = %label,
             instances = count,
+            component = origin.as_str(),
+            component_ms = compiled_ms,
             ms = started.elapsed().as_millis() as u64,
-            "compiled and started wasm component"
+            "loaded and started wasm component"
         );
         Ok(WasmBackend { pool })
     }

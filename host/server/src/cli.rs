@@ -94,4 +94,12 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests before it gives up.
     #[arg(long, default_value_t = 30)]
     pub exit_timeout_secs: u64,
+    /// Folder of compiled Wasm components, so each component compiles once across loads
+    /// and restarts (default: $XDG_CACHE_HOME/wisp/wasm, else ~/.cache/wisp/wasm; `off`:
+    /// compile at every load). Only this user may write it: the server runs code from it.
+    #[arg(long)]
+    pub wasm_cache_dir: Option<PathBuf>,
+    /// Most MiB the Wasm cache keeps (the least recently used entries go first).
+    #[arg(long, default_value_t = 4096)]
+    pub wasm_cache_max_mib: u64,
 }

@@ -37,17 +37,55 @@ async fn shutdown_signal() {
 
 /// Every backend this server binary has, by the name a config's `backend` uses:
 /// those of the crate features `wasm` and `encoder` (both on by default).
-pub fn backends() -> anyhow::Result<BackendRegistry> {
+#[cfg_attr(not(feature = "wasm"), allow(unused_variables))]
+pub fn backends(args: &ServeArgs) -> anyhow::Result<BackendRegistry> {
     #[cfg_attr(not(any(feature = "wasm", feature = "encoder")), allow(unused_mut))]
     let mut registry = BackendRegistry::new();
     #[cfg(feature = "wasm")]
     {
-        let runtime = WasmRuntime::new().map_err(|e| anyhow::anyhow!(e.message))?;
+        let runtime =
+            WasmRuntime::new(wasm_cache(args)?).map_err(|e| anyhow::anyhow!(e.message))?;
         registry.register("wasm", Arc::new(WasmFactory::new(runtime)));
     }
     #[cfg(feature = "encoder")]
     registry.register("encoder", Arc::new(wisp_backend_encoder::EncoderFactory));
     Ok(registry)
+}
+
+/// The Wasm compilation cache: the folder asked for (which must work), else the user's
+/// cache folder (without a cache, and a warning, where it cannot be used).
+#[cfg(feature = "wasm")]
+fn wasm_cache(args: &ServeArgs) -> anyhow::Result<Option<wisp_backend_wasm::cache::CompileCache>> {
+    use std::path::PathBuf;
+    use wisp_backend_wasm::cache::CompileCache;
+    let max_bytes = args.wasm_cache_max_mib.saturating_mul(1 << 20);
+    match &args.wasm_cache_dir {
+        Some(dir) if dir.as_os_str() == "off" => Ok(None),
+        Some(dir) => CompileCache::open(dir, max_bytes)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--wasm-cache-dir: {}", e.message)),
+        None => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .filter(|v| !v.is_empty())
+                        .map(|h| PathBuf::from(h).join(".cache"))
+                });
+            let Some(base) = base else {
+                tracing::warn!("no HOME or XDG_CACHE_HOME: Wasm components compile at every load (--wasm-cache-dir sets a folder)");
+                return Ok(None);
+            };
+            match CompileCache::open(base.join("wisp").join("wasm"), max_bytes) {
+                Ok(cache) => Ok(Some(cache)),
+                Err(e) => {
+                    tracing::warn!("{}; Wasm components compile at every load", e.message);
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -69,7 +107,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let repository = Repository::new(
         args.model_repository.clone(),
         args.model_control_mode,
-        backends()?,
+        backends(&args)?,
         metrics.clone(),
     )
     .map_err(|e| anyhow::anyhow!(e.message))?;

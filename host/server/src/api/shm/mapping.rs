@@ -349,7 +349,7 @@ mod tests {
     fn a_truncation_under_a_mapping_faults_the_copy_not_the_process() {
         // wasmtime's own SIGBUS handler is there too, as in the server.
         #[cfg(feature = "wasm")]
-        let _engine = wisp_backend_wasm::WasmRuntime::new().unwrap();
+        let _engine = wisp_backend_wasm::WasmRuntime::new(None).unwrap();
         let object = Object::new(4 * 4096);
         let mapping = Mapping::new(&object.1, 0, 4 * 4096, true).unwrap();
         assert_eq!(mapping.read(0, 4 * 4096).unwrap().len(), 4 * 4096);

@@ -27,7 +27,11 @@ shutil.rmtree(tmp)
 PY
 fi
 "$wisp" import "$minilm" --repository model_repository --name minilm_embed --force >/dev/null
-echo "installed minilm_embed from $minilm"
+# minilm_embed_auto's windowed tokenizer: the same tokenizer and plugin, its own config.
+for file in tokenizer.json model.wasm; do
+    cp model_repository/minilm_embed_tokenizer/1/$file model_repository/minilm_embed_windows_tokenizer/1/
+done
+echo "installed minilm_embed (and minilm_embed_auto) from $minilm"
 
 if [ -n "${WISP_QA_CHECKPOINT:-}" ]; then
     "$wisp" import "$WISP_QA_CHECKPOINT" --repository model_repository --name bert_qa --head qa --force >/dev/null

@@ -378,6 +378,25 @@ pub struct Step {
     pub input_map: BTreeMap<String, String>,
     /// The step model's output name -> the ensemble tensor it writes.
     pub output_map: BTreeMap<String, String>,
+    /// Run only when this BOOL tensor (an ensemble input or an earlier step's output) is
+    /// true for the request: any element of it (a batch takes this side when one of its
+    /// items needs it).
+    #[serde(default)]
+    pub run_if: Option<String>,
+    /// Run only when this BOOL tensor is false for the request: every element of it.
+    #[serde(default)]
+    pub run_unless: Option<String>,
+}
+
+impl Step {
+    /// The tensor this step's running depends on, and the value it must have.
+    pub fn condition(&self) -> Option<(&str, bool)> {
+        match (&self.run_if, &self.run_unless) {
+            (Some(t), _) => Some((t, true)),
+            (None, Some(t)) => Some((t, false)),
+            (None, None) => None,
+        }
+    }
 }
 
 /// A `[parameters]` value: what TOML can hold that a plugin can use.
@@ -783,6 +802,17 @@ impl ModelConfig {
                     "key 'dynamic_batching': an ensemble is scheduled through its steps' models; batch those instead",
                 ))
             }
+            (BackendKind::Ensemble, false) => {
+                if let Some(i) = self
+                    .steps
+                    .iter()
+                    .position(|s| s.run_if.is_some() && s.run_unless.is_some())
+                {
+                    return Err(Error::invalid(format!(
+                        "key 'step[{i}]': a step has run_if or run_unless, not both"
+                    )));
+                }
+            }
             (BackendKind::Wasm | BackendKind::Encoder, false) => {
                 return Err(Error::invalid(format!(
                     "key 'step' belongs to ensembles, not to backend '{}'",
@@ -942,12 +972,20 @@ impl ModelConfig {
                 .steps
                 .iter()
                 .map(|s| {
-                    json!({
+                    let mut step = json!({
                         "model_name": s.model,
                         "model_version": s.version.map(|v| v as i64).unwrap_or(-1),
                         "input_map": s.input_map,
                         "output_map": s.output_map,
-                    })
+                    });
+                    // wisp's own keys (Triton has no conditional steps).
+                    if let Some(t) = &s.run_if {
+                        step["run_if"] = json!(t);
+                    }
+                    if let Some(t) = &s.run_unless {
+                        step["run_unless"] = json!(t);
+                    }
+                    step
                 })
                 .collect();
             config["ensemble_scheduling"] = json!({ "step": steps });

@@ -2,10 +2,18 @@
 //! request to the composing model's own scheduler (so a model inside a
 //! pipeline still batches across pipelines); steps whose inputs are ready run
 //! concurrently. The DAG is checked at load against the composing models.
+//!
+//! A step may be conditional (`run_if` / `run_unless`: a BOOL tensor true, or false,
+//! for the request; true when any of its elements is): it runs once that tensor is known
+//! and says so, else it is skipped, at no cost. Two steps on opposite sides of one condition may write the same tensor
+//! (the branches of an if/else); at load every tensor a step or the ensemble's outputs
+//! read must be produced whenever the reader runs.
 
+use crate::metrics::Metrics;
 use crate::repository::ModelLookup;
+use prometheus::IntCounter;
 use std::collections::{HashMap, HashSet};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 use wisp_core::backend::{
     Backend, BackendFactory, BackendRequest, BackendResponse, BoxFuture, Execution, ExecutionTimes,
@@ -13,7 +21,7 @@ use wisp_core::backend::{
 };
 use wisp_core::config::{BackendKind, ModelConfig, Step, TensorConfig};
 use wisp_core::error::{Error, Result};
-use wisp_core::tensor::Tensor;
+use wisp_core::tensor::{DataType, Tensor};
 
 /// How deep ensembles may nest at run time. Loading refuses cycles; this bound
 /// also stops a cycle that a future bug or race would let through.
@@ -25,25 +33,68 @@ pub struct EnsembleBackend {
     /// Tensors the ensemble returns.
     outputs: Vec<String>,
     models: Weak<dyn ModelLookup>,
+    /// Per step: how many times it ran, and was skipped (`wisp_ensemble_step_total`).
+    counts: Vec<(IntCounter, IntCounter)>,
 }
 
 /// Loads ensembles against the models a lookup (the repository) has ready.
 pub struct EnsembleFactory {
     models: Weak<dyn ModelLookup>,
+    metrics: Arc<Metrics>,
 }
 
 impl EnsembleFactory {
-    pub fn new(models: Weak<dyn ModelLookup>) -> Self {
-        EnsembleFactory { models }
+    pub fn new(models: Weak<dyn ModelLookup>, metrics: Arc<Metrics>) -> Self {
+        EnsembleFactory { models, metrics }
     }
 }
 
 impl BackendFactory for EnsembleFactory {
     fn load(&self, context: &LoadContext<'_>) -> Result<Box<dyn Backend>> {
-        Ok(Box::new(EnsembleBackend::load(
-            context.config,
-            self.models.clone(),
-        )?))
+        let mut backend = EnsembleBackend::load(context.config, self.models.clone())?;
+        let version = context.version.to_string();
+        backend.counts = context
+            .config
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let label = format!("{i}:{}", step.model);
+                let count = |outcome: &str| {
+                    self.metrics.ensemble_steps.with_label_values(&[
+                        context.config.name.as_str(),
+                        &version,
+                        &label,
+                        outcome,
+                    ])
+                };
+                (count("ran"), count("skipped"))
+            })
+            .collect();
+        Ok(Box::new(backend))
+    }
+}
+
+/// When a tensor is there for a request: always, or only when a condition holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum When {
+    Always,
+    Only(String, bool),
+}
+
+impl When {
+    fn of(step: &Step) -> When {
+        match step.condition() {
+            None => When::Always,
+            Some((tensor, value)) => When::Only(tensor.to_string(), value),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            When::Always => "always".into(),
+            When::Only(tensor, value) => format!("only when '{tensor}' is {value}"),
+        }
     }
 }
 
@@ -117,7 +168,9 @@ impl EnsembleBackend {
             v.extend_from_slice(dims);
             v
         };
+        // Each tensor's producer, and when it is there (`When`).
         let mut producers: HashMap<&str, (String, &TensorConfig, bool)> = HashMap::new();
+        let mut when: HashMap<&str, When> = HashMap::new();
         for input in &config.inputs {
             producers.insert(
                 &input.name,
@@ -127,6 +180,7 @@ impl EnsembleBackend {
                     config.max_batch_size > 0,
                 ),
             );
+            when.insert(&input.name, When::Always);
         }
         for (i, (step, composing)) in config.steps.iter().zip(&step_configs).enumerate() {
             for (step_output, tensor) in &step.output_map {
@@ -136,19 +190,73 @@ impl EnsembleBackend {
                         step.model
                     ))
                 })?;
-                if let Some((other, _, _)) = producers.get(tensor.as_str()) {
+                let this = When::of(step);
+                let from = format!("step {i} (model '{}')", step.model);
+                if let Some((other, other_declared, _)) = producers.get(tensor.as_str()) {
+                    // Allowed once: the other branch of the same condition (if/else).
+                    let complementary = match (&when[tensor.as_str()], &this) {
+                        (When::Only(a, x), When::Only(b, y)) => a == b && x != y,
+                        _ => false,
+                    };
+                    if !complementary {
+                        return Err(Error::invalid(format!(
+                            "step {i}: tensor '{tensor}' is already produced by {other} \
+                             (two steps may write one tensor only as the two sides of one \
+                             run_if/run_unless condition)"
+                        )));
+                    }
+                    if other_declared.datatype != declared.datatype
+                        || !dims_compatible(&other_declared.dims, &declared.dims)
+                    {
+                        return Err(Error::invalid(format!(
+                            "step {i}: tensor '{tensor}' is {} {:?} here but {} {:?} from {other}",
+                            declared.datatype,
+                            declared.dims,
+                            other_declared.datatype,
+                            other_declared.dims
+                        )));
+                    }
+                    when.insert(tensor, When::Always);
+                    continue;
+                }
+                producers.insert(tensor, (from, declared, composing.max_batch_size > 0));
+                when.insert(tensor, this);
+            }
+        }
+        // A step's output is there only when all it needs is: a step can only narrow.
+        for (i, step) in config.steps.iter().enumerate() {
+            if let Some((tensor, _)) = step.condition() {
+                let (from, declared, _) = producers.get(tensor).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "step {i}: its condition '{tensor}' is neither an ensemble input nor any step's output"
+                    ))
+                })?;
+                if declared.datatype != DataType::Bool {
                     return Err(Error::invalid(format!(
-                        "step {i}: tensor '{tensor}' is already produced by {other}"
+                        "step {i}: its condition '{tensor}' from {from} is {}, not BOOL",
+                        declared.datatype
                     )));
                 }
-                producers.insert(
-                    tensor,
-                    (
-                        format!("step {i} (model '{}')", step.model),
-                        declared,
-                        composing.max_batch_size > 0,
-                    ),
-                );
+                if when[tensor] != When::Always {
+                    return Err(Error::invalid(format!(
+                        "step {i}: its condition '{tensor}' is there {}; a condition must be there always",
+                        when[tensor].describe()
+                    )));
+                }
+            }
+            let runs = When::of(step);
+            for tensor in step.input_map.values() {
+                if let Some(there) = when.get(tensor.as_str()) {
+                    if *there != When::Always && *there != runs {
+                        return Err(Error::invalid(format!(
+                            "step {i} (model '{}') runs {} but reads '{tensor}', which is there {}; \
+                             give it the same condition, or write '{tensor}' on the other branch too",
+                            step.model,
+                            runs.describe(),
+                            there.describe()
+                        )));
+                    }
+                }
             }
         }
         for (i, (step, composing)) in config.steps.iter().zip(&step_configs).enumerate() {
@@ -192,6 +300,13 @@ impl EnsembleBackend {
                         output.name
                     ))
                 })?;
+            if when[output.name.as_str()] != When::Always {
+                return Err(Error::invalid(format!(
+                    "ensemble output '{}' is produced {} (by {from}); add a step on the other branch that writes it too",
+                    output.name,
+                    when[output.name.as_str()].describe()
+                )));
+            }
             let produced_dims = full(&produced.dims, *batching);
             let declared_dims = full(&output.dims, config.max_batch_size > 0);
             if produced.datatype != output.datatype
@@ -211,7 +326,9 @@ impl EnsembleBackend {
                 && config.steps[i]
                     .input_map
                     .values()
-                    .all(|t| available.contains(t.as_str()))
+                    .map(String::as_str)
+                    .chain(config.steps[i].condition().map(|(t, _)| t))
+                    .all(|t| available.contains(t))
         }) {
             done[i] = true;
             available.extend(config.steps[i].output_map.values().map(|t| t.as_str()));
@@ -227,6 +344,7 @@ impl EnsembleBackend {
             steps: config.steps.clone(),
             outputs: config.outputs.iter().map(|t| t.name.clone()).collect(),
             models,
+            counts: Vec::new(),
         })
     }
 
@@ -261,12 +379,34 @@ impl EnsembleBackend {
             .collect();
         let mut pending: Vec<usize> = (0..self.steps.len()).collect();
         while !pending.is_empty() {
-            let (ready, waiting): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| {
-                self.steps[i]
-                    .input_map
-                    .values()
-                    .all(|t| pool.contains_key(t))
-            });
+            // Steps whose condition is known and says no are done: skipped.
+            let mut skipped = false;
+            let mut undecided = Vec::with_capacity(pending.len());
+            for i in pending {
+                match self.steps[i].condition() {
+                    Some((tensor, wanted)) if pool.contains_key(tensor) => {
+                        if condition(&pool[tensor], &self.name, i)? == wanted {
+                            undecided.push(i);
+                        } else {
+                            if let Some((_, skips)) = self.counts.get(i) {
+                                skips.inc();
+                            }
+                            skipped = true;
+                        }
+                    }
+                    _ => undecided.push(i),
+                }
+            }
+            let (ready, waiting): (Vec<usize>, Vec<usize>) =
+                undecided.into_iter().partition(|&i| {
+                    let step = &self.steps[i];
+                    step.condition().is_none_or(|(t, _)| pool.contains_key(t))
+                        && step.input_map.values().all(|t| pool.contains_key(t))
+                });
+            if ready.is_empty() && skipped {
+                pending = waiting;
+                continue;
+            }
             if ready.is_empty() {
                 return Err(Error::internal(format!(
                     "ensemble '{}' has steps that can never run",
@@ -294,6 +434,9 @@ impl EnsembleBackend {
                     depth: request.depth + 1,
                     trace: request.trace.clone(),
                 };
+                if let Some((runs, _)) = self.counts.get(i) {
+                    runs.inc();
+                }
                 running.spawn(async move { (i, model.infer(step_request).await) });
             }
             while let Some(joined) = running.join_next().await {
@@ -337,6 +480,18 @@ impl EnsembleBackend {
             parameters: Vec::new(),
         })
     }
+}
+
+/// The value of a step's condition tensor for this request: true when any element
+/// is (a batch goes down the `run_if` side when one of its items needs it).
+fn condition(tensor: &Tensor, ensemble: &str, step: usize) -> Result<bool> {
+    if tensor.datatype != DataType::Bool {
+        return Err(Error::invalid(format!(
+            "ensemble '{ensemble}' step {step}: condition '{}' must be BOOL, got {}",
+            tensor.name, tensor.datatype
+        )));
+    }
+    Ok(tensor.data.iter().any(|&b| b != 0))
 }
 
 impl Backend for EnsembleBackend {

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub queue_latency: HistogramVec,
     pub compute_latency: HistogramVec,
     pub model_ready: IntGaugeVec,
+    /// Ensemble steps by outcome: `ran`, or `skipped` by their run_if/run_unless.
+    pub ensemble_steps: IntCounterVec,
 }
 
 const MODEL_VERSION: &[&str] = &["model", "version"];
@@ -82,7 +84,19 @@ impl Metrics {
         registry
             .register(Box::new(model_ready.clone()))
             .expect("unique metric");
+        let ensemble_steps = IntCounterVec::new(
+            Opts::new(
+                "wisp_ensemble_step_total",
+                "Ensemble steps per request, by outcome: ran, or skipped by run_if/run_unless",
+            ),
+            &["model", "version", "step", "outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ensemble_steps.clone()))
+            .expect("unique metric");
         Metrics {
+            ensemble_steps,
             request_success: counter(
                 "nv_inference_request_success",
                 "Number of successful inference requests",

@@ -204,7 +204,7 @@ impl Repository {
             let mut backends = backends;
             backends.register(
                 BackendKind::Ensemble.as_str(),
-                Arc::new(EnsembleFactory::new(lookup)),
+                Arc::new(EnsembleFactory::new(lookup, metrics.clone())),
             );
             Repository {
                 root,
@@ -958,6 +958,124 @@ mod tests {
         assert!(e.message.contains("step 0 (model 'nowhere')"), "{e:?}");
         let e = repo.load("wrong_tensor").await.unwrap_err();
         assert!(e.message.contains("'Z'"), "{e:?}");
+    }
+
+    /// `echo` and `other` echo X; `flag` echoes the BOOL tensor F.
+    fn branching(root: &Path, steps: &str) -> Arc<Repository> {
+        write(root, "echo", ECHO);
+        write(root, "other", ECHO);
+        write(
+            root,
+            "flag",
+            "backend = \"wasm\"\nmax_batch_size = 0\n\
+             [[input]]\nname = \"F\"\ndatatype = \"BOOL\"\ndims = [-1]\n\
+             [[output]]\nname = \"F\"\ndatatype = \"BOOL\"\ndims = [-1]\n",
+        );
+        write(
+            root,
+            "branch",
+            &format!(
+                "backend = \"ensemble\"\nmax_batch_size = 0\n\
+                 [[input]]\nname = \"X\"\ndatatype = \"INT32\"\ndims = [1]\n\
+                 [[input]]\nname = \"F\"\ndatatype = \"BOOL\"\ndims = [-1]\n\
+                 [[output]]\nname = \"Y\"\ndatatype = \"INT32\"\ndims = [1]\n\
+                 [[step]]\nmodel = \"flag\"\ninput_map = {{ F = \"F\" }}\noutput_map = {{ F = \"COND\" }}\n{steps}"
+            ),
+        );
+        repository(root)
+    }
+
+    const IF_ELSE: &str = "[[step]]\nmodel = \"echo\"\nrun_if = \"COND\"\n\
+        input_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n\
+        [[step]]\nmodel = \"other\"\nrun_unless = \"COND\"\n\
+        input_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n";
+
+    fn with_flag(value: i32, flags: &[bool]) -> BackendRequest {
+        let mut request = x(value);
+        request.inputs.push(wisp_core::tensor::Tensor {
+            name: "F".into(),
+            datatype: wisp_core::tensor::DataType::Bool,
+            shape: vec![flags.len() as i64],
+            data: flags.iter().map(|&f| f as u8).collect::<Vec<u8>>().into(),
+        });
+        request
+    }
+
+    #[tokio::test]
+    async fn a_conditional_step_runs_only_on_its_side_of_the_condition() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = branching(dir.path(), IF_ELSE);
+        for name in ["echo", "other", "flag", "branch"] {
+            repo.load(name).await.unwrap();
+        }
+        let branch = repo.get("branch", None).unwrap();
+        // Any true element takes the run_if side.
+        for (value, flags) in [
+            (1, vec![true]),
+            (2, vec![false, false]),
+            (3, vec![false, true]),
+        ] {
+            let reply = branch.infer(with_flag(value, &flags)).await.unwrap();
+            assert_eq!(reply.outputs[0].name, "Y");
+            assert_eq!(&reply.outputs[0].data[..], &value.to_le_bytes());
+        }
+        let metrics = repo.metrics.render();
+        let count = |step: &str, outcome: &str, n: u32| {
+            let line = format!("wisp_ensemble_step_total{{model=\"branch\",outcome=\"{outcome}\",step=\"{step}\",version=\"1\"}} {n}");
+            assert!(metrics.contains(&line), "{line} in\n{metrics}");
+        };
+        count("0:flag", "ran", 3);
+        count("1:echo", "ran", 2);
+        count("1:echo", "skipped", 1);
+        count("2:other", "ran", 1);
+        count("2:other", "skipped", 2);
+        // The skipped branch's model saw only the request it ran.
+        assert!(metrics.contains("nv_inference_request_success{model=\"other\",version=\"1\"} 1\n"));
+        assert!(metrics.contains("nv_inference_request_success{model=\"echo\",version=\"1\"} 2\n"));
+    }
+
+    #[tokio::test]
+    async fn conditional_pipelines_are_checked_at_load() {
+        let cases = [
+            (
+                // Only one branch writes the output.
+                "[[step]]\nmodel = \"echo\"\nrun_if = \"COND\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n",
+                "ensemble output 'Y' is produced only when 'COND' is true",
+            ),
+            (
+                // A step that always runs reads a tensor one branch writes.
+                "[[step]]\nmodel = \"echo\"\nrun_if = \"COND\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"T\" }\n\
+                 [[step]]\nmodel = \"other\"\ninput_map = { X = \"T\" }\noutput_map = { X = \"Y\" }\n",
+                "step 2 (model 'other') runs always but reads 'T', which is there only when 'COND' is true",
+            ),
+            (
+                // Both sides of nothing: the same condition twice.
+                "[[step]]\nmodel = \"echo\"\nrun_if = \"COND\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n\
+                 [[step]]\nmodel = \"other\"\nrun_if = \"COND\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n",
+                "tensor 'Y' is already produced by step 1",
+            ),
+            (
+                "[[step]]\nmodel = \"echo\"\nrun_if = \"X\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n",
+                "its condition 'X' from the ensemble's inputs is INT32, not BOOL",
+            ),
+            (
+                "[[step]]\nmodel = \"echo\"\nrun_if = \"NOPE\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n",
+                "its condition 'NOPE' is neither an ensemble input nor any step's output",
+            ),
+            (
+                "[[step]]\nmodel = \"echo\"\nrun_if = \"COND\"\nrun_unless = \"COND\"\ninput_map = { X = \"X\" }\noutput_map = { X = \"Y\" }\n",
+                "run_if or run_unless, not both",
+            ),
+        ];
+        for (steps, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = branching(dir.path(), steps);
+            for name in ["echo", "other", "flag"] {
+                repo.load(name).await.unwrap();
+            }
+            let e = repo.load("branch").await.unwrap_err();
+            assert!(e.message.contains(expected), "{expected}: {e:?}");
+        }
     }
 
     #[tokio::test]

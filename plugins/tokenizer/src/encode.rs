@@ -70,6 +70,8 @@ pub struct Batch {
     pub input_ids: Vec<i64>,
     pub attention_mask: Vec<i64>,
     pub token_type_ids: Vec<i64>,
+    /// Per row: whether its text lost tokens past `max_length`.
+    pub truncated: Vec<bool>,
 }
 
 /// A single-mode batch with where each token came from, for token classification.
@@ -476,6 +478,10 @@ impl Batch {
             input_ids: vec![pad_id; rows * width],
             attention_mask: vec![0; rows * width],
             token_type_ids: vec![0; rows * width],
+            truncated: encodings
+                .iter()
+                .map(|e| !e.get_overflowing().is_empty())
+                .collect(),
         };
         for (row, encoding) in encodings.iter().enumerate() {
             let span = row * width..row * width + encoding.len();
@@ -560,6 +566,7 @@ mod tests {
         assert_eq!(row(&b.input_ids, &b, 2), [2, 3, -7, -7, -7, -7]);
         assert_eq!(row(&b.attention_mask, &b, 0), [1, 1, 1, 1, 0, 0]);
         assert_eq!(b.token_type_ids, vec![0; 18]);
+        assert_eq!(b.truncated, [false, true, false]);
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! character offsets into its text) and `word_ids` INT64 `[n, L]` (the word of the
 //! tokenizer's pre-tokenizer each token belongs to), both -1 for special tokens and
 //! padding: what token classification needs to group tokens into entities.
+//! `truncated` BOOL `[n, 1]`, when a request names it, says which texts lost tokens
+//! past `max_length` (a pipeline's condition for a windowed path).
 //! With `long_input = "mean"` (default `"truncate"`), a text longer than `max_length`
 //! becomes windows of `max_length` tokens overlapping by `doc_stride`, each with its
 //! special tokens, one row each (at most `max_windows` rows a request), and
@@ -203,6 +205,7 @@ impl Model for TokenizerModel {
             input_ids,
             attention_mask,
             token_type_ids,
+            truncated,
         } = batch;
         let (rows, width) = (rows as i64, width as i64);
         let mut outputs = vec![
@@ -224,12 +227,16 @@ impl Model for TokenizerModel {
             }
             None => {}
         }
+        let mut outputs: Vec<Tensor> = outputs
+            .into_iter()
+            .filter(|(name, ..)| request.wants_output(name))
+            .map(|(name, shape, values)| Tensor::from_slice(name, &shape, &values))
+            .collect();
+        if request.requested_outputs.iter().any(|o| o == "truncated") {
+            outputs.push(Tensor::from_slice("truncated", &[rows, 1], &truncated));
+        }
         Ok(Response {
-            outputs: outputs
-                .into_iter()
-                .filter(|(name, ..)| request.wants_output(name))
-                .map(|(name, shape, values)| Tensor::from_slice(name, &shape, &values))
-                .collect(),
+            outputs,
             parameters: Vec::new(),
         })
     }

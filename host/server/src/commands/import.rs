@@ -223,6 +223,10 @@ impl Plan {
             }
             if windows {
                 t += &tensor("output", "window_owner", "INT64", "[1]", "");
+            } else if head == HeadKind::Embedding {
+                // For a pipeline that sends only texts past max_length down a windowed path.
+                t += "# Whether each text lost tokens past max_length (given when asked for).\n";
+                t += &tensor("output", "truncated", "BOOL", "[1]", "");
             }
         }
         t += "[[instance_group]]\ncount = 2\n\n[parameters]\n";
@@ -283,8 +287,9 @@ impl Plan {
                 "optional = true\n",
             );
         }
-        if windows {
-            e += "# Long texts come as windows: rows with the same owner are averaged.\n";
+        if head == HeadKind::Embedding {
+            // A tokenizer with long_input = "mean" sends a long text as windows.
+            e += "# Long texts as windows (tokenizer long_input = \"mean\"): rows of one owner are averaged.\n";
             e += &tensor("input", "window_owner", "INT64", "[1]", "optional = true\n");
         }
         match head {

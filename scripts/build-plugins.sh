@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds every plugin for wasm32-wasip2 and installs each component as
-# model.wasm in the version folders that use it (the default repository and
-# the test repository). Idempotent; needs only rustup and cargo.
+# Builds every plugin (Rust for wasm32-wasip2; Python with componentize-py) and installs each
+# component as model.wasm in the version folders that use it (the default repository and
+# the test repository). Idempotent; needs rustup, cargo and Python 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +28,10 @@ mkdir -p tests/components
 for c in wisp_plugin_simple wisp_plugin_simple_string wisp_plugin_identity wisp_plugin_template wisp_plugin_sequence wisp_plugin_tokenizer wisp_plugin_qa_decode wisp_plugin_ner_decode wisp_test_hostile; do
     cp "$out/$c.wasm" "tests/components/$c.wasm"
 done
+# Python plugins: componentize-py (pinned, scripts/plugin-toolchains.sh) against wit/ with the SDK.
+./scripts/plugin-toolchains.sh
+build_python() {
+    .venv-plugins/bin/componentize-py -d wit -w plugin componentize app -p "$1" -p plugins/python/sdk -o "$2" >/dev/null
+}
+build_python plugins/python/text_clean model_repository/text_clean/1/model.wasm
 echo "plugins built and installed"

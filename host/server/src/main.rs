@@ -1,7 +1,7 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
-use commands::perf;
+use commands::{perf, plugin};
 #[cfg(feature = "encoder")]
 use commands::{gpu, import, quantize};
 
@@ -22,6 +22,8 @@ enum Command {
     Serve(wisp::cli::ServeArgs),
     /// Measure a served model: latency and throughput at each concurrency (like perf_analyzer).
     Perf(perf::PerfArgs),
+    /// Start a plugin from a template (Rust or Python), or build one into a component.
+    Plugin(plugin::PluginArgs),
     /// Turn a Hugging Face checkpoint folder into model repository entries
     /// (tokenizer, encoder and pipeline), ready to serve.
     #[cfg(feature = "encoder")]
@@ -90,6 +92,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(wisp::server::serve(args)),
         Command::Perf(args) => runtime.block_on(perf::run(args)),
+        Command::Plugin(args) => plugin::run(args),
         #[cfg(feature = "encoder")]
         Command::Import(args) => import::run(args),
         #[cfg(feature = "encoder")]

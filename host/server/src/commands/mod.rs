@@ -5,5 +5,6 @@ pub mod gpu;
 #[cfg(feature = "encoder")]
 pub mod import;
 pub mod perf;
+pub mod plugin;
 #[cfg(feature = "encoder")]
 pub mod quantize;

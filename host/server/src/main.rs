@@ -1,9 +1,9 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
-use commands::{perf, plugin};
 #[cfg(feature = "encoder")]
 use commands::{gpu, import, quantize};
+use commands::{perf, plugin};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -8,20 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${PORT:-18400}
+. bench/serve.sh
 repo=$(mktemp -d)
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$repo"' EXIT
+cleanup() { rm -rf "$repo"; }
+trap cleanup EXIT
 mkdir -p "$repo/simple_identity/1" bench-results
 cp model_repository/simple_identity/config.toml "$repo/simple_identity/"
 cp model_repository/simple_identity/1/model.wasm "$repo/simple_identity/1/"
 target/release/wisp plugin build bench/plugins/identity_py --install "$repo/identity_py" >/dev/null
 rm -f bench/plugins/identity_py/model.wasm
-target/release/wisp serve --model-repository "$repo" --http-address 127.0.0.1 --http-port "$port" \
-    --metrics-port $((port + 2)) --allow-grpc false > bench-results/plugin_call_cost_server.log 2>&1 &
-server=$!
-for _ in $(seq 600); do
-    curl -sf "127.0.0.1:$port/v2/health/ready" >/dev/null && break
-    sleep 0.2
-done
+serve "$repo" "$port" bench-results/plugin_call_cost_server.log
 grep "loaded and started" bench-results/plugin_call_cost_server.log | sed 's/.*model=//'
 target/release/wisp perf -m simple_identity --compare identity_py -u "127.0.0.1:$port" \
     --shape INPUT0:1 --concurrency-range "${CONCURRENCY:-1:1:1}" -p "${INTERVAL_MS:-3000}" "$@" \

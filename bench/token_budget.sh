@@ -8,8 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${PORT:-18300}
+. bench/serve.sh
 repo=$(mktemp -d)
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$repo"' EXIT
+cleanup() { rm -rf "$repo"; }
+trap cleanup EXIT
 for name in enc_count enc_budget; do
     mkdir -p "$repo/$name/1"
     cp -al model_repository/minilm_embed_encoder/1/. "$repo/$name/1/"
@@ -19,13 +21,7 @@ sed -i 's/^dispatch = "eager"$/dispatch = "eager"\nmax_batch_tokens = '"${BUDGET
 grep -q max_batch_tokens "$repo/enc_budget/config.toml"
 mkdir -p bench-results
 .venv/bin/python bench/mixed_lengths.py > bench-results/mixed_lengths.json
-target/release/wisp serve --model-repository "$repo" --http-address 127.0.0.1 --http-port "$port" \
-    --metrics-port $((port + 2)) --allow-grpc false > bench-results/token_budget_server.log 2>&1 &
-server=$!
-for _ in $(seq 100); do
-    curl -sf "127.0.0.1:$port/v2/health/ready" >/dev/null && break
-    sleep 0.2
-done
+serve "$repo" "$port" bench-results/token_budget_server.log
 target/release/wisp perf -m enc_count --compare enc_budget -u "127.0.0.1:$port" \
     --input-data bench-results/mixed_lengths.json --concurrency-range "${CONCURRENCY:-4:32:4}" \
     -p "${INTERVAL_MS:-4000}" --plot bench-results/token_budget.svg "$@" | tee bench-results/token_budget.txt

@@ -17,7 +17,7 @@ from sequence_examples import expected_sequence_outputs, sequence_plan
 DEFAULT_MODELS = {
     "simple", "simple_string", "simple_identity", "ensemble_add_sub", "simple_sequence",
     "simple_dyna_sequence", "simple_string_dyna_sequence", "minilm_embed", "minilm_embed_tokenizer", "minilm_embed_encoder",
-    "minilm_embed_windows_tokenizer", "minilm_embed_auto",
+    "minilm_embed_windows_tokenizer", "minilm_embed_auto", "text_clean", "minilm_embed_clean",
 }
 
 

@@ -348,8 +348,17 @@ fn instance_loop<W: Worker>(
             // Rebuild before taking the next batch, after a delay that grows with
             // consecutive failures. Batches wait in the queue (other instances take them).
             std::thread::sleep(recycle.delay(failures));
+            let started = std::time::Instant::now();
             match catch_unwind(AssertUnwindSafe(|| make(index))) {
-                Ok(Ok(fresh)) => worker = Some(fresh),
+                Ok(Ok(fresh)) => {
+                    tracing::info!(
+                        model = label,
+                        instance = index,
+                        us = started.elapsed().as_micros() as u64,
+                        "instance rebuilt after a failure"
+                    );
+                    worker = Some(fresh);
+                }
                 Ok(Err(e)) => {
                     failures = failures.saturating_add(1);
                     tracing::error!(

@@ -6,7 +6,7 @@
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-pip libopenblas-dev \
+ && apt-get install -y --no-install-recommends python3 python3-pip python3-venv libopenblas-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -104,8 +104,8 @@ class WispServer:
         )
 
 
-def _wait_ready(server: WispServer) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def _wait_ready(server: WispServer, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
     url = f"http://{server.url}/v2/health/ready"
     last = "no answer yet"
     while time.monotonic() < deadline:
@@ -126,7 +126,7 @@ def _wait_ready(server: WispServer) -> None:
             last = repr(e)
         time.sleep(0.1)
     pytest.fail(
-        f"wisp was not ready within {READY_TIMEOUT_S:.0f} s (last: {last}).\n"
+        f"wisp was not ready within {timeout:.0f} s (last: {last}).\n"
         f"--- server output ---\n{server.log()}",
         pytrace=False,
     )
@@ -134,7 +134,7 @@ def _wait_ready(server: WispServer) -> None:
 
 @contextlib.contextmanager
 def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path = None, extra_args=(),
-             env=None):
+             env=None, ready_timeout: float = READY_TIMEOUT_S):
     """Starts wisp on a private copy of the model repository (or on `repository`), with
     `env` added to the environment; stops it with SIGTERM and asserts a graceful exit
     (code 0 within 30 s)."""
@@ -162,7 +162,7 @@ def run_wisp(workdir: Path, mode: str = "none", load_models=(), repository: Path
                                 env={**os.environ, **(env or {})})
     server = WispServer(proc, http_port, metrics_port, log_path, grpc_port)
     try:
-        _wait_ready(server)
+        _wait_ready(server, ready_timeout)
     except BaseException:
         if proc.poll() is None:
             proc.kill()

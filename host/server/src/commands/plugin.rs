@@ -1,10 +1,11 @@
-//! `wisp plugin new` and `wisp plugin build`: start a plugin folder in Rust or Python from
-//! the templates, and build one into a component (cargo, componentize-py), optionally
-//! installing it as a complete model folder.
+//! `wisp plugin new` and `wisp plugin build`: start a plugin folder in Rust, Python or
+//! JavaScript from the templates, and build one into a component (cargo, componentize-py,
+//! componentize-js), optionally installing it as a complete model folder.
 //!
 //! The WIT interface and the SDKs are compiled into the binary, so a plugin folder can live
-//! anywhere: a Rust plugin gets its own copy of the SDK (`sdk/`); a Python plugin's build
-//! gets the interface and the SDK in a temporary folder.
+//! anywhere: a Rust plugin gets its own copy of the SDK (`sdk/`); a Python or JavaScript
+//! plugin's build gets the interface and the SDK in a temporary folder (JavaScript: the SDK
+//! put in front of app.js, one module, as componentize-js takes).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -19,6 +20,11 @@ const RUST_SDK_LIB: &str = include_str!("../../../../plugins/sdk/src/lib.rs");
 const RUST_SDK_TENSOR: &str = include_str!("../../../../plugins/sdk/src/tensor.rs");
 const RUST_TEMPLATE: &str = include_str!("../../../../plugins/template/src/lib.rs");
 const RUST_CONFIG: &str = include_str!("../../../../plugins/template/config.toml");
+const JS_SDK: &str = include_str!("../../../../plugins/js/sdk/wisp_plugin.js");
+const JS_TEMPLATE: &str = include_str!("../../../../plugins/js/template/app.js");
+const JS_CONFIG: &str = include_str!("../../../../plugins/js/template/config.toml");
+/// The toolchain `wisp plugin build` runs for JavaScript (plugins/js/package.json pins it).
+const COMPONENTIZE_JS: &str = "componentize-js";
 /// The toolchain `wisp plugin build` runs for Python (scripts/plugin-toolchains.sh pins it).
 const COMPONENTIZE_PY: &str = "componentize-py";
 
@@ -61,6 +67,7 @@ pub struct BuildArgs {
 pub enum Lang {
     Rust,
     Python,
+    Js,
 }
 
 pub fn run(args: PluginArgs) -> Result<()> {
@@ -94,6 +101,10 @@ fn new(args: &NewArgs) -> Result<()> {
         Lang::Python => vec![
             ("app.py".into(), PYTHON_TEMPLATE.to_string()),
             ("config.toml".into(), PYTHON_CONFIG.to_string()),
+        ],
+        Lang::Js => vec![
+            ("app.js".into(), JS_TEMPLATE.to_string()),
+            ("config.toml".into(), JS_CONFIG.to_string()),
         ],
         Lang::Rust => vec![
             (
@@ -146,9 +157,11 @@ fn build(dir: &Path) -> Result<PathBuf> {
         build_rust(dir)
     } else if dir.join("app.py").is_file() {
         build_python(dir)
+    } else if dir.join("app.js").is_file() {
+        build_js(dir)
     } else {
         bail!(
-            "{} is not a plugin folder: it has no Cargo.toml (Rust) or app.py (Python)",
+            "{} is not a plugin folder: it has no Cargo.toml (Rust), app.py (Python) or app.js (JavaScript)",
             dir.display()
         )
     }
@@ -210,15 +223,46 @@ fn build_python(dir: &Path) -> Result<PathBuf> {
     Ok(component)
 }
 
-/// componentize-py: $WISP_COMPONENTIZE_PY, else on PATH, else the project's
-/// .venv-plugins (scripts/plugin-toolchains.sh) above this binary.
+fn build_js(dir: &Path) -> Result<PathBuf> {
+    let tool = toolchain(
+        COMPONENTIZE_JS,
+        "WISP_COMPONENTIZE_JS",
+        ".venv-plugins/node/node_modules/.bin",
+    )?;
+    let app = std::fs::read_to_string(dir.join("app.js")).context("cannot read app.js")?;
+    // componentize-js reads its files relative to where it runs: one folder with all of them.
+    let work = tempfile::tempdir().context("cannot create a temporary folder")?;
+    std::fs::create_dir_all(work.path().join("wit"))?;
+    std::fs::write(work.path().join("wit/plugin.wit"), WIT)?;
+    std::fs::write(work.path().join("plugin.js"), format!("{JS_SDK}\n{app}"))?;
+    run_tool(
+        Command::new(&tool)
+            .args(["--wit", "wit", "--world-name", "plugin"])
+            // No wasi:http: the sandbox has no network.
+            .args(["-d", "http", "fetch-event", "-o", "model.wasm", "plugin.js"])
+            .current_dir(work.path()),
+        &format!("{} (componentize-js)", tool.display()),
+    )?;
+    let component = dir.join("model.wasm");
+    std::fs::copy(work.path().join("model.wasm"), &component)
+        .with_context(|| format!("cannot write {}", component.display()))?;
+    Ok(component)
+}
+
+/// componentize-py (see `toolchain`).
 fn componentize_py() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WISP_COMPONENTIZE_PY") {
+    toolchain(COMPONENTIZE_PY, "WISP_COMPONENTIZE_PY", ".venv-plugins/bin")
+}
+
+/// A plugin toolchain's program: $`variable`, else on PATH, else in the project's
+/// `.venv-plugins` (scripts/plugin-toolchains.sh) above this binary.
+fn toolchain(program: &str, variable: &str, project_dir: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(variable) {
         return Ok(path.into());
     }
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join(COMPONENTIZE_PY);
+            let candidate = dir.join(program);
             if candidate.is_file() {
                 return Ok(candidate);
             }
@@ -226,15 +270,15 @@ fn componentize_py() -> Result<PathBuf> {
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1) {
-            let candidate = dir.join(".venv-plugins/bin").join(COMPONENTIZE_PY);
+            let candidate = dir.join(project_dir).join(program);
             if candidate.is_file() {
                 return Ok(candidate);
             }
         }
     }
     bail!(
-        "componentize-py not found: run scripts/plugin-toolchains.sh (it installs it into .venv-plugins), \
-         `pip install componentize-py==0.25.1`, or set WISP_COMPONENTIZE_PY"
+        "{program} not found: run scripts/plugin-toolchains.sh (it installs the pinned toolchains \
+         into .venv-plugins), install it yourself, or set {variable}"
     )
 }
 

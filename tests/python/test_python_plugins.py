@@ -141,7 +141,7 @@ def test_bad_python_plugins_give_clear_errors(tmp_path):
         assert "init refuses on purpose" in str(err.value), err.value
     # Not a plugin folder.
     result = wisp("plugin", "build", tmp_path, check=False)
-    assert result.returncode != 0 and "no Cargo.toml (Rust) or app.py (Python)" in result.stderr
+    assert result.returncode != 0 and "no Cargo.toml (Rust), app.py (Python) or app.js (JavaScript)" in result.stderr
 
 
 def test_new_rust_plugin_builds_installs_and_serves(tmp_path):

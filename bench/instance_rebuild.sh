@@ -10,10 +10,8 @@ cd "$(dirname "$0")/.."
 port=${PORT:-18700}
 rounds=${ROUNDS:-10}
 . bench/serve.sh
-repo=$(mktemp -d)
 source=$(mktemp -d)
-cleanup() { rm -rf "$repo" "$source"; }
-trap cleanup EXIT
+scratch+=("$source")
 mkdir -p "$repo/trap_rs/1" bench-results
 cp tests/components/wisp_test_hostile.wasm "$repo/trap_rs/1/model.wasm"
 cat > "$repo/trap_rs/config.toml" <<'TOML'

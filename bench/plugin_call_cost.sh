@@ -9,9 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${PORT:-18400}
 . bench/serve.sh
-repo=$(mktemp -d)
-cleanup() { rm -rf "$repo"; }
-trap cleanup EXIT
 mkdir -p "$repo/simple_identity/1" bench-results
 cp model_repository/simple_identity/config.toml "$repo/simple_identity/"
 cp model_repository/simple_identity/1/model.wasm "$repo/simple_identity/1/"

@@ -1,6 +1,12 @@
-# Sourced by the benchmark scripts: `serve REPOSITORY PORT LOG` starts the release server on
-# 127.0.0.1:PORT (metrics on PORT+2, no gRPC) in the background, stops it when the script exits,
-# and waits until it is ready.
+# Sourced by the benchmark scripts: makes a temporary model repository folder, $repo, removed
+# when the script exits (with any folder added to $scratch); `serve REPOSITORY PORT LOG` starts
+# the release server on 127.0.0.1:PORT (metrics on PORT+2, no gRPC) in the background, stops it
+# when the script exits, and waits until it is ready.
+repo=$(mktemp -d)
+scratch=("$repo")
+cleanup() { rm -rf "${scratch[@]}"; }
+trap cleanup EXIT
+
 serve() {
     local repository=$1 port=$2 log=$3
     target/release/wisp serve --model-repository "$repository" --http-address 127.0.0.1 \

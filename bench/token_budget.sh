@@ -9,9 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${PORT:-18300}
 . bench/serve.sh
-repo=$(mktemp -d)
-cleanup() { rm -rf "$repo"; }
-trap cleanup EXIT
 for name in enc_count enc_budget; do
     mkdir -p "$repo/$name/1"
     cp -al model_repository/minilm_embed_encoder/1/. "$repo/$name/1/"

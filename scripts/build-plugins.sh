@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-packages=(wisp-plugin-simple wisp-plugin-simple-string wisp-plugin-identity wisp-plugin-template wisp-plugin-sequence wisp-plugin-tokenizer wisp-plugin-qa-decode wisp-plugin-ner-decode wisp-test-hostile)
+packages=(wisp-plugin-simple wisp-plugin-simple-string wisp-plugin-identity wisp-plugin-template wisp-plugin-sequence wisp-plugin-tokenizer wisp-plugin-qa-decode wisp-plugin-ner-decode wisp-test-hostile wisp-test-compat-0-1-0)
 cargo build --profile plugin --target wasm32-wasip2 $(printf -- '-p %s ' "${packages[@]}")
 out=target/wasm32-wasip2/plugin
 
@@ -25,7 +25,7 @@ install_component wisp_plugin_sequence model_repository/simple_sequence
 install_component wisp_plugin_sequence model_repository/simple_dyna_sequence
 install_component wisp_plugin_sequence model_repository/simple_string_dyna_sequence
 mkdir -p tests/components
-for c in wisp_plugin_simple wisp_plugin_simple_string wisp_plugin_identity wisp_plugin_template wisp_plugin_sequence wisp_plugin_tokenizer wisp_plugin_qa_decode wisp_plugin_ner_decode wisp_test_hostile; do
+for c in wisp_plugin_simple wisp_plugin_simple_string wisp_plugin_identity wisp_plugin_template wisp_plugin_sequence wisp_plugin_tokenizer wisp_plugin_qa_decode wisp_plugin_ner_decode wisp_test_hostile wisp_test_compat_0_1_0; do
     cp "$out/$c.wasm" "tests/components/$c.wasm"
 done
 # Python plugins: componentize-py (pinned, scripts/plugin-toolchains.sh) against wit/ with the SDK.

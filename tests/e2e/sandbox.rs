@@ -347,3 +347,89 @@ fn a_slow_init_does_not_hold_back_other_models() {
     }
     assert_eq!(server.infer("a_sleeper", &request(false)).status, 503);
 }
+
+/// Runs a `tokenizer_*` attack with the tiny WordPiece tokenizer.json in the version
+/// folder (and a link from it to /etc/passwd); returns the plugin's report.
+fn tokenizer_attack(name: &str) -> (u16, String, Server) {
+    let repo = TestRepo::new();
+    repo.simple();
+    repo.add(name, &hostile_config(name, ""), "wisp_test_hostile", &[1]);
+    let version = repo.path().join(name).join("1");
+    std::fs::copy(
+        workspace_root().join("tests/fixtures/tiny_wordpiece_tokenizer.json"),
+        version.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", version.join("link")).unwrap();
+    let server = Server::start(repo.path(), &[]);
+    let reply = server.infer(name, &request(true));
+    let status = reply.status;
+    let report = if status == 200 {
+        reply.ok()["outputs"][0]["data"][0]
+            .as_str()
+            .unwrap()
+            .to_string()
+    } else {
+        String::from_utf8_lossy(&reply.body).into_owned()
+    };
+    assert_eq!(server.get("/v2/health/live").status, 200);
+    server
+        .infer("simple", &simple_request(&ramp(), &ramp()))
+        .ok();
+    (status, report, server)
+}
+
+#[test]
+fn the_tokenize_import_reads_nothing_outside_the_version_folder() {
+    let (status, report, _server) = tokenizer_attack("tokenizer_escape");
+    assert_eq!(status, 200, "{report}");
+    for path in ["../config.toml", "/etc/passwd", "../../..", "link"] {
+        assert!(
+            report.contains(&format!(
+                "{path}: tokenizer path '{path}' is not a file inside the version folder"
+            )),
+            "{path} in: {report}"
+        );
+    }
+    assert!(!report.contains("opened"), "{report}");
+    // The errors name the plugin's own paths, never the server's folders.
+    assert!(!report.contains("/tmp"), "{report}");
+}
+
+#[test]
+fn tokenizer_handles_and_text_per_call_are_bounded() {
+    let (status, report, _server) = tokenizer_attack("tokenizer_hoard");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report,
+        "refused after 64: an instance may hold at most 64 open tokenizers"
+    );
+    let (status, report, _server) = tokenizer_attack("tokenizer_flood");
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        report.starts_with("refused: the texts have 6291456 bytes, more than the 4 MiB"),
+        "{report}"
+    );
+}
+
+/// A plugin built against the frozen wisp:plugin@0.1.0 (tests/plugins/compat_0_1_0), which
+/// has no `tokenize`, loads on this host and runs.
+#[test]
+fn plugins_built_against_wit_0_1_0_still_load() {
+    let repo = TestRepo::new();
+    let config = "backend = \"wasm\"\nmax_batch_size = 8\n\
+         [[input]]\nname = \"INPUT0\"\ndatatype = \"INT32\"\ndims = [2]\n\
+         [[output]]\nname = \"OUTPUT0\"\ndatatype = \"INT32\"\ndims = [2]\n";
+    repo.add("compat", config, "wisp_test_compat_0_1_0", &[1]);
+    let server = Server::start(repo.path(), &[]);
+    let reply = server.infer(
+        "compat",
+        &json!({"inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "INT32", "data": [7, -3]}]}),
+    );
+    assert_eq!(reply.ok()["outputs"][0]["data"], json!([7, -3]));
+    assert!(
+        server.log().contains("a 0.1.0 plugin started"),
+        "{}",
+        server.log()
+    );
+}

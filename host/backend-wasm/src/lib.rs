@@ -11,10 +11,10 @@
 
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wisp_core::backend::{
@@ -31,10 +31,12 @@ mod bindings {
         path: "../../wit",
         world: "plugin",
         exports: { default: async },
+        with: { "wisp:plugin/tokenize.tokenizer": crate::tokenize::TokenizerHandle },
     });
 }
 
 pub mod cache;
+mod tokenize;
 
 use bindings::wisp::plugin::log::Level;
 use bindings::wisp::plugin::types as wit;
@@ -166,6 +168,11 @@ struct HostState {
     limits: SandboxLimiter,
     outputs: OutputCollector,
     model: Arc<str>,
+    /// For `tokenize`: the folder its paths are relative to, the model's loaded
+    /// tokenizers, and how many handles this instance holds.
+    version_dir: Arc<Path>,
+    tokenizers: Arc<tokenize::TokenizerCache>,
+    tokenizer_handles: usize,
 }
 
 /// An output tensor as a plugin emits it. Its data is left in the plugin's memory until
@@ -248,6 +255,68 @@ impl bindings::wisp::plugin::log::Host for HostState {
 
 impl bindings::wisp::plugin::types::Host for HostState {}
 
+impl bindings::wisp::plugin::tokenize::Host for HostState {}
+
+impl bindings::wisp::plugin::tokenize::HostTokenizer for HostState {
+    fn open(
+        &mut self,
+        path: String,
+        max_length: u32,
+    ) -> std::result::Result<Resource<tokenize::TokenizerHandle>, String> {
+        let tokenizer = self.tokenizers.open(&self.version_dir, &path, max_length)?;
+        tokenize::new_handle(&mut self.table, &mut self.tokenizer_handles, tokenizer)
+    }
+
+    fn encode(
+        &mut self,
+        handle: Resource<tokenize::TokenizerHandle>,
+        texts: Vec<String>,
+        pairs: Vec<String>,
+        add_special_tokens: bool,
+        spans: bool,
+    ) -> std::result::Result<Vec<bindings::wisp::plugin::tokenize::Encoding>, String> {
+        let tokenizer = self.tokenizer(&handle)?;
+        tokenize::encode(&tokenizer, &texts, &pairs, add_special_tokens, spans)
+    }
+
+    fn decode(
+        &mut self,
+        handle: Resource<tokenize::TokenizerHandle>,
+        ids: Vec<u32>,
+        skip_special_tokens: bool,
+    ) -> std::result::Result<String, String> {
+        self.tokenizer(&handle)?
+            .decode(&ids, skip_special_tokens)
+            .map_err(|e| format!("cannot decode: {e}"))
+    }
+
+    fn token_to_id(
+        &mut self,
+        handle: Resource<tokenize::TokenizerHandle>,
+        token: String,
+    ) -> Option<u32> {
+        self.tokenizer(&handle).ok()?.token_to_id(&token)
+    }
+
+    fn drop(&mut self, handle: Resource<tokenize::TokenizerHandle>) -> wasmtime::Result<()> {
+        self.table.delete(handle)?;
+        self.tokenizer_handles -= 1;
+        Ok(())
+    }
+}
+
+impl HostState {
+    fn tokenizer(
+        &self,
+        handle: &Resource<tokenize::TokenizerHandle>,
+    ) -> std::result::Result<Arc<tokenizers::Tokenizer>, String> {
+        self.table
+            .get(handle)
+            .map(|h| h.0.clone())
+            .map_err(|e| format!("bad tokenizer handle: {e}"))
+    }
+}
+
 /// Keeps the last bytes a plugin wrote to stdout/stderr, to explain traps.
 #[derive(Clone, Default)]
 struct OutputTail(Arc<Mutex<VecDeque<u8>>>);
@@ -309,7 +378,9 @@ struct Instance {
 struct Blueprint {
     pre: PluginPre<HostState>,
     engine: Engine,
-    version_dir: PathBuf,
+    version_dir: Arc<Path>,
+    /// Tokenizers the model's instances loaded through `tokenize`, shared by all of them.
+    tokenizers: Arc<tokenize::TokenizerCache>,
     label: Arc<str>,
     info: wit::ModelInfo,
     memory_limit: usize,
@@ -345,6 +416,9 @@ impl Blueprint {
             },
             outputs: OutputCollector::default(),
             model: self.label.clone(),
+            version_dir: self.version_dir.clone(),
+            tokenizers: self.tokenizers.clone(),
+            tokenizer_handles: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -608,8 +682,14 @@ impl WasmBackend {
                 )
             })
             .and_then(|_| {
+                bindings::wisp::plugin::tokenize::add_to_linker::<_, HasSelf<HostState>>(
+                    &mut linker,
+                    |s| s,
+                )
+            })
+            .and_then(|_| {
                 // `emit` by hand, to copy the tensor's bytes out of the plugin in one piece.
-                linker.instance("wisp:plugin/output@0.1.0")?.func_wrap(
+                linker.instance("wisp:plugin/output@0.1.1")?.func_wrap(
                     "emit",
                     |store, (request_index, tensor): (u32, EmittedTensor)| {
                         Ok((emit(store, request_index, tensor),))
@@ -633,7 +713,8 @@ impl WasmBackend {
         let blueprint = Arc::new(Blueprint {
             pre,
             engine: runtime.engine.clone(),
-            version_dir: version_dir.to_path_buf(),
+            version_dir: version_dir.into(),
+            tokenizers: Arc::default(),
             label: label.clone(),
             info: wit::ModelInfo {
                 name: config.name.clone(),

@@ -13,8 +13,11 @@
 //
 // Tensors are typed views over the protocol's raw bytes (toList, fromList, toStrings,
 // fromStrings); throwing InvalidInput answers 400, Unavailable 503, anything else 500.
-import { emit as wispEmit } from "wisp:plugin/output@0.1.0";
-import { log as wispLog } from "wisp:plugin/log@0.1.0";
+// `Tokenizer` is the host's tokenizer (Hugging Face tokenizers run natively on a tokenizer.json
+// of the version folder): open it in initialize, encode texts or pairs, `pad` the encodings.
+import { emit as wispEmit } from "wisp:plugin/output@0.1.1";
+import { log as wispLog } from "wisp:plugin/log@0.1.1";
+import { Tokenizer as WispTokenizerHandle } from "wisp:plugin/tokenize@0.1.1";
 
 class InvalidInput extends Error {}
 class Unavailable extends Error {}
@@ -135,6 +138,82 @@ class WispModel {
   execute(request) {
     throw new Internal("a wisp plugin implements execute(request)");
   }
+}
+
+// A tokenizer.json of the version folder, run by the host (wisp:plugin/tokenize). maxLength > 0
+// truncates each encoding to that many tokens with its special tokens; 0 keeps the file's own.
+class Tokenizer {
+  constructor(path = "tokenizer.json", maxLength = 0) {
+    try {
+      this.handle = WispTokenizerHandle.open(path, maxLength);
+    } catch (e) {
+      throw new Unavailable(`cannot open tokenizer '${path}': ${e?.payload ?? e}`);
+    }
+  }
+
+  // One { ids, typeIds, specialTokensMask, offsets, wordIds, sequenceIds } per text (pairs[i]
+  // its second segment). With spans, offsets are [start, end) in UTF-16 code units of the text
+  // the token came from (so text.slice(start, end) is the token's text), [0, 0] for special
+  // tokens; sequenceIds 0 (the text) or 1 (its pair); wordIds and sequenceIds -1 for special
+  // tokens.
+  encode(texts, { pairs = [], addSpecialTokens = true, spans = false } = {}) {
+    let encoded;
+    try {
+      encoded = this.handle.encode(texts, pairs, addSpecialTokens, spans);
+    } catch (e) {
+      throw new InvalidInput(String(e?.payload ?? e));
+    }
+    return encoded.map((e, i) => ({
+      ids: Array.from(e.ids),
+      typeIds: Array.from(e.typeIds),
+      specialTokensMask: Array.from(e.specialTokensMask),
+      // The host counts code points; JavaScript strings count UTF-16 units.
+      offsets: spans ? utf16Offsets(e, texts[i], pairs[i]) : [],
+      wordIds: Array.from(e.wordIds),
+      sequenceIds: Array.from(e.sequenceIds),
+    }));
+  }
+
+  decode(ids, skipSpecialTokens = true) {
+    try {
+      return this.handle.decode(Uint32Array.from(ids), skipSpecialTokens);
+    } catch (e) {
+      throw new Internal(String(e?.payload ?? e));
+    }
+  }
+
+  tokenToId(token) {
+    return this.handle.tokenToId(token);
+  }
+}
+
+// Code point offsets → UTF-16 offsets, per segment (sequence 0: the text, 1: the pair).
+function utf16Offsets(encoding, text, pair) {
+  const tables = [text, pair ?? ""].map((s) => {
+    const units = [0];
+    for (const c of s) units.push(units[units.length - 1] + c.length);
+    return units;
+  });
+  return Array.from(encoding.offsets, ([start, end], k) => {
+    const sequence = encoding.sequenceIds[k];
+    if (sequence < 0) return [0, 0];
+    const units = tables[sequence];
+    return [units[start] ?? start, units[end] ?? end];
+  });
+}
+
+// Right-pads encodings to the longest: { width, inputIds, attentionMask, tokenTypeIds }, flat
+// row-major arrays of encodings.length * width, ready for Tensor.fromList.
+function pad(encodings, padId = 0) {
+  const width = Math.max(0, ...encodings.map((e) => e.ids.length));
+  const inputIds = [], attentionMask = [], tokenTypeIds = [];
+  for (const e of encodings) {
+    const gap = width - e.ids.length;
+    inputIds.push(...e.ids, ...Array(gap).fill(padId));
+    attentionMask.push(...Array(e.ids.length).fill(1), ...Array(gap).fill(0));
+    tokenTypeIds.push(...e.typeIds, ...Array(gap).fill(0));
+  }
+  return { width, inputIds, attentionMask, tokenTypeIds };
 }
 
 function log(level, message) {

@@ -21,6 +21,15 @@
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` and copy the
 //! `.wasm` into the model's version folder as `model.wasm`.
+//!
+//! [`Tokenizer`] is the host's `tokenize` service: Hugging Face `tokenizers` run
+//! natively on a `tokenizer.json` from the version folder, so a plugin need not
+//! bundle (and run in Wasm) a tokenizer of its own:
+//!
+//! ```ignore
+//! let tokenizer = Tokenizer::open("tokenizer.json", 128)?;   // in init
+//! let encodings = tokenizer.encode(&texts, &[], true, false)?; // ids, type ids, masks
+//! ```
 
 mod tensor;
 
@@ -36,6 +45,7 @@ pub mod bindings {
 }
 
 pub use bindings::wisp::plugin::log::Level;
+pub use bindings::wisp::plugin::tokenize::{Encoding, Tokenizer};
 pub use bindings::wisp::plugin::types::{
     Datatype, Error, ModelInfo, Parameter, ParameterValue, Request, Tensor,
 };

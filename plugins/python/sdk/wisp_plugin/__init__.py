@@ -18,6 +18,10 @@ WebAssembly component with componentize-py against wit/ (`wisp plugin build`).
 Pure Python (the standard library only): tensors are typed views over the protocol's raw bytes
 (`to_list`, `from_list`, `to_strings`, `from_strings`); raising `InvalidInput` answers 400,
 `Unavailable` 503, any other exception 500 with its message (the traceback goes to the log).
+
+`Tokenizer` is the host's tokenizer (Hugging Face `tokenizers`, run natively on a `tokenizer.json`
+from the version folder): open it in `initialize`, `encode` texts or pairs, `pad` the encodings
+into the rows an encoder takes.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import struct
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["Model", "Tensor", "Request", "ModelInfo", "InvalidInput", "Unavailable", "Internal",
-           "export", "log"]
+           "Tokenizer", "Encoding", "pad", "export", "log"]
 
 # Datatype → (array typecode, element size); BOOL, FP16, BF16 and BYTES are handled apart.
 _ARRAY = {
@@ -206,6 +210,78 @@ def log(level: str, message: str) -> None:
     from wit_world.imports import log as wit_log
 
     wit_log.log(getattr(wit_log.Level, level.upper()), message)
+
+
+@dataclass
+class Encoding:
+    """One text (or pair) as tokens, unpadded. `offsets` (character [start, end) in the text the
+    token came from, (0, 0) for special tokens), `word_ids` and `sequence_ids` (0: the text,
+    1: its pair; -1 for special tokens) are empty unless `spans=True` was asked."""
+
+    ids: List[int]
+    type_ids: List[int]
+    special_tokens_mask: bytes
+    offsets: List[Tuple[int, int]]
+    word_ids: List[int]
+    sequence_ids: List[int]
+
+
+class Tokenizer:
+    """A `tokenizer.json` of the version folder, run by the host (`wisp:plugin/tokenize`).
+
+    `max_length` > 0 truncates each encoding to that many tokens with its special tokens; 0 keeps
+    the file's own truncation. Open it once, in `initialize`: the host parses each file once per
+    model, whatever the number of instances."""
+
+    def __init__(self, path: str = "tokenizer.json", max_length: int = 0):
+        from componentize_py_types import Err
+        from wit_world.imports import tokenize
+
+        try:
+            self._handle = tokenize.Tokenizer.open(path, max_length)
+        except Err as e:
+            raise Unavailable(f"cannot open tokenizer {path!r}: {e.value}") from None
+
+    def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
+               add_special_tokens: bool = True, spans: bool = False) -> List[Encoding]:
+        """Encodes each text (with `pairs[i]` as its second segment when pairs are given).
+        A text the tokenizer refuses, or more than 4 MiB of text in one call, raises
+        InvalidInput."""
+        from componentize_py_types import Err
+
+        try:
+            encoded = self._handle.encode(list(texts), list(pairs or []), add_special_tokens, spans)
+        except Err as e:
+            raise InvalidInput(str(e.value)) from None
+        return [Encoding(list(e.ids), list(e.type_ids), bytes(e.special_tokens_mask),
+                         [tuple(o) for o in e.offsets], list(e.word_ids), list(e.sequence_ids))
+                for e in encoded]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        from componentize_py_types import Err
+
+        try:
+            return self._handle.decode(list(ids), skip_special_tokens)
+        except Err as e:
+            raise Internal(str(e.value)) from None
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._handle.token_to_id(token)
+
+
+def pad(encodings: Sequence[Encoding], pad_id: int = 0):
+    """Right-pads encodings to the longest: (width, input_ids, attention_mask, token_type_ids),
+    each flat row-major lists of len(encodings) * width, ready for `Tensor.from_list`."""
+    width = max((len(e.ids) for e in encodings), default=0)
+    ids: List[int] = []
+    mask: List[int] = []
+    types: List[int] = []
+    for e in encodings:
+        gap = width - len(e.ids)
+        ids += e.ids + [pad_id] * gap
+        mask += [1] * len(e.ids) + [0] * gap
+        types += e.type_ids + [0] * gap
+    return width, ids, mask, types
 
 
 def export(model_class):

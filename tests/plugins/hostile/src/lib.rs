@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use wisp_plugin_sdk::{
     export_model, Error, Model, ModelInfo, Parameter, ParameterValue, Parameters, Request,
-    Response, Tensor,
+    Response, Tensor, Tokenizer,
 };
 
 struct Hostile {
@@ -140,6 +140,41 @@ impl Hostile {
                     Err(e) => Err(Error::Internal(format!(
                         "connecting to {target} failed: {e}"
                     ))),
+                }
+            }
+            "tokenizer_escape" => {
+                // The host reads tokenizer files for the plugin: it must not read
+                // anything outside the version folder either.
+                let report: Vec<String> = ["../config.toml", "/etc/passwd", "../../..", "link"]
+                    .iter()
+                    .map(|path| match Tokenizer::open(path, 0) {
+                        Ok(_) => format!("{path}: opened"),
+                        Err(e) => format!("{path}: {e}"),
+                    })
+                    .collect();
+                leak(report.join("; "))
+            }
+            "tokenizer_hoard" => {
+                // Opens handles without end and keeps them: the host's table must not grow
+                // without bound.
+                let mut hoard = Vec::new();
+                loop {
+                    match Tokenizer::open("tokenizer.json", 0) {
+                        Ok(t) => hoard.push(t),
+                        Err(e) => {
+                            return leak(format!("refused after {}: {e}", hoard.len()));
+                        }
+                    }
+                }
+            }
+            "tokenizer_flood" => {
+                // Asks the host to tokenize 6 MiB of text in one call.
+                let tokenizer = Tokenizer::open("tokenizer.json", 0)
+                    .map_err(|e| Error::Internal(format!("open failed: {e}")))?;
+                let text = "hello world ".repeat(512 << 10);
+                match tokenizer.encode(&[text], &[], true, true) {
+                    Ok(encodings) => leak(format!("tokenized {} tokens", encodings[0].ids.len())),
+                    Err(e) => leak(format!("refused: {e}")),
                 }
             }
             "environment" => {

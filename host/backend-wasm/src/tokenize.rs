@@ -1,0 +1,293 @@
+//! `wisp:plugin/tokenize`: Hugging Face `tokenizers` run by the host, natively, on a
+//! `tokenizer.json` from the plugin's version folder.
+//!
+//! Bounds, since the work happens outside the sandbox's memory and deadline: the file's
+//! size, the tokenizers one model may load, the handles one instance may hold, and the
+//! text one `encode` call may pass. Encodings are converted one text at a time, so the
+//! host holds tokenizers' rich `Encoding` for one text at most.
+
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use wasmtime::component::{Resource, ResourceTable};
+
+use crate::bindings::wisp::plugin::tokenize::Encoding;
+
+/// Largest `tokenizer.json` a plugin may load (multilingual vocabularies are ~20 MB).
+pub const MAX_TOKENIZER_FILE_BYTES: u64 = 64 << 20;
+/// Distinct (file, max-length) tokenizers one model version may load.
+pub const MAX_TOKENIZERS_PER_MODEL: usize = 8;
+/// Open tokenizer handles one instance may hold at once.
+pub const MAX_HANDLES_PER_INSTANCE: usize = 64;
+/// Bytes of text one `encode` call may pass (texts and pairs together).
+pub const MAX_ENCODE_BYTES: usize = 4 << 20;
+
+/// What a plugin holds: one loaded tokenizer, shared by every instance of the model.
+pub struct TokenizerHandle(pub(crate) Arc<Tokenizer>);
+
+/// The tokenizers one model version has loaded, by canonical file and max-length.
+#[derive(Default)]
+pub struct TokenizerCache {
+    entries: Mutex<Vec<(PathBuf, u32, Arc<Tokenizer>)>>,
+}
+
+impl TokenizerCache {
+    /// `path` (relative to `version_dir`) with truncation at `max_length` (0: as the
+    /// file says), parsed once per model. Errors are for the plugin: they name its
+    /// relative path, not the server's folders.
+    pub fn open(
+        &self,
+        version_dir: &Path,
+        path: &str,
+        max_length: u32,
+    ) -> Result<Arc<Tokenizer>, String> {
+        let outside = || format!("tokenizer path '{path}' is not a file inside the version folder");
+        let file = wisp_core::paths::confined(version_dir, path, "path").map_err(|_| outside())?;
+        let file = file.canonicalize().map_err(|_| outside())?;
+        if let Some((_, _, tokenizer)) = self
+            .entries
+            .lock()
+            .iter()
+            .find(|(f, m, _)| *f == file && *m == max_length)
+        {
+            return Ok(tokenizer.clone());
+        }
+        let size = std::fs::metadata(&file).map_err(|_| outside())?.len();
+        if size > MAX_TOKENIZER_FILE_BYTES {
+            return Err(format!(
+                "tokenizer '{path}' has {} MiB, more than the {} MiB the host loads",
+                size >> 20,
+                MAX_TOKENIZER_FILE_BYTES >> 20
+            ));
+        }
+        let bytes = std::fs::read(&file).map_err(|e| format!("cannot read '{path}': {e}"))?;
+        let mut tokenizer = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| format!("'{path}' is not a tokenizer.json: {e}"))?;
+        // Plugins pad as their model needs; a tokenizer.json's padding would pad one text.
+        tokenizer.with_padding(None);
+        if max_length > 0 {
+            tokenizer
+                .with_truncation(Some(TruncationParams {
+                    max_length: max_length as usize,
+                    strategy: TruncationStrategy::LongestFirst,
+                    stride: 0,
+                    direction: TruncationDirection::Right,
+                }))
+                .map_err(|e| format!("cannot truncate '{path}' at {max_length} tokens: {e}"))?;
+        }
+        let tokenizer = Arc::new(tokenizer);
+        let mut entries = self.entries.lock();
+        // Another instance may have loaded it meanwhile.
+        if let Some((_, _, loaded)) = entries
+            .iter()
+            .find(|(f, m, _)| *f == file && *m == max_length)
+        {
+            return Ok(loaded.clone());
+        }
+        if entries.len() >= MAX_TOKENIZERS_PER_MODEL {
+            return Err(format!(
+                "a model may load at most {MAX_TOKENIZERS_PER_MODEL} tokenizers \
+                 (files and max-lengths together)"
+            ));
+        }
+        entries.push((file, max_length, tokenizer.clone()));
+        Ok(tokenizer)
+    }
+}
+
+/// A new handle in `table` for `tokenizer`, within the instance's handle limit.
+pub fn new_handle(
+    table: &mut ResourceTable,
+    handles: &mut usize,
+    tokenizer: Arc<Tokenizer>,
+) -> Result<Resource<TokenizerHandle>, String> {
+    if *handles >= MAX_HANDLES_PER_INSTANCE {
+        return Err(format!(
+            "an instance may hold at most {MAX_HANDLES_PER_INSTANCE} open tokenizers"
+        ));
+    }
+    let handle = table
+        .push(TokenizerHandle(tokenizer))
+        .map_err(|e| format!("cannot open the tokenizer: {e}"))?;
+    *handles += 1;
+    Ok(handle)
+}
+
+/// Encodes `texts` (with `pairs` as second segments when not empty).
+pub fn encode(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    pairs: &[String],
+    add_special_tokens: bool,
+    spans: bool,
+) -> Result<Vec<Encoding>, String> {
+    if !pairs.is_empty() && pairs.len() != texts.len() {
+        return Err(format!(
+            "{} texts but {} pairs: pairs must be empty or one per text",
+            texts.len(),
+            pairs.len()
+        ));
+    }
+    let bytes: usize = texts.iter().chain(pairs).map(String::len).sum();
+    if bytes > MAX_ENCODE_BYTES {
+        return Err(format!(
+            "the texts have {bytes} bytes, more than the {} MiB one encode call may pass; \
+             split them over several calls",
+            MAX_ENCODE_BYTES >> 20
+        ));
+    }
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let input: tokenizers::EncodeInput = match pairs.get(i) {
+                Some(pair) => (text.as_str(), pair.as_str()).into(),
+                None => text.as_str().into(),
+            };
+            let encoded = if spans {
+                tokenizer.encode_char_offsets(input, add_special_tokens)
+            } else {
+                tokenizer.encode_fast(input, add_special_tokens)
+            }
+            .map_err(|e| format!("cannot tokenize text {i}: {e}"))?;
+            Ok(convert(&encoded, spans))
+        })
+        .collect()
+}
+
+fn convert(encoded: &tokenizers::Encoding, spans: bool) -> Encoding {
+    let special = encoded.get_special_tokens_mask();
+    let (mut offsets, mut word_ids, mut sequence_ids) = (Vec::new(), Vec::new(), Vec::new());
+    if spans {
+        let sequences = encoded.get_sequence_ids();
+        let tokens = encoded
+            .get_offsets()
+            .iter()
+            .zip(encoded.get_word_ids())
+            .zip(&sequences)
+            .zip(special);
+        for (((&(start, end), &word), &sequence), &special) in tokens {
+            if special == 1 {
+                offsets.push((0, 0));
+                word_ids.push(-1);
+                sequence_ids.push(-1);
+            } else {
+                offsets.push((start as u32, end as u32));
+                word_ids.push(word.map_or(-1, |w| w as i32));
+                sequence_ids.push(sequence.map_or(-1, |s| s as i32));
+            }
+        }
+    }
+    Encoding {
+        ids: encoded.get_ids().to_vec(),
+        type_ids: encoded.get_type_ids().to_vec(),
+        special_tokens_mask: special.iter().map(|&s| s as u8).collect(),
+        offsets,
+        word_ids,
+        sequence_ids,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WordPiece tokenizer.json with a vocabulary of eight tokens.
+    const TOKENIZER: &str = include_str!("../../../tests/fixtures/tiny_wordpiece_tokenizer.json");
+
+    fn folder() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), TOKENIZER).unwrap();
+        dir
+    }
+
+    #[test]
+    fn encodes_texts_and_pairs_with_character_spans() {
+        let dir = folder();
+        let cache = TokenizerCache::default();
+        let tokenizer = cache.open(dir.path(), "tokenizer.json", 0).unwrap();
+        let texts = ["Café worlds".to_string()];
+        let out = encode(&tokenizer, &texts, &[], true, true).unwrap();
+        assert_eq!(out[0].ids, [2, 6, 5, 7, 3]);
+        assert_eq!(out[0].special_tokens_mask, [1, 0, 0, 0, 1]);
+        // Characters, not bytes: "é" is two bytes.
+        assert_eq!(out[0].offsets, [(0, 0), (0, 4), (5, 10), (10, 11), (0, 0)]);
+        assert_eq!(out[0].word_ids, [-1, 0, 1, 1, -1]);
+
+        let pairs = ["hello".to_string()];
+        let out = encode(&tokenizer, &texts, &pairs, true, true).unwrap();
+        assert_eq!(out[0].sequence_ids, [-1, 0, 0, 0, -1, 1, -1]);
+        assert_eq!(out[0].offsets[5], (0, 5));
+        let out = encode(&tokenizer, &texts, &pairs, true, false).unwrap();
+        assert_eq!(out[0].ids, [2, 6, 5, 7, 3, 4, 3]);
+        assert_eq!(out[0].type_ids, [0, 0, 0, 0, 0, 1, 1]);
+        assert!(out[0].offsets.is_empty() && out[0].word_ids.is_empty());
+
+        let bare = encode(&tokenizer, &texts, &[], false, false).unwrap();
+        assert_eq!(bare[0].ids, [6, 5, 7]);
+    }
+
+    #[test]
+    fn truncates_at_max_length_with_special_tokens() {
+        let dir = folder();
+        let cache = TokenizerCache::default();
+        let tokenizer = cache.open(dir.path(), "tokenizer.json", 4).unwrap();
+        let out = encode(&tokenizer, &["hello world hello".into()], &[], true, false).unwrap();
+        assert_eq!(out[0].ids, [2, 4, 5, 3]);
+        // A different max-length is a different tokenizer; the same one is cached.
+        let again = cache.open(dir.path(), "./tokenizer.json", 4).unwrap();
+        assert!(Arc::ptr_eq(&tokenizer, &again));
+        let full = cache.open(dir.path(), "tokenizer.json", 0).unwrap();
+        assert!(!Arc::ptr_eq(&tokenizer, &full));
+    }
+
+    #[test]
+    fn refuses_paths_outside_the_folder_without_naming_server_paths() {
+        let dir = folder();
+        let cache = TokenizerCache::default();
+        for bad in ["../tokenizer.json", "/etc/passwd", "missing.json"] {
+            let e = cache.open(dir.path(), bad, 0).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+            assert!(!e.contains(&*dir.path().to_string_lossy()), "{e}");
+        }
+        std::fs::write(dir.path().join("bad.json"), "{}").unwrap();
+        let e = cache.open(dir.path(), "bad.json", 0).unwrap_err();
+        assert!(e.contains("not a tokenizer.json"), "{e}");
+    }
+
+    #[test]
+    fn bounds_tokenizers_per_model_and_bytes_per_call() {
+        let dir = folder();
+        let cache = TokenizerCache::default();
+        for max_length in 1..=MAX_TOKENIZERS_PER_MODEL as u32 {
+            cache
+                .open(dir.path(), "tokenizer.json", max_length + 2)
+                .unwrap();
+        }
+        let e = cache.open(dir.path(), "tokenizer.json", 0).unwrap_err();
+        assert!(e.contains("at most 8 tokenizers"), "{e}");
+
+        let tokenizer = cache.open(dir.path(), "tokenizer.json", 3).unwrap();
+        let big = vec!["hello ".repeat(MAX_ENCODE_BYTES / 6 + 1)];
+        let e = encode(&tokenizer, &big, &[], true, false).unwrap_err();
+        assert!(e.contains("4 MiB"), "{e}");
+        let e = encode(
+            &tokenizer,
+            &["a".into(), "b".into()],
+            &["c".into()],
+            true,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.contains("2 texts but 1 pairs"), "{e}");
+
+        let mut table = ResourceTable::new();
+        let mut handles = 0;
+        for _ in 0..MAX_HANDLES_PER_INSTANCE {
+            new_handle(&mut table, &mut handles, tokenizer.clone()).unwrap();
+        }
+        let e = new_handle(&mut table, &mut handles, tokenizer).unwrap_err();
+        assert!(e.contains("at most 64 open tokenizers"), "{e}");
+    }
+}

@@ -34,4 +34,5 @@ build_python() {
     .venv-plugins/bin/componentize-py -d wit -w plugin componentize app -p "$1" -p plugins/python/sdk -o "$2" >/dev/null
 }
 build_python plugins/python/text_clean model_repository/text_clean/1/model.wasm
+build_python plugins/python/classify_labels model_repository/topic_labels/1/model.wasm
 echo "plugins built and installed"

@@ -1,8 +1,9 @@
 """The host's `tokenize` import (wisp:plugin@0.1.1) from a Python and a JavaScript plugin
 (tests/python/plugins/tokenize_py, tokenize_js), built with `wisp plugin build`, against the
 Rust tokenizer plugin (minilm_embed_tokenizer, tokenizers compiled into Wasm) and Hugging Face's
-Python `tokenizers` on the same tokenizer.json: ids, masks, type ids, truncation, pairs,
-character offsets (UTF-16 units in JavaScript), words and decoding.
+Python `tokenizers` on the same tokenizer.json: ids, masks, type ids (from `encode` and from
+`encode-padded`, the host's tensor layout), truncation, pairs, character offsets (UTF-16 units in
+JavaScript), words and decoding.
 """
 
 import shutil
@@ -49,10 +50,10 @@ def bytes_input(name, texts):
     return t
 
 
-def infer(server, model, texts, pairs=None):
+def infer(server, model, texts, pairs=None, padded=False):
     inputs = [bytes_input("TEXT", texts)] + ([bytes_input("PAIR", pairs)] if pairs else [])
     with server.client() as client:
-        result = client.infer(model, inputs)
+        result = client.infer(model, inputs, parameters={"padded": padded})
     return {name: result.as_numpy(name) for name in
             ("input_ids", "attention_mask", "token_type_ids", "offsets", "word_ids", "decoded")}
 
@@ -84,9 +85,10 @@ def expected(server, texts, pairs=None, js=False):
     return want
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["encode", "encode-padded"])
 @pytest.mark.parametrize("model", ["tokenize_py", "tokenize_js"])
-def test_tokenize_equals_the_rust_tokenizer_plugin_and_hugging_face(server, model):
-    got = infer(server, model, TEXTS)
+def test_tokenize_equals_the_rust_tokenizer_plugin_and_hugging_face(server, model, padded):
+    got = infer(server, model, TEXTS, padded=padded)
     with server.client() as client:
         rust = client.infer("minilm_embed_tokenizer", [text_input("TEXT", TEXTS)])
     for name in ("input_ids", "attention_mask", "token_type_ids"):
@@ -107,9 +109,10 @@ def test_tokenize_equals_the_rust_tokenizer_plugin_and_hugging_face(server, mode
         assert text.encode("utf-16-le")[2 * start:2 * end].decode("utf-16-le") == "🙂"
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["encode", "encode-padded"])
 @pytest.mark.parametrize("model", ["tokenize_py", "tokenize_js"])
-def test_tokenize_pairs_equal_hugging_face(server, model):
-    got = infer(server, model, TEXTS, PAIRS)
+def test_tokenize_pairs_equal_hugging_face(server, model, padded):
+    got = infer(server, model, TEXTS, PAIRS, padded=padded)
     want = expected(server, TEXTS, PAIRS, js=model == "tokenize_js")
     for name in ("input_ids", "token_type_ids", "attention_mask", "offsets", "word_ids"):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)

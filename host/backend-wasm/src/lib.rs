@@ -279,6 +279,25 @@ impl bindings::wisp::plugin::tokenize::HostTokenizer for HostState {
         tokenize::encode(&tokenizer, &texts, &pairs, add_special_tokens, spans)
     }
 
+    fn encode_padded(
+        &mut self,
+        handle: Resource<tokenize::TokenizerHandle>,
+        texts: Vec<String>,
+        pairs: Vec<String>,
+        add_special_tokens: bool,
+        pad_id: i64,
+    ) -> std::result::Result<bindings::wisp::plugin::tokenize::Padded, String> {
+        let tokenizer = self.tokenizer(&handle)?;
+        let t = Instant::now();
+        let r = tokenize::encode_padded(&tokenizer, &texts, &pairs, add_special_tokens, pad_id);
+        tracing::info!(
+            "PROBE encode_padded {:?} on {:?}",
+            t.elapsed(),
+            std::thread::current().name()
+        );
+        r
+    }
+
     fn decode(
         &mut self,
         handle: Resource<tokenize::TokenizerHandle>,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 use wasmtime::component::{Resource, ResourceTable};
 
-use crate::bindings::wisp::plugin::tokenize::Encoding;
+use crate::bindings::wisp::plugin::tokenize::{Encoding, Padded};
 
 /// Largest `tokenizer.json` a plugin may load (multilingual vocabularies are ~20 MB).
 pub const MAX_TOKENIZER_FILE_BYTES: u64 = 64 << 20;
@@ -22,6 +22,8 @@ pub const MAX_TOKENIZERS_PER_MODEL: usize = 8;
 pub const MAX_HANDLES_PER_INSTANCE: usize = 64;
 /// Bytes of text one `encode` call may pass (texts and pairs together).
 pub const MAX_ENCODE_BYTES: usize = 4 << 20;
+/// Padded tokens (rows × width) one `encode-padded` call may make: 48 MiB of tensors.
+pub const MAX_PADDED_TOKENS: usize = 1 << 21;
 
 /// What a plugin holds: one loaded tokenizer, shared by every instance of the model.
 pub struct TokenizerHandle(pub(crate) Arc<Tokenizer>);
@@ -122,6 +124,90 @@ pub fn encode(
     add_special_tokens: bool,
     spans: bool,
 ) -> Result<Vec<Encoding>, String> {
+    check_inputs(texts, pairs)?;
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let input = input(text, pairs.get(i));
+            let encoded = if spans {
+                tokenizer.encode_char_offsets(input, add_special_tokens)
+            } else {
+                tokenizer.encode_fast(input, add_special_tokens)
+            }
+            .map_err(|e| format!("cannot tokenize text {i}: {e}"))?;
+            Ok(convert(&encoded, spans))
+        })
+        .collect()
+}
+
+/// Encodes `texts` (and `pairs`) into padded INT64 tensors.
+pub fn encode_padded(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    pairs: &[String],
+    add_special_tokens: bool,
+    pad_id: i64,
+) -> Result<Padded, String> {
+    check_inputs(texts, pairs)?;
+    // Only ids and type ids are kept per text: 8 bytes a token until the layout.
+    let mut rows = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let encoded = tokenizer
+            .encode_fast(input(text, pairs.get(i)), add_special_tokens)
+            .map_err(|e| format!("cannot tokenize text {i}: {e}"))?;
+        rows.push((encoded.get_ids().to_vec(), encoded.get_type_ids().to_vec()));
+    }
+    let width = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    let tokens = width.saturating_mul(rows.len());
+    if tokens > MAX_PADDED_TOKENS {
+        return Err(format!(
+            "{} texts padded to {width} tokens make {tokens} tokens, more than the {} one \
+             encode-padded call may make; split them over several calls",
+            rows.len(),
+            MAX_PADDED_TOKENS
+        ));
+    }
+    let mut padded = Padded {
+        rows: rows.len() as u32,
+        width: width as u32,
+        input_ids: Vec::with_capacity(tokens * 8),
+        attention_mask: Vec::with_capacity(tokens * 8),
+        token_type_ids: Vec::with_capacity(tokens * 8),
+    };
+    for (ids, type_ids) in &rows {
+        let gap = width - ids.len();
+        for (&id, &type_id) in ids.iter().zip(type_ids) {
+            padded
+                .input_ids
+                .extend_from_slice(&i64::from(id).to_le_bytes());
+            padded.attention_mask.extend_from_slice(&1i64.to_le_bytes());
+            padded
+                .token_type_ids
+                .extend_from_slice(&i64::from(type_id).to_le_bytes());
+        }
+        for _ in 0..gap {
+            padded.input_ids.extend_from_slice(&pad_id.to_le_bytes());
+        }
+        padded
+            .attention_mask
+            .resize(padded.attention_mask.len() + gap * 8, 0);
+        padded
+            .token_type_ids
+            .resize(padded.token_type_ids.len() + gap * 8, 0);
+    }
+    Ok(padded)
+}
+
+fn input<'a>(text: &'a str, pair: Option<&'a String>) -> tokenizers::EncodeInput<'a> {
+    match pair {
+        Some(pair) => (text, pair.as_str()).into(),
+        None => text.into(),
+    }
+}
+
+/// Pairs match the texts one to one, and the text is within the bytes one call may pass.
+fn check_inputs(texts: &[String], pairs: &[String]) -> Result<(), String> {
     if !pairs.is_empty() && pairs.len() != texts.len() {
         return Err(format!(
             "{} texts but {} pairs: pairs must be empty or one per text",
@@ -137,23 +223,7 @@ pub fn encode(
             MAX_ENCODE_BYTES >> 20
         ));
     }
-    texts
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            let input: tokenizers::EncodeInput = match pairs.get(i) {
-                Some(pair) => (text.as_str(), pair.as_str()).into(),
-                None => text.as_str().into(),
-            };
-            let encoded = if spans {
-                tokenizer.encode_char_offsets(input, add_special_tokens)
-            } else {
-                tokenizer.encode_fast(input, add_special_tokens)
-            }
-            .map_err(|e| format!("cannot tokenize text {i}: {e}"))?;
-            Ok(convert(&encoded, spans))
-        })
-        .collect()
+    Ok(())
 }
 
 fn convert(encoded: &tokenizers::Encoding, spans: bool) -> Encoding {
@@ -226,6 +296,45 @@ mod tests {
 
         let bare = encode(&tokenizer, &texts, &[], false, false).unwrap();
         assert_eq!(bare[0].ids, [6, 5, 7]);
+    }
+
+    #[test]
+    fn encode_padded_lays_out_int64_tensors() {
+        let dir = folder();
+        let tokenizer = TokenizerCache::default()
+            .open(dir.path(), "tokenizer.json", 0)
+            .unwrap();
+        let texts = ["hello world".to_string(), "worlds".to_string()];
+        let pairs = ["hello".to_string(), "hello hello".to_string()];
+        let padded = encode_padded(&tokenizer, &texts, &pairs, true, -7).unwrap();
+        let int64 = |bytes: &[u8]| -> Vec<i64> {
+            bytes
+                .chunks(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        assert_eq!((padded.rows, padded.width), (2, 7));
+        assert_eq!(
+            int64(&padded.input_ids),
+            [2, 4, 5, 3, 4, 3, -7, 2, 5, 7, 3, 4, 4, 3]
+        );
+        assert_eq!(
+            int64(&padded.attention_mask),
+            [1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+        );
+        assert_eq!(
+            int64(&padded.token_type_ids),
+            [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1]
+        );
+        // The same ids as `encode`.
+        let encodings = encode(&tokenizer, &texts, &pairs, true, false).unwrap();
+        assert_eq!(encodings[1].ids, [2, 5, 7, 3, 4, 4, 3]);
+        // One long text among many short ones cannot make the host lay out rows × width
+        // without bound.
+        let mut many = vec!["hello".to_string(); 600];
+        many.push("hello ".repeat(4000));
+        let e = encode_padded(&tokenizer, &many, &[], true, 0).unwrap_err();
+        assert!(e.contains("more than the 2097152"), "{e}");
     }
 
     #[test]

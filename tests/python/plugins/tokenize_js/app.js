@@ -1,5 +1,6 @@
 // The host's tokenize import from JavaScript: TEXT (and PAIR) → padded ids, masks, type ids,
-// offsets (UTF-16 units) and words, and each text decoded back.
+// offsets (UTF-16 units) and words, and each text decoded back. With the request parameter
+// `padded`, the ids, masks and type ids come from encodeTensors (the host's layout).
 
 class Tokenize extends WispModel {
   initialize(info) {
@@ -19,10 +20,16 @@ class Tokenize extends WispModel {
     }
     const rows = encodings.length;
     const int64 = (values) => values.map(BigInt);
+    const tensors = request.parameters.padded
+      // The host lays out the tensors (encode-padded).
+      ? this.tokenizer.encodeTensors(texts, { pairs, padId: this.tokenizer.tokenToId("[PAD]") ?? 0 })
+      : [
+          Tensor.fromList("input_ids", "INT64", [rows, width], int64(inputIds)),
+          Tensor.fromList("attention_mask", "INT64", [rows, width], int64(attentionMask)),
+          Tensor.fromList("token_type_ids", "INT64", [rows, width], int64(tokenTypeIds)),
+        ];
     return [
-      Tensor.fromList("input_ids", "INT64", [rows, width], int64(inputIds)),
-      Tensor.fromList("attention_mask", "INT64", [rows, width], int64(attentionMask)),
-      Tensor.fromList("token_type_ids", "INT64", [rows, width], int64(tokenTypeIds)),
+      ...tensors,
       Tensor.fromList("offsets", "INT64", [rows, width, 2], int64(offsets)),
       Tensor.fromList("word_ids", "INT64", [rows, width], int64(words)),
       Tensor.fromStrings("decoded", [rows], encodings.map((e) => this.tokenizer.decode(e.ids))),

@@ -1,5 +1,6 @@
 """The host's tokenize import from Python: TEXT (and PAIR) → padded ids, masks, type ids,
-character offsets and words, and each text decoded back."""
+character offsets and words, and each text decoded back. With the request parameter
+`padded`, the ids, masks and type ids come from encode_tensors (the host's layout)."""
 
 import wisp_plugin
 from wisp_plugin import Tensor
@@ -21,10 +22,15 @@ class Tokenize(wisp_plugin.Model):
             offsets += [v for start_end in e.offsets for v in start_end] + [0, 0] * gap
             words += e.word_ids + [-1] * gap
         rows = len(encodings)
-        return [
-            Tensor.from_list("input_ids", "INT64", [rows, width], ids),
-            Tensor.from_list("attention_mask", "INT64", [rows, width], mask),
-            Tensor.from_list("token_type_ids", "INT64", [rows, width], types),
+        if request.parameters.get("padded"):
+            # The host lays out the tensors (encode-padded).
+            pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+            tensors = self.tokenizer.encode_tensors(texts, pairs, pad_id=pad_id)
+        else:
+            tensors = [Tensor.from_list("input_ids", "INT64", [rows, width], ids),
+                       Tensor.from_list("attention_mask", "INT64", [rows, width], mask),
+                       Tensor.from_list("token_type_ids", "INT64", [rows, width], types)]
+        return tensors + [
             Tensor.from_list("offsets", "INT64", [rows, width, 2], offsets),
             Tensor.from_list("word_ids", "INT64", [rows, width], words),
             Tensor.from_strings("decoded", [rows], [self.tokenizer.decode(e.ids) for e in encodings]),

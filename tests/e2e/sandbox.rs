@@ -407,7 +407,7 @@ fn tokenizer_handles_and_text_per_call_are_bounded() {
     let (status, report, _server) = tokenizer_attack("tokenizer_flood");
     assert_eq!(status, 200, "{report}");
     assert!(
-        report.starts_with("refused: the texts have 6291456 bytes, more than the 4 MiB"),
+        report.starts_with("refused: 1 texts of 6291456 bytes are more than the 1 MiB"),
         "{report}"
     );
 }

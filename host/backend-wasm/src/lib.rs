@@ -304,9 +304,8 @@ impl bindings::wisp::plugin::tokenize::HostTokenizer for HostState {
         ids: Vec<u32>,
         skip_special_tokens: bool,
     ) -> std::result::Result<String, String> {
-        self.tokenizer(&handle)?
-            .decode(&ids, skip_special_tokens)
-            .map_err(|e| format!("cannot decode: {e}"))
+        let tokenizer = self.tokenizer(&handle)?;
+        tokenize::decode(&tokenizer, &ids, skip_special_tokens)
     }
 
     fn token_to_id(

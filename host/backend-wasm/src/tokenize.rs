@@ -9,7 +9,9 @@
 use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 use wasmtime::component::{Resource, ResourceTable};
 
 use crate::bindings::wisp::plugin::tokenize::{Encoding, Padded};
@@ -20,8 +22,16 @@ pub const MAX_TOKENIZER_FILE_BYTES: u64 = 64 << 20;
 pub const MAX_TOKENIZERS_PER_MODEL: usize = 8;
 /// Open tokenizer handles one instance may hold at once.
 pub const MAX_HANDLES_PER_INSTANCE: usize = 64;
-/// Bytes of text one `encode` call may pass (texts and pairs together).
-pub const MAX_ENCODE_BYTES: usize = 4 << 20;
+/// Bytes of text one `encode` call may pass (texts and pairs together, each text charged
+/// `TEXT_CHARGE_BYTES` more): tokenizers holds ~100 bytes a token while it encodes a text,
+/// and each encoding costs its records, so this bounds the host memory one call can take
+/// (tens of MiB) as well as its time, which no deadline interrupts.
+pub const MAX_ENCODE_BYTES: usize = 1 << 20;
+/// What each text costs in that budget besides its bytes, so a million empty texts cannot
+/// make a million encodings.
+pub const TEXT_CHARGE_BYTES: usize = 64;
+/// Ids one `decode` call may pass.
+pub const MAX_DECODE_IDS: usize = 1 << 18;
 /// Padded tokens (rows × width) one `encode-padded` call may make: 48 MiB of tensors.
 pub const MAX_PADDED_TOKENS: usize = 1 << 21;
 
@@ -68,6 +78,21 @@ impl TokenizerCache {
             .map_err(|e| format!("'{path}' is not a tokenizer.json: {e}"))?;
         // Plugins pad as their model needs; a tokenizer.json's padding would pad one text.
         tokenizer.with_padding(None);
+        // tokenizers subtracts the special tokens from max_length unchecked (a panic, or a
+        // wrapped length in release builds), so a length must leave room beside them.
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        let limit = match max_length {
+            0 => tokenizer.get_truncation().map(|t| t.max_length),
+            n => Some(n as usize),
+        };
+        if let Some(limit) = limit.filter(|&l| l <= special) {
+            return Err(format!(
+                "max-length {limit} leaves no room beside the {special} special tokens '{path}' \
+                 adds to a pair"
+            ));
+        }
         if max_length > 0 {
             tokenizer
                 .with_truncation(Some(TruncationParams {
@@ -215,15 +240,38 @@ fn check_inputs(texts: &[String], pairs: &[String]) -> Result<(), String> {
             pairs.len()
         ));
     }
-    let bytes: usize = texts.iter().chain(pairs).map(String::len).sum();
+    let bytes: usize = texts
+        .iter()
+        .chain(pairs)
+        .map(|t| t.len() + TEXT_CHARGE_BYTES)
+        .sum();
     if bytes > MAX_ENCODE_BYTES {
         return Err(format!(
-            "the texts have {bytes} bytes, more than the {} MiB one encode call may pass; \
-             split them over several calls",
+            "{} texts of {} bytes are more than the {} MiB one call may pass (each text counts \
+             {TEXT_CHARGE_BYTES} bytes more); split them over several calls",
+            texts.len() + pairs.len(),
+            bytes - (texts.len() + pairs.len()) * TEXT_CHARGE_BYTES,
             MAX_ENCODE_BYTES >> 20
         ));
     }
     Ok(())
+}
+
+/// The text of `ids`.
+pub fn decode(
+    tokenizer: &Tokenizer,
+    ids: &[u32],
+    skip_special_tokens: bool,
+) -> Result<String, String> {
+    if ids.len() > MAX_DECODE_IDS {
+        return Err(format!(
+            "{} ids are more than the {MAX_DECODE_IDS} one decode call may pass",
+            ids.len()
+        ));
+    }
+    tokenizer
+        .decode(ids, skip_special_tokens)
+        .map_err(|e| format!("cannot decode: {e}"))
 }
 
 fn convert(encoded: &tokenizers::Encoding, spans: bool) -> Encoding {
@@ -338,6 +386,40 @@ mod tests {
     }
 
     #[test]
+    fn a_max_length_without_room_beside_the_special_tokens_is_refused() {
+        let dir = folder();
+        let cache = TokenizerCache::default();
+        // A pair gets three special tokens here: [CLS] a [SEP] b [SEP].
+        for max_length in [1, 2, 3] {
+            let e = cache
+                .open(dir.path(), "tokenizer.json", max_length)
+                .unwrap_err();
+            assert!(
+                e.contains(&format!("max-length {max_length} leaves no room")),
+                "{e}"
+            );
+        }
+        // The file's own truncation is checked the same way.
+        let json = TOKENIZER.replace(
+            r#""truncation": null"#,
+            r#""truncation": {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}"#,
+        );
+        std::fs::write(dir.path().join("short.json"), json).unwrap();
+        let e = cache.open(dir.path(), "short.json", 0).unwrap_err();
+        assert!(e.contains("max-length 2 leaves no room"), "{e}");
+        let tokenizer = cache.open(dir.path(), "tokenizer.json", 4).unwrap();
+        let out = encode(
+            &tokenizer,
+            &["hello world".into()],
+            &["hello".into()],
+            true,
+            false,
+        );
+        // Four tokens in all: the longer text gives way first.
+        assert_eq!(out.unwrap()[0].ids, [2, 4, 3, 3]);
+    }
+
+    #[test]
     fn truncates_at_max_length_with_special_tokens() {
         let dir = folder();
         let cache = TokenizerCache::default();
@@ -371,16 +453,29 @@ mod tests {
         let cache = TokenizerCache::default();
         for max_length in 1..=MAX_TOKENIZERS_PER_MODEL as u32 {
             cache
-                .open(dir.path(), "tokenizer.json", max_length + 2)
+                .open(dir.path(), "tokenizer.json", max_length + 3)
                 .unwrap();
         }
         let e = cache.open(dir.path(), "tokenizer.json", 0).unwrap_err();
         assert!(e.contains("at most 8 tokenizers"), "{e}");
 
-        let tokenizer = cache.open(dir.path(), "tokenizer.json", 3).unwrap();
+        let tokenizer = cache.open(dir.path(), "tokenizer.json", 4).unwrap();
         let big = vec!["hello ".repeat(MAX_ENCODE_BYTES / 6 + 1)];
         let e = encode(&tokenizer, &big, &[], true, false).unwrap_err();
-        assert!(e.contains("4 MiB"), "{e}");
+        assert!(
+            e.contains("1 texts of 1048578 bytes are more than the 1 MiB"),
+            "{e}"
+        );
+        // Empty texts are not free.
+        let empty = vec![String::new(); MAX_ENCODE_BYTES / TEXT_CHARGE_BYTES + 1];
+        let e = encode_padded(&tokenizer, &empty, &[], true, 0).unwrap_err();
+        assert!(e.contains("16385 texts of 0 bytes"), "{e}");
+        let e = decode(&tokenizer, &vec![4; MAX_DECODE_IDS + 1], true).unwrap_err();
+        assert!(e.contains("262145 ids"), "{e}");
+        assert_eq!(
+            decode(&tokenizer, &[2, 4, 5, 3], true).unwrap(),
+            "hello world"
+        );
         let e = encode(
             &tokenizer,
             &["a".into(), "b".into()],

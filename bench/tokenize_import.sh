@@ -18,13 +18,7 @@ for twin in tokenize_py tokenize_js; do
     cp model_repository/minilm_embed_tokenizer/1/tokenizer.json "$repo/$twin/1/"
 done
 batch=${BATCH:-8}
-# Each request: `batch` sentences (wisp perf takes a data entry's content for the whole batch).
-python3 bench/sentences.py $((200 * batch)) | python3 -c '
-import json, sys
-batch, data = int(sys.argv[1]), json.load(sys.stdin)["data"]
-texts = [d["TEXT"]["content"][0] for d in data]
-print(json.dumps({"data": [{"TEXT": {"content": texts[i:i + batch], "shape": [1]}}
-                           for i in range(0, len(texts), batch)]}))' "$batch" > "$repo/sentences.json"
+python3 bench/sentences.py 200 "$batch" > "$repo/sentences.json"
 serve "$repo" "$port" bench-results/tokenize_import_server.log
 target/release/wisp perf -m minilm_embed_tokenizer --compare tokenize_py --compare tokenize_js \
     -u "127.0.0.1:$port" --input-data "$repo/sentences.json" -b "$batch" \

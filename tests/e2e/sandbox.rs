@@ -24,6 +24,15 @@ fn request(attack: bool) -> serde_json::Value {
 /// Starts a server with `simple` and one hostile model; runs the attack and
 /// returns (status, error message), after checking the server is still whole.
 fn attack(name: &str, extra: &str) -> (u16, String, Server, TestRepo) {
+    attack_prepared(name, extra, |_| {})
+}
+
+/// `attack`, with `prepare` adding files to the hostile model's version folder first.
+fn attack_prepared(
+    name: &str,
+    extra: &str,
+    prepare: impl FnOnce(&std::path::Path),
+) -> (u16, String, Server, TestRepo) {
     let repo = TestRepo::new();
     repo.simple();
     repo.add(
@@ -32,6 +41,7 @@ fn attack(name: &str, extra: &str) -> (u16, String, Server, TestRepo) {
         "wisp_test_hostile",
         &[1],
     );
+    prepare(&repo.path().join(name).join("1"));
     let server = Server::start(repo.path(), &[]);
     assert_eq!(
         server.infer(name, &request(false)).ok()["outputs"][0]["data"],
@@ -351,31 +361,22 @@ fn a_slow_init_does_not_hold_back_other_models() {
 /// Runs a `tokenizer_*` attack with the tiny WordPiece tokenizer.json in the version
 /// folder (and a link from it to /etc/passwd); returns the plugin's report.
 fn tokenizer_attack(name: &str) -> (u16, String, Server) {
-    let repo = TestRepo::new();
-    repo.simple();
-    repo.add(name, &hostile_config(name, ""), "wisp_test_hostile", &[1]);
-    let version = repo.path().join(name).join("1");
-    std::fs::copy(
-        workspace_root().join("tests/fixtures/tiny_wordpiece_tokenizer.json"),
-        version.join("tokenizer.json"),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink("/etc/passwd", version.join("link")).unwrap();
-    let server = Server::start(repo.path(), &[]);
-    let reply = server.infer(name, &request(true));
-    let status = reply.status;
-    let report = if status == 200 {
-        reply.ok()["outputs"][0]["data"][0]
-            .as_str()
-            .unwrap()
-            .to_string()
-    } else {
-        String::from_utf8_lossy(&reply.body).into_owned()
+    let (status, message, server, _repo) = attack_prepared(name, "", |version| {
+        std::fs::copy(
+            workspace_root().join("tests/fixtures/tiny_wordpiece_tokenizer.json"),
+            version.join("tokenizer.json"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", version.join("link")).unwrap();
+    });
+    let report = match status {
+        200 => serde_json::from_str::<serde_json::Value>(&message).unwrap()["outputs"][0]["data"]
+            [0]
+        .as_str()
+        .unwrap()
+        .to_string(),
+        _ => message,
     };
-    assert_eq!(server.get("/v2/health/live").status, 200);
-    server
-        .infer("simple", &simple_request(&ramp(), &ramp()))
-        .ok();
     (status, report, server)
 }
 

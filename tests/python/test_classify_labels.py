@@ -6,10 +6,8 @@ plugin's own code run by this interpreter and against NumPy; per-request setting
 and the label names' three sources (config.json, the `labels` parameter, LABEL_i).
 """
 
-import importlib.util
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 import encoder_reference
 from conftest import REPO_ROOT, copy_model_repository, run_wisp
 from test_encoder import text_input
+from test_python_plugins import plugin_natively
 
 CHECKPOINT = REPO_ROOT / "target" / "models" / "categorium-en"
 TEXTS = ["Compare credit card offers and mortgage refinancing rates from top banks.",
@@ -27,23 +26,6 @@ TEXTS = ["Compare credit card offers and mortgage refinancing rates from top ban
          "Anti-aging skincare with moisturizer, serum and lipstick.",
          "Pasta recipe with garlic, olive oil, basil and parmesan.",
          "The Lakers beat the Celtics last night."]
-
-
-def labels_natively():
-    """plugins/python/classify_labels/app.py run by this interpreter (the SDK's export stubbed)."""
-    sys.path.insert(0, str(REPO_ROOT / "plugins" / "python" / "sdk"))
-    import wisp_plugin
-
-    export = wisp_plugin.export
-    wisp_plugin.export = lambda cls: cls
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "classify_labels_app", REPO_ROOT / "plugins/python/classify_labels/app.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        wisp_plugin.export = export
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +61,7 @@ def logits_input(rows):
 
 
 def test_the_pipeline_equals_the_reference_and_the_plugin_run_natively(server):
-    native = labels_natively()
+    native = plugin_natively("classify_labels")
     labels = [json.loads((CHECKPOINT / "config.json").read_text())["id2label"][str(i)]
               for i in range(27)]
     with server.client() as client:

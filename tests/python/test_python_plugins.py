@@ -29,16 +29,17 @@ def wisp(*args, check=True):
     return result
 
 
-def text_clean_natively():
-    """plugins/python/text_clean/app.py run by this interpreter (the SDK's export stubbed)."""
+def plugin_natively(name):
+    """plugins/python/NAME/app.py run by this interpreter (the SDK's export stubbed), so tests can
+    check a served plugin against its own code."""
     sys.path.insert(0, str(REPO_ROOT / "plugins" / "python" / "sdk"))
     import wisp_plugin
 
     export = wisp_plugin.export
     wisp_plugin.export = lambda cls: cls
     try:
-        spec = importlib.util.spec_from_file_location("text_clean_app",
-                                                      REPO_ROOT / "plugins/python/text_clean/app.py")
+        spec = importlib.util.spec_from_file_location(f"{name}_app",
+                                                      REPO_ROOT / f"plugins/python/{name}/app.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -61,7 +62,7 @@ def test_new_python_plugin_builds_installs_and_serves(tmp_path):
 
 
 def test_text_clean_pipeline_equals_the_code_run_natively(tmp_path):
-    native = text_clean_natively()
+    native = plugin_natively("text_clean")
     texts = ["Mail jane.doe@example.com or call +44 20 7946 0958", "ﬁne\u200b  text\twith\ncontrols",
              "card 4111 1111 1111 1111 and https://example.com/x?y=1", "nothing to hide"]
     want = [native.clean(t, True, False) for t in texts]

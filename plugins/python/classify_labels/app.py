@@ -131,8 +131,9 @@ class ClassifyLabels(wisp_plugin.Model):
             all_scores += row_scores
             answers.append(json.dumps([{"label": label, "score": score} for label, score in picked],
                                       ensure_ascii=False))
-            top = ranked(labels, row_scores, 1, settings.threshold)
-            best.append(top[0][0] if top else settings.fallback)
+            # max keeps the first of equal scores: the lower label id, as `ranked` does.
+            top = max(range(width), key=row_scores.__getitem__)
+            best.append(labels[top] if row_scores[top] >= settings.threshold else settings.fallback)
         per_row = list(logits.shape[:-1]) + [1] if len(logits.shape) > 1 else [1]
         return [
             Tensor.from_strings("LABELS", per_row, answers),

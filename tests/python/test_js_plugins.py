@@ -1,7 +1,7 @@
 """JavaScript plugins, end to end: `wisp plugin new --lang js` and `wisp plugin build --install`
 with the pinned componentize-js, served by the real server; the sentence_split example against
 the same code run by Node; the sandbox against a hostile JavaScript plugin (a loop, a memory bomb,
-a network fetch, an exception).
+a network fetch, /etc/passwd through the host's tokenizer, an exception).
 """
 
 import json
@@ -83,6 +83,7 @@ def attack(server, kind):
     # No wasi:http in the component or the sandbox: the engine's fetch traps, and the
     # instance is replaced.
     ("fetch", "wasm trap"),
+    ("passwd", "tokenizer path '/etc/passwd' is not a file inside the version folder"),
     ("throw", "TypeError: bad luck"),
 ])
 def test_the_sandbox_holds_against_javascript(server, kind, message):

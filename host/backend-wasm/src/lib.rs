@@ -288,14 +288,7 @@ impl bindings::wisp::plugin::tokenize::HostTokenizer for HostState {
         pad_id: i64,
     ) -> std::result::Result<bindings::wisp::plugin::tokenize::Padded, String> {
         let tokenizer = self.tokenizer(&handle)?;
-        let t = Instant::now();
-        let r = tokenize::encode_padded(&tokenizer, &texts, &pairs, add_special_tokens, pad_id);
-        tracing::info!(
-            "PROBE encode_padded {:?} on {:?}",
-            t.elapsed(),
-            std::thread::current().name()
-        );
-        r
+        tokenize::encode_padded(&tokenizer, &texts, &pairs, add_special_tokens, pad_id)
     }
 
     fn decode(

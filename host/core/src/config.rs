@@ -179,6 +179,12 @@ pub struct QueuePolicy {
     pub allow_timeout_override: bool,
     /// Requests that may wait; a full queue answers 503 at once. 0 means the server's cap.
     pub max_queue_size: u32,
+    /// Load shedding under sustained overload (0: off). Once every request for
+    /// `dynamic_batching.overload_window_us` has expected to wait longer than this (the
+    /// inferences queued ahead of it at the recent pace of execution), a request expected
+    /// to wait longer is refused at once with 503, so those admitted keep their latency.
+    /// Shorter bursts still queue up to `max_queue_size`.
+    pub max_expected_wait_us: u64,
 }
 
 impl Default for QueuePolicy {
@@ -188,6 +194,7 @@ impl Default for QueuePolicy {
             timeout_action: TimeoutAction::Reject,
             allow_timeout_override: false,
             max_queue_size: 0,
+            max_expected_wait_us: 0,
         }
     }
 }
@@ -199,6 +206,8 @@ impl QueuePolicy {
             "default_timeout_microseconds": self.timeout_us,
             "allow_timeout_override": self.allow_timeout_override,
             "max_queue_size": self.max_queue_size,
+            // wisp's own key (Triton's clients ignore fields they do not know).
+            "max_expected_wait_microseconds": self.max_expected_wait_us,
         })
     }
 }
@@ -229,6 +238,9 @@ pub struct DynamicBatching {
     /// fuller batch) or "eager" (a free instance takes what is queued at once; batches
     /// form by themselves while the instances are busy).
     pub dispatch: Dispatch,
+    /// How long the expected wait must stay above a policy's `max_expected_wait_us` before
+    /// requests are shed, and below it before shedding stops; 0 means 1 s.
+    pub overload_window_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -239,7 +251,18 @@ pub enum Dispatch {
     Eager,
 }
 
+/// `overload_window_us` when the config leaves it 0.
+pub const DEFAULT_OVERLOAD_WINDOW_US: u64 = 1_000_000;
+
 impl DynamicBatching {
+    /// How long an overload must last before requests are shed (and after it, before they stop being shed).
+    pub fn overload_window(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(match self.overload_window_us {
+            0 => DEFAULT_OVERLOAD_WINDOW_US,
+            us => us,
+        })
+    }
+
     /// The policy of a priority level (1-based; 0 when there are no levels).
     pub fn policy(&self, level: u32) -> &QueuePolicy {
         self.priority_queue_policy
@@ -301,6 +324,7 @@ impl DynamicBatching {
             // wisp's own keys (Triton's clients ignore fields they do not know).
             "max_batch_tokens": self.max_batch_tokens,
             "dispatch": match self.dispatch { Dispatch::Delay => "delay", Dispatch::Eager => "eager" },
+            "overload_window_microseconds": self.overload_window().as_micros() as u64,
         })
     }
 }
@@ -641,6 +665,11 @@ impl ModelConfig {
                 b.max_batch_tokens,
                 limits::MAX_BATCH_TOKENS,
             )?;
+            check(
+                "dynamic_batching.overload_window_us".into(),
+                b.overload_window_us,
+                limits::MAX_QUEUE_DELAY_US,
+            )?;
             let policies =
                 std::iter::once(("default_queue_policy".to_string(), &b.default_queue_policy))
                     .chain(
@@ -658,6 +687,11 @@ impl ModelConfig {
                     format!("dynamic_batching.{name}.max_queue_size"),
                     policy.max_queue_size.into(),
                     limits::MAX_QUEUE_SIZE,
+                )?;
+                check(
+                    format!("dynamic_batching.{name}.max_expected_wait_us"),
+                    policy.max_expected_wait_us,
+                    limits::MAX_QUEUE_TIMEOUT_US,
                 )?;
             }
         }
@@ -1058,6 +1092,14 @@ pub(crate) mod tests {
                 "dynamic_batching.max_queue_delay_us",
             ),
             (
+                format!("{SIMPLE}\n[dynamic_batching]\noverload_window_us = 100000000000\n"),
+                "dynamic_batching.overload_window_us",
+            ),
+            (
+                format!("{SIMPLE}\n[dynamic_batching.default_queue_policy]\nmax_expected_wait_us = 99999999999999\n"),
+                "dynamic_batching.default_queue_policy.max_expected_wait_us",
+            ),
+            (
                 format!("{SIMPLE}\n[sandbox]\ninit_timeout_ms = 86400000\n"),
                 "sandbox.init_timeout_ms",
             ),
@@ -1127,17 +1169,26 @@ mod batching_tests {
     fn dynamic_batching_parses_and_validates() {
         let base = "backend = \"wasm\"\nmax_batch_size = 8\n[[input]]\nname = \"X\"\ndatatype = \"FP32\"\ndims = [1]\n[[output]]\nname = \"Y\"\ndatatype = \"FP32\"\ndims = [1]\n";
         let c = ModelConfig::parse(
-            &format!("{base}[dynamic_batching]\npreferred_batch_size = [4, 8]\nmax_queue_delay_us = 100\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = 3\ntimeout_action = \"delay\"\n"),
+            &format!("{base}[dynamic_batching]\npreferred_batch_size = [4, 8]\nmax_queue_delay_us = 100\npriority_levels = 2\ndefault_priority_level = 2\n[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = 3\ntimeout_action = \"delay\"\nmax_expected_wait_us = 50000\n"),
             "m",
         )
         .unwrap();
         let b = c.dynamic_batching.as_ref().unwrap();
         assert_eq!(b.policy(1).max_queue_size, 3);
         assert_eq!(b.policy(1).timeout_action, TimeoutAction::Delay);
+        assert_eq!(b.policy(1).max_expected_wait_us, 50_000);
         assert_eq!(b.policy(2).max_queue_size, 0);
+        assert_eq!(b.policy(2).max_expected_wait_us, 0);
+        assert_eq!(b.overload_window(), std::time::Duration::from_secs(1));
+        let json = c.to_triton_json();
         assert_eq!(
-            c.to_triton_json()["dynamic_batching"]["max_queue_delay_microseconds"],
+            json["dynamic_batching"]["max_queue_delay_microseconds"],
             100
+        );
+        assert_eq!(
+            json["dynamic_batching"]["priority_queue_policy"]["1"]
+                ["max_expected_wait_microseconds"],
+            50_000
         );
         let err = ModelConfig::parse(
             &format!("{base}[dynamic_batching]\npreferred_batch_size = [16]\n"),

@@ -11,7 +11,7 @@
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 // tokio's clock, so tests can pause and advance time (it is the OS clock otherwise).
@@ -193,6 +193,40 @@ struct Queues {
     levels: Vec<VecDeque<Pending>>,
     /// Requests past their timeout under `timeout_action = "delay"`: served last.
     delayed: VecDeque<Pending>,
+    /// Per level, whether its queue is overloaded (its policy's `max_expected_wait_us`).
+    overload: Vec<Overload>,
+}
+
+/// Tells a sustained overload from a burst, for one priority level: the queue is
+/// overloaded once every arrival for a whole window expected to wait longer than
+/// the policy allows, and stays so until every arrival for a window did not. While
+/// it is, arrivals expected to wait too long are refused at once, so the wait of
+/// those admitted stays bounded; a burst shorter than the window still queues.
+/// The hysteresis matters with batching: each batch empties a short queue, which
+/// says nothing about the rate of arrivals.
+#[derive(Debug, Default)]
+struct Overload {
+    over_since: Option<Instant>,
+    within_since: Option<Instant>,
+    overloaded: bool,
+}
+
+impl Overload {
+    /// Records one arrival (`over`: it expects to wait longer than allowed);
+    /// returns whether the queue is overloaded.
+    fn observe(&mut self, now: Instant, over: bool, window: Duration) -> bool {
+        let (since, other) = if over {
+            (&mut self.over_since, &mut self.within_since)
+        } else {
+            (&mut self.within_since, &mut self.over_since)
+        };
+        *other = None;
+        let since = *since.get_or_insert(now);
+        if now.duration_since(since) >= window {
+            self.overloaded = over;
+        }
+        self.overloaded
+    }
 }
 
 struct Shared {
@@ -204,6 +238,10 @@ struct Shared {
     config: DynamicBatching,
     /// Largest batch in inferences; models without a batch dimension run one request at a time.
     max_batch: u64,
+    instances: u64,
+    /// Recent execution time per inference (a moving average over batches), in ns;
+    /// 0 until a batch has run. It prices the queue for `max_expected_wait_us`.
+    ns_per_inference: AtomicU64,
     label: String,
 }
 
@@ -239,10 +277,13 @@ impl DynamicBatcher {
             queues: Mutex::new(Queues {
                 levels: (0..levels).map(|_| VecDeque::new()).collect(),
                 delayed: VecDeque::new(),
+                overload: (0..levels).map(|_| Overload::default()).collect(),
             }),
             wake: Notify::new(),
             order_tail: Mutex::new(None),
             max_batch: max_batch_size.max(1) as u64,
+            instances: instances.max(1) as u64,
+            ns_per_inference: AtomicU64::new(0),
             config,
             label: label.to_string(),
         });
@@ -322,16 +363,16 @@ impl DynamicBatcher {
         };
         {
             let mut queues = self.shared.queues.lock();
-            let last = queues.levels.len() - 1;
-            let queue = &mut queues.levels[((level - 1) as usize).min(last)];
+            let index = ((level - 1) as usize).min(queues.levels.len() - 1);
             let cap = queue_cap(policy);
-            if queue.len() >= cap {
+            if queues.levels[index].len() >= cap {
                 return Err(Error::unavailable(format!(
                     "the queue of model '{}' (priority level {level}) is full: {cap} requests wait (max_queue_size)",
                     self.shared.label
                 )));
             }
-            queue.push_back(pending);
+            self.shed_if_overloaded(&mut queues, index, batch_size, policy, arrived)?;
+            queues.levels[index].push_back(pending);
         }
         self.shared.wake.notify_one();
         let outcome = outcome
@@ -345,6 +386,57 @@ impl DynamicBatcher {
     }
 }
 
+impl DynamicBatcher {
+    /// Refuses a request at once when its level is overloaded and the request
+    /// expects to wait longer than the policy's `max_expected_wait_us`.
+    fn shed_if_overloaded(
+        &self,
+        queues: &mut Queues,
+        index: usize,
+        batch_size: u64,
+        policy: &wisp_core::config::QueuePolicy,
+        now: Instant,
+    ) -> Result<()> {
+        let shared = &self.shared;
+        let ns_per_inference = shared.ns_per_inference.load(AtomicOrdering::Relaxed);
+        if policy.max_expected_wait_us == 0 || ns_per_inference == 0 {
+            return Ok(());
+        }
+        // Served before it: its own level and the higher ones (delayed requests go last).
+        let ahead: u64 = queues.levels[..=index]
+            .iter()
+            .flatten()
+            .map(|p| p.batch_size)
+            .sum();
+        let expected_us =
+            (ahead + batch_size).saturating_mul(ns_per_inference) / shared.instances / 1000;
+        let over = expected_us > policy.max_expected_wait_us;
+        let overloaded = queues.overload[index].observe(now, over, shared.config.overload_window());
+        if over && overloaded {
+            return Err(Error::unavailable(format!(
+                "model '{}' is overloaded: a request would wait about {} ms behind {ahead} queued inferences (priority level {}), over max_expected_wait_us = {}",
+                shared.label,
+                expected_us / 1000,
+                index + 1,
+                policy.max_expected_wait_us
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Folds one batch's execution time into the moving average per inference (weight 1/8).
+fn record_pace(average: &AtomicU64, elapsed: Duration, batch_size: u64) {
+    let sample = (elapsed.as_nanos() / u128::from(batch_size.max(1))).min(u64::MAX as u128) as u64;
+    let old = average.load(AtomicOrdering::Relaxed);
+    let new = match old {
+        0 => sample.max(1),
+        old => (old - old / 8 + sample / 8).max(1),
+    };
+    // Concurrent batches may overwrite each other's update: an average loses nothing by it.
+    average.store(new, AtomicOrdering::Relaxed);
+}
+
 enum Decision {
     Dispatch(Vec<Pending>),
     /// Nothing to send yet: wake at this instant (or on a new request).
@@ -355,7 +447,9 @@ impl Shared {
     /// Answers requests past their queue timeout (reject) or moves them behind
     /// the others (delay), and drops those whose client left.
     fn sweep(&self, queues: &mut Queues, now: Instant) {
-        let Queues { levels, delayed } = queues;
+        let Queues {
+            levels, delayed, ..
+        } = queues;
         // Expired and abandoned requests leave the queues first.
         for level in levels.iter_mut() {
             let mut kept = VecDeque::with_capacity(level.len());
@@ -407,7 +501,9 @@ impl Shared {
     fn decide(&self, now: Instant) -> Decision {
         let mut queues = self.queues.lock();
         self.sweep(&mut queues, now);
-        let Queues { levels, delayed } = &mut *queues;
+        let Queues {
+            levels, delayed, ..
+        } = &mut *queues;
         let order = || levels.iter().flatten().chain(delayed.iter());
         let total: u64 = order().map(|p| p.batch_size).sum();
         let next_expiry = levels.iter().flatten().filter_map(|p| p.deadline).min();
@@ -533,6 +629,7 @@ async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances:
             }
         };
         let backend = backend.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let batch_size: u64 = batch.iter().map(|p| p.batch_size).sum();
@@ -541,6 +638,7 @@ async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances:
                 .map(|p| (p.request, (p.arrived, p.reply)))
                 .unzip();
             let execution = backend.execute(requests).await;
+            record_pace(&shared.ns_per_inference, started.elapsed(), batch_size);
             drop(permit);
             answer(waiting, execution, started, batch_size);
         });
@@ -1158,6 +1256,117 @@ mod tests {
         for t in running {
             t.await.unwrap().unwrap();
         }
+    }
+
+    #[test]
+    fn an_overload_is_an_expected_wait_over_the_bound_for_a_whole_window() {
+        let window = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut o = Overload::default();
+        // A burst: over for less than a window, then a request that is not.
+        assert!(!o.observe(at(0), true, window));
+        assert!(!o.observe(at(99), true, window));
+        assert!(!o.observe(at(100), false, window));
+        // Over again: the window starts anew.
+        assert!(!o.observe(at(150), true, window));
+        assert!(!o.observe(at(249), true, window));
+        assert!(o.observe(at(250), true, window));
+        // Overloaded until requests are within the bound for a whole window.
+        assert!(o.observe(at(260), false, window));
+        assert!(o.observe(at(300), true, window));
+        assert!(o.observe(at(310), false, window));
+        assert!(o.observe(at(409), false, window));
+        assert!(!o.observe(at(410), false, window));
+    }
+
+    /// Offers `per_tick` requests every `tick_ms` for `ms`; returns each one's
+    /// (arrival ms, latency ms or the refusal).
+    async fn offer(
+        s: &Arc<Scheduler>,
+        per_tick: usize,
+        tick_ms: u64,
+        ms: u64,
+    ) -> Vec<(u64, std::result::Result<u64, Error>)> {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for i in (0..ms).step_by(tick_ms as usize) {
+            for _ in 0..per_tick {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let started = Instant::now();
+                    let outcome = s.schedule(request(&[]), 1).await;
+                    let latency = started.elapsed().as_millis() as u64;
+                    (i, outcome.and_then(|o| o.result).map(|_| latency))
+                }));
+            }
+            tokio::time::sleep_until(t0 + Duration::from_millis(i + tick_ms)).await;
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        results
+    }
+
+    /// At twice the capacity, a queue bounded by count only makes every admitted
+    /// request wait for the whole queue; with `max_expected_wait_us`, once the
+    /// overload has lasted a window, the excess is refused and those admitted
+    /// wait about the bound.
+    #[tokio::test(start_paused = true)]
+    async fn a_sustained_overload_is_shed_so_admitted_requests_keep_their_latency() {
+        // 4 inferences per 10 ms batch: 400 a second; offered: 1000 a second.
+        let config = |wait_us: u64| {
+            format!(
+                "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
+                 [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = {wait_us}\n"
+            )
+        };
+        let count_only = scheduler(&Fake::new(10, 1), "max_batch_size = 4", &config(0));
+        let results = offer(&count_only, 1, 1, 600).await;
+        let worst = results.iter().filter_map(|(_, r)| r.as_ref().ok()).max();
+        assert!(*worst.unwrap() >= 150, "{worst:?}");
+
+        let shedding = scheduler(&Fake::new(10, 1), "max_batch_size = 4", &config(20_000));
+        let results = offer(&shedding, 1, 1, 600).await;
+        let (mut admitted_late, mut refused) = (Vec::new(), 0);
+        for (arrived, result) in &results {
+            match result {
+                Ok(latency) if *arrived >= 300 => admitted_late.push(*latency),
+                Ok(_) => {}
+                // Before the overload has lasted a window, the count bound refuses.
+                Err(e) if *arrived < 200 && e.message.contains("is full") => refused += 1,
+                Err(e) => {
+                    assert!(e.message.contains("max_expected_wait_us = 20000"), "{e:?}");
+                    assert_eq!(e.kind, wisp_core::error::ErrorKind::Unavailable);
+                    refused += 1;
+                }
+            }
+        }
+        // The excess (about 60 %) is refused; the rest is served at capacity.
+        assert!((250..=450).contains(&refused), "{refused} refused");
+        // Waiting at most about the bound, plus the batch running ahead and its own.
+        let worst = admitted_late.iter().max().unwrap();
+        assert!(*worst <= 20 + 10 + 10 + 2, "{worst} ms");
+    }
+
+    /// A burst shorter than the window queues (up to max_queue_size) instead of being shed.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_shorter_than_the_overload_window_is_queued() {
+        let s = scheduler(
+            &Fake::new(10, 1),
+            "max_batch_size = 4",
+            "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
+             [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = 20000\n",
+        );
+        // The first batch teaches the scheduler the pace; then 40 requests at once
+        // (100 ms of work, five times the bound), then calm.
+        offer(&s, 1, 1, 1).await;
+        let burst = offer(&s, 40, 1, 1).await;
+        assert!(burst.iter().all(|(_, r)| r.is_ok()));
+        // At half the capacity (one request each 5 ms).
+        let calm = offer(&s, 1, 5, 200).await;
+        assert!(calm.iter().all(|(_, r)| r.is_ok()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -360,13 +360,14 @@ impl EnsembleBackend {
             .models
             .upgrade()
             .ok_or_else(|| Error::unavailable("the server is shutting down"))?;
-        // Refuse at once when a step's model is at its queue limit, rather than after
+        // Refuse at once when a step's model would refuse (its queue is full or
+        // overloaded), rather than after
         // the steps before it ran (under overload, tokenizing requests the encoder refuses).
         for (i, step) in self.steps.iter().enumerate() {
             if let Ok(model) = repository.get(&step.model, step.version) {
                 if model.is_full() {
                     return Err(Error::unavailable(format!(
-                        "ensemble '{}' step {i}: the queue of model '{}' is full; try again later",
+                        "ensemble '{}' step {i}: model '{}' is refusing requests (its queue is full or overloaded); try again later",
                         self.name, step.model
                     )));
                 }

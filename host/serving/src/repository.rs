@@ -1181,7 +1181,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind, wisp_core::error::ErrorKind::Unavailable, "{e:?}");
         assert!(
-            e.message.contains("the queue of model 'gate' is full"),
+            e.message.contains("model 'gate' is refusing requests"),
             "{e:?}"
         );
         assert_eq!(echo_runs(), before, "the first step must not run");

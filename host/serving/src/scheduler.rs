@@ -124,8 +124,8 @@ impl Scheduler {
         }
     }
 
-    /// Whether a request at the default priority would be refused now for a full
-    /// queue. An ensemble asks before its first step, so work bound for a full model
+    /// Whether a request at the default priority would be refused now (a full or
+    /// an overloaded queue). An ensemble asks before its first step, so work bound for a full model
     /// is refused at the door, not after the steps before it ran (a hint: the
     /// queue may change before the request reaches it).
     pub fn is_full(&self) -> bool {
@@ -291,20 +291,42 @@ impl DynamicBatcher {
         DynamicBatcher { shared, task }
     }
 
+    /// Whether a request of one inference at the default level would be refused now:
+    /// the level's queue is full, or it is overloaded and the request would wait too long.
     fn default_level_is_full(&self) -> bool {
         let config = &self.shared.config;
         let level = match config.priority_levels {
             0 => 1,
             _ => config.default_priority_level.max(1),
         };
-        let cap = queue_cap(config.policy(if config.priority_levels == 0 {
+        let policy = config.policy(if config.priority_levels == 0 {
             0
         } else {
             level
-        }));
+        });
         let queues = self.shared.queues.lock();
-        let last = queues.levels.len() - 1;
-        queues.levels[((level - 1) as usize).min(last)].len() >= cap
+        let index = ((level - 1) as usize).min(queues.levels.len() - 1);
+        queues.levels[index].len() >= queue_cap(policy)
+            || (policy.max_expected_wait_us > 0
+                && queues.overload[index].overloaded
+                && self.expected_wait_us(&queues, index, 1) > policy.max_expected_wait_us)
+    }
+
+    /// How long a request of `batch_size` inferences arriving at level `index` would
+    /// wait, in µs: the inferences served before it at the recent pace; 0 before any
+    /// batch has run.
+    fn expected_wait_us(&self, queues: &Queues, index: usize, batch_size: u64) -> u64 {
+        let ns_per_inference = self.shared.ns_per_inference.load(AtomicOrdering::Relaxed);
+        if ns_per_inference == 0 {
+            return 0;
+        }
+        // Served before it: its own level and the higher ones (delayed requests go last).
+        let ahead: u64 = queues.levels[..=index]
+            .iter()
+            .flatten()
+            .map(|p| p.batch_size)
+            .sum();
+        (ahead + batch_size).saturating_mul(ns_per_inference) / self.shared.instances / 1000
     }
 
     async fn submit(
@@ -397,25 +419,17 @@ impl DynamicBatcher {
         policy: &wisp_core::config::QueuePolicy,
         now: Instant,
     ) -> Result<()> {
-        let shared = &self.shared;
-        let ns_per_inference = shared.ns_per_inference.load(AtomicOrdering::Relaxed);
-        if policy.max_expected_wait_us == 0 || ns_per_inference == 0 {
+        if policy.max_expected_wait_us == 0 {
             return Ok(());
         }
-        // Served before it: its own level and the higher ones (delayed requests go last).
-        let ahead: u64 = queues.levels[..=index]
-            .iter()
-            .flatten()
-            .map(|p| p.batch_size)
-            .sum();
-        let expected_us =
-            (ahead + batch_size).saturating_mul(ns_per_inference) / shared.instances / 1000;
+        let expected_us = self.expected_wait_us(queues, index, batch_size);
         let over = expected_us > policy.max_expected_wait_us;
-        let overloaded = queues.overload[index].observe(now, over, shared.config.overload_window());
+        let window = self.shared.config.overload_window();
+        let overloaded = queues.overload[index].observe(now, over, window);
         if over && overloaded {
             return Err(Error::unavailable(format!(
-                "model '{}' is overloaded: a request would wait about {} ms behind {ahead} queued inferences (priority level {}), over max_expected_wait_us = {}",
-                shared.label,
+                "model '{}' is overloaded: a request would wait about {} ms (priority level {}), over max_expected_wait_us = {}",
+                self.shared.label,
                 expected_us / 1000,
                 index + 1,
                 policy.max_expected_wait_us
@@ -1328,7 +1342,14 @@ mod tests {
         assert!(*worst.unwrap() >= 150, "{worst:?}");
 
         let shedding = scheduler(&Fake::new(10, 1), "max_batch_size = 4", &config(20_000));
-        let results = offer(&shedding, 1, 1, 600).await;
+        let load = tokio::spawn({
+            let shedding = shedding.clone();
+            async move { offer(&shedding, 1, 1, 600).await }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // An ensemble in front of it is told so before running its first step.
+        assert!(shedding.is_full());
+        let results = load.await.unwrap();
         let (mut admitted_late, mut refused) = (Vec::new(), 0);
         for (arrived, result) in &results {
             match result {
@@ -1348,6 +1369,13 @@ mod tests {
         // Waiting at most about the bound, plus the batch running ahead and its own.
         let worst = admitted_late.iter().max().unwrap();
         assert!(*worst <= 20 + 10 + 10 + 2, "{worst} ms");
+
+        // After a window of calm (half the capacity), shedding stops: a burst queues.
+        let calm = offer(&shedding, 1, 5, 300).await;
+        assert!(calm.iter().all(|(_, r)| r.is_ok()));
+        assert!(!shedding.is_full());
+        let burst = offer(&shedding, 40, 1, 1).await;
+        assert!(burst.iter().all(|(_, r)| r.is_ok()));
     }
 
     /// A burst shorter than the window queues (up to max_queue_size) instead of being shed.

@@ -13,6 +13,7 @@ Starts its own server on 127.0.0.1 (free ports), then drives a mixed load of
 through three phases:
 
   0  peak: closed loop at increasing concurrency (short windows) -> peak operations/s of the mix
+     (the best level without refusals or errors; a level with them ends the climb)
   1  steady: open loop at --steady-fraction (0.8) of peak for --duration seconds (600)
   2  overload: open loop at --overload-factor (2.0) x peak for --overload-duration seconds (120)
 
@@ -621,13 +622,21 @@ class Soak:
                   f"{lv['ok_p99_ms'] or 0:>8.1f} {lv['failed'] + lv['refused']:>6} {lv['generator_cpu']:>7.2f} "
                   f"{(lv['cpu_cores'] or {}).get('server', 0):>7.2f} {(lv['cpu_cores'] or {}).get('other', 0):>6.2f}",
                   flush=True)
+            # A level with refusals or errors is past the peak: the server sheds load there
+            # (the encoder's max_expected_wait_us once its queue stands), and fast refusals
+            # would count as throughput of a lighter mix. The peak is the best clean level.
+            shed = lv["failed"] + lv["refused"] > 0
+            if shed and best is not None:
+                print(f"      (concurrency {conc}: {lv['failed'] + lv['refused']} refusals or errors, past the peak)",
+                      flush=True)
+                break
             if best is None or lv["ops_per_s"] > best["ops_per_s"] * 1.03:
                 best, stale = lv, 0
             else:
                 stale += 1
                 if best is not None and lv["ops_per_s"] > best["ops_per_s"]:
                     best = lv
-            if stale >= 2:
+            if stale >= 2 or shed:
                 break
             conc *= 2
         generator_bound = best["generator_cpu"] >= a.generator_cpu_limit

@@ -292,7 +292,10 @@ impl DynamicBatcher {
     }
 
     /// Whether a request of one inference at the default level would be refused now:
-    /// the level's queue is full, or it is overloaded and the request would wait too long.
+    /// the level's queue is full, or it is overloaded and the request would wait too
+    /// long. It counts as an arrival: an ensemble asks before its first step, and the
+    /// requests it turns away at the door must keep the overload standing, or the
+    /// step would see only the admitted ones and stop shedding.
     fn default_level_is_full(&self) -> bool {
         let config = &self.shared.config;
         let level = match config.priority_levels {
@@ -304,12 +307,10 @@ impl DynamicBatcher {
         } else {
             level
         });
-        let queues = self.shared.queues.lock();
+        let mut queues = self.shared.queues.lock();
         let index = ((level - 1) as usize).min(queues.levels.len() - 1);
-        queues.levels[index].len() >= queue_cap(policy)
-            || (policy.max_expected_wait_us > 0
-                && queues.overload[index].overloaded
-                && self.expected_wait_us(&queues, index, 1) > policy.max_expected_wait_us)
+        self.admit(&mut queues, index, 1, policy, Instant::now())
+            .is_err()
     }
 
     /// How long a request of `batch_size` inferences arriving at level `index` would
@@ -386,14 +387,7 @@ impl DynamicBatcher {
         {
             let mut queues = self.shared.queues.lock();
             let index = ((level - 1) as usize).min(queues.levels.len() - 1);
-            let cap = queue_cap(policy);
-            if queues.levels[index].len() >= cap {
-                return Err(Error::unavailable(format!(
-                    "the queue of model '{}' (priority level {level}) is full: {cap} requests wait (max_queue_size)",
-                    self.shared.label
-                )));
-            }
-            self.shed_if_overloaded(&mut queues, index, batch_size, policy, arrived)?;
+            self.admit(&mut queues, index, batch_size, policy, arrived)?;
             queues.levels[index].push_back(pending);
         }
         self.shared.wake.notify_one();
@@ -409,9 +403,11 @@ impl DynamicBatcher {
 }
 
 impl DynamicBatcher {
-    /// Refuses a request at once when its level is overloaded and the request
-    /// expects to wait longer than the policy's `max_expected_wait_us`.
-    fn shed_if_overloaded(
+    /// Whether a request of `batch_size` inferences may join level `index`: not when
+    /// the level's queue is full (`max_queue_size`), nor when the level is overloaded
+    /// and the request expects to wait longer than `max_expected_wait_us`. Every
+    /// arrival is recorded for the overload (a full queue counts as over the bound).
+    fn admit(
         &self,
         queues: &mut Queues,
         index: usize,
@@ -419,14 +415,25 @@ impl DynamicBatcher {
         policy: &wisp_core::config::QueuePolicy,
         now: Instant,
     ) -> Result<()> {
-        if policy.max_expected_wait_us == 0 {
-            return Ok(());
+        let full = queues.levels[index].len() >= queue_cap(policy);
+        let mut overloaded = None;
+        if policy.max_expected_wait_us > 0 {
+            let expected_us = self.expected_wait_us(queues, index, batch_size);
+            let over = full || expected_us > policy.max_expected_wait_us;
+            let window = self.shared.config.overload_window();
+            if queues.overload[index].observe(now, over, window) && over {
+                overloaded = Some(expected_us);
+            }
         }
-        let expected_us = self.expected_wait_us(queues, index, batch_size);
-        let over = expected_us > policy.max_expected_wait_us;
-        let window = self.shared.config.overload_window();
-        let overloaded = queues.overload[index].observe(now, over, window);
-        if over && overloaded {
+        if full {
+            return Err(Error::unavailable(format!(
+                "the queue of model '{}' (priority level {}) is full: {} requests wait (max_queue_size)",
+                self.shared.label,
+                index + 1,
+                queue_cap(policy)
+            )));
+        }
+        if let Some(expected_us) = overloaded {
             return Err(Error::unavailable(format!(
                 "model '{}' is overloaded: a request would wait about {} ms (priority level {}), over max_expected_wait_us = {}",
                 self.shared.label,
@@ -1302,12 +1309,27 @@ mod tests {
         tick_ms: u64,
         ms: u64,
     ) -> Vec<(u64, std::result::Result<u64, Error>)> {
+        offer_through(s, per_tick, tick_ms, ms, false).await
+    }
+
+    /// [`offer`], where with `ask_first` each request first asks `is_full`, as an
+    /// ensemble does before its first step, and goes away when told so.
+    async fn offer_through(
+        s: &Arc<Scheduler>,
+        per_tick: usize,
+        tick_ms: u64,
+        ms: u64,
+        ask_first: bool,
+    ) -> Vec<(u64, std::result::Result<u64, Error>)> {
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for i in (0..ms).step_by(tick_ms as usize) {
             for _ in 0..per_tick {
                 let s = s.clone();
                 tasks.push(tokio::spawn(async move {
+                    if ask_first && s.is_full() {
+                        return (i, Err(Error::unavailable("refused at the door")));
+                    }
                     let started = Instant::now();
                     let outcome = s.schedule(request(&[]), 1).await;
                     let latency = started.elapsed().as_millis() as u64;
@@ -1376,6 +1398,27 @@ mod tests {
         assert!(!shedding.is_full());
         let burst = offer(&shedding, 40, 1, 1).await;
         assert!(burst.iter().all(|(_, r)| r.is_ok()));
+    }
+
+    /// Requests an ensemble turns away at the door (`is_full`) count as arrivals over
+    /// the bound: were they not counted, the model would see only the admitted ones,
+    /// stop shedding after a window, fill its queue, and start again, over and over.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_at_an_ensembles_door_keep_the_overload_standing() {
+        let s = scheduler(
+            &Fake::new(10, 1),
+            "max_batch_size = 4",
+            "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
+             [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = 20000\n",
+        );
+        let results = offer_through(&s, 1, 1, 1500, true).await;
+        let late: Vec<_> = results.iter().filter(|(at, _)| *at >= 300).collect();
+        let worst = late.iter().filter_map(|(_, r)| r.as_ref().ok()).max();
+        assert!(*worst.unwrap() <= 20 + 10 + 10 + 2, "{worst:?} ms");
+        let at_door = late
+            .iter()
+            .filter(|(_, r)| matches!(r, Err(e) if e.message == "refused at the door"));
+        assert!(at_door.count() > 500);
     }
 
     /// A burst shorter than the window queues (up to max_queue_size) instead of being shed.

@@ -559,7 +559,7 @@ fn tensor(kind: &str, name: &str, datatype: &str, dims: &str, extra: &str) -> St
 /// long an overload lasts before it applies (`overload_window_us`), written by import.
 /// At 2x a CPU's peak they kept the p99 of admitted embeddings near the p99 at 80 % of
 /// peak, and at 80 % they refused nothing (bench/soak.sh, docs/MEASUREMENTS.md).
-const SHED_WAIT_US: u64 = 100_000;
+const SHED_WAIT_US: u64 = 50_000;
 const OVERLOAD_WINDOW_US: u64 = 150_000;
 
 /// The encoder's queue bound written by import: two full batches per instance. Under

@@ -541,6 +541,46 @@ def server_refusal_quantiles(before, after):
             "buckets_ms": [[None if math.isinf(le) else round(le * 1000, 3), int(n)] for le, n in cumulative]}
 
 
+def server_model_p99(before, after):
+    """The server's own p99 of successful requests per model between two snapshots of
+    wisp_inference_request_duration_seconds (inside the server, without the client's event
+    loop), interpolated within the bucket as Prometheus' histogram_quantile does."""
+    if before is None or after is None:
+        return {}
+    def buckets(snap):
+        out = {}
+        for name, value in snap.items():
+            m = re.match(r'wisp_inference_request_duration_seconds_bucket\{le="([^"]+)",model="([^"]+)"', name) or \
+                re.match(r'wisp_inference_request_duration_seconds_bucket\{model="([^"]+)",.*le="([^"]+)"', name)
+            if not m:
+                continue
+            if name.startswith('wisp_inference_request_duration_seconds_bucket{le='):
+                le, model = m.group(1), m.group(2)
+            else:
+                model, le = m.group(1), m.group(2)
+            out.setdefault(model, {})
+            out[model][float(le)] = out[model].get(float(le), 0.0) + value
+        return out
+    b, a = buckets(before), buckets(after)
+    result = {}
+    for model, counts in a.items():
+        cumulative = sorted((le, n - b.get(model, {}).get(le, 0.0)) for le, n in counts.items())
+        total = cumulative[-1][1] if cumulative else 0
+        if total <= 0:
+            continue
+        rank, lower, below = 0.99 * total, 0.0, 0.0
+        for le, n in cumulative:
+            if n >= rank:
+                if math.isinf(le):
+                    p99 = lower
+                else:
+                    p99 = lower + (le - lower) * (rank - below) / max(n - below, 1e-9)
+                result[model] = {"count": int(total), "p99_ms": round(p99 * 1000, 3)}
+                break
+            lower, below = le, n
+    return result
+
+
 class Soak:
     def __init__(self, args, server, workload, machine):
         self.args, self.server, self.workload = args, server, workload
@@ -778,7 +818,9 @@ class Soak:
             window_stats(w)
         rss_end = self.rss()
         rss_samples.append((round(loop.time() - t0, 1), rss_end["VmRSS"]))
-        server_refusals = server_refusal_quantiles(metrics_start, await self.metrics_snapshot())
+        metrics_end = await self.metrics_snapshot()
+        server_refusals = server_refusal_quantiles(metrics_start, metrics_end)
+        server_p99 = server_model_p99(metrics_start, metrics_end)
         s = summarize(results, rate_window=duration)
         all_lags = [lag for _, lag in lags]
         phase = {
@@ -797,6 +839,8 @@ class Soak:
             "drained": drained,
             "drain_s": drain_s,
             "server_refusals": server_refusals,
+            "server_ok_p99_ms_by_kind": {kind: server_p99[model]["p99_ms"] for kind, model in MODEL_OF.items()
+                                         if model in server_p99},
             "cpu_cores": cpu_use(phase_counters, cpu_counters(self.server.proc.pid), loop.time() - t0),
             "schedule_lag_p50_ms": ms(pct(all_lags, 50)),
             "schedule_lag_p99_ms": ms(pct(all_lags, 99)),
@@ -869,7 +913,8 @@ class Soak:
         keep = {}
         for line in text.splitlines():
             if line.startswith(("nv_inference_request_success", "nv_inference_request_failure",
-                                'wisp_http_request_duration_seconds_bucket{code="503"')):
+                                'wisp_http_request_duration_seconds_bucket{code="503"',
+                                "wisp_inference_request_duration_seconds_bucket{")):
                 name, _, value = line.rpartition(" ")
                 keep[name] = float(value)
         return keep
@@ -985,21 +1030,43 @@ def evaluate(report, args):
         }
         if steady and steady["ok_p99_ms"] is not None and over["ok_p99_ms"] is not None:
             # Per kind: the mix's p99 is the slowest kind's (minilm_embed), which would hide the others.
-            per_kind, broken = {}, []
+            # By the server's clock (its histogram of successful requests per model), as for the
+            # refusals: the generator shares the cores, and at 2x its own event-loop lag lands in
+            # every latency the client measures. The client's numbers are reported beside it.
+            server_steady = steady.get("server_ok_p99_ms_by_kind") or {}
+            server_over = over.get("server_ok_p99_ms_by_kind") or {}
+            per_kind, broken, client_broken = {}, [], []
             for kind, o in over["by_kind"].items():
                 st = steady["by_kind"].get(kind, {})
                 if kind == "malformed" or o["ok_p99_ms"] is None or st.get("ok_p99_ms") is None:
                     continue
                 limit = st["ok_p99_ms"] * args.p99_tolerance + args.p99_slack_ms
-                per_kind[kind] = {"steady_p99_ms": st["ok_p99_ms"], "overload_p99_ms": o["ok_p99_ms"],
-                                  "limit_ms": round(limit, 3), "met": o["ok_p99_ms"] <= limit}
+                entry = {"steady_p99_ms": st["ok_p99_ms"], "overload_p99_ms": o["ok_p99_ms"],
+                         "limit_ms": round(limit, 3), "client_met": o["ok_p99_ms"] <= limit}
                 if o["ok_p99_ms"] > limit:
-                    broken.append(f"{kind} {o['ok_p99_ms']:.1f} ms > {limit:.1f} ms")
+                    client_broken.append(f"{kind} {o['ok_p99_ms']:.1f} ms > {limit:.1f} ms")
+                if kind in server_steady and kind in server_over:
+                    server_limit = server_steady[kind] * args.p99_tolerance + args.p99_slack_ms
+                    entry.update({"server_steady_p99_ms": server_steady[kind],
+                                  "server_overload_p99_ms": server_over[kind],
+                                  "server_limit_ms": round(server_limit, 3)})
+                    entry["met"] = server_over[kind] <= server_limit
+                    if not entry["met"]:
+                        broken.append(f"{kind} {server_over[kind]:.1f} ms > {server_limit:.1f} ms")
+                else:
+                    entry["met"] = entry["client_met"]
+                    if not entry["met"]:
+                        broken.append(f"{kind} (client's clock) {o['ok_p99_ms']:.1f} ms > {limit:.1f} ms")
+                per_kind[kind] = entry
+            server_text = ", ".join(f"{k} {server_steady.get(k)} -> {server_over.get(k)} ms" for k in per_kind)
             goals["overload_served_keep_p99"] = {
                 "met": not broken, "value": over["ok_p99_ms"], "by_kind": per_kind,
-                "detail": f"p99 of successful requests {over['ok_p99_ms']:.1f} ms vs steady {steady['ok_p99_ms']:.1f} ms; "
-                          f"per kind (limit {args.p99_tolerance:g}x steady + {args.p99_slack_ms:g} ms): "
-                          + ("; ".join(broken) + " over the limit" if broken else "all within"),
+                "detail": f"per kind, limit {args.p99_tolerance:g}x steady + {args.p99_slack_ms:g} ms; server's clock "
+                          f"(steady -> 2x): {server_text}: "
+                          + ("; ".join(broken) + " over the limit" if broken else "all within")
+                          + f"; client's clock (its event-loop lag p99 {steady['schedule_lag_p99_ms']} -> "
+                          f"{over['schedule_lag_p99_ms']} ms): "
+                          + ("; ".join(client_broken) + " over the limit" if client_broken else "all within"),
             }
     return goals, checks
 

@@ -132,7 +132,7 @@ impl Metrics {
             ),
             request_latency: histogram(
                 "wisp_inference_request_duration_seconds",
-                "End-to-end inference request latency inside the server",
+                "End-to-end latency of successful inference requests inside the server",
             ),
             queue_latency: histogram(
                 "wisp_inference_queue_duration_seconds",

@@ -331,6 +331,9 @@ impl LoadedModel {
             Ok(_) => {
                 self.stats.success.add(elapsed);
                 self.series.request_success.inc();
+                // Successes only: fast refusals under overload would pull the tail
+                // down just when it matters (failures are counted by reason).
+                self.series.request_latency.observe(elapsed as f64 / 1e9);
             }
             Err(e) => {
                 self.stats.fail.add(elapsed);
@@ -341,7 +344,6 @@ impl LoadedModel {
             }
         }
         self.series.request_duration_us.inc_by(elapsed as f64 / 1e3);
-        self.series.request_latency.observe(elapsed as f64 / 1e9);
         if let Some((recorder, id, parent, start)) = trace {
             self.record_spans(&recorder, id, parent, start, elapsed, &stages, &result);
         }

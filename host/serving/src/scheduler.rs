@@ -239,9 +239,11 @@ struct Shared {
     /// Largest batch in inferences; models without a batch dimension run one request at a time.
     max_batch: u64,
     instances: u64,
-    /// Recent execution time per inference (a moving average over batches), in ns;
-    /// 0 until a batch has run. It prices the queue for `max_expected_wait_us`.
+    /// Recent execution time per inference and per batch (moving averages over
+    /// batches), in ns; 0 until a batch has run. The first prices the queue for
+    /// `max_expected_wait_us`; the second stretches the overload window.
     ns_per_inference: AtomicU64,
+    ns_per_batch: AtomicU64,
     label: String,
 }
 
@@ -284,6 +286,7 @@ impl DynamicBatcher {
             max_batch: max_batch_size.max(1) as u64,
             instances: instances.max(1) as u64,
             ns_per_inference: AtomicU64::new(0),
+            ns_per_batch: AtomicU64::new(0),
             config,
             label: label.to_string(),
         });
@@ -315,7 +318,7 @@ impl DynamicBatcher {
 
     /// How long a request of `batch_size` inferences arriving at level `index` would
     /// wait, in µs: the inferences served before it at the recent pace; 0 before any
-    /// batch has run.
+    /// batch has run and when nothing is queued ahead of it.
     fn expected_wait_us(&self, queues: &Queues, index: usize, batch_size: u64) -> u64 {
         let ns_per_inference = self.shared.ns_per_inference.load(AtomicOrdering::Relaxed);
         if ns_per_inference == 0 {
@@ -327,6 +330,11 @@ impl DynamicBatcher {
             .flatten()
             .map(|p| p.batch_size)
             .sum();
+        if ahead == 0 {
+            // An empty queue: it waits for no one, at most for a batch already running
+            // (a model slower than the bound is not overloaded by one request).
+            return 0;
+        }
         (ahead + batch_size).saturating_mul(ns_per_inference) / self.shared.instances / 1000
     }
 
@@ -420,7 +428,11 @@ impl DynamicBatcher {
         if policy.max_expected_wait_us > 0 {
             let expected_us = self.expected_wait_us(queues, index, batch_size);
             let over = full || expected_us > policy.max_expected_wait_us;
-            let window = self.shared.config.overload_window();
+            // At least two batches: while one runs, every arrival is over a bound
+            // shorter than it, which says nothing of the rate (a slow model, a debug build).
+            let two_batches = 2 * self.shared.ns_per_batch.load(AtomicOrdering::Relaxed);
+            let window =
+                (self.shared.config.overload_window()).max(Duration::from_nanos(two_batches));
             if queues.overload[index].observe(now, over, window) && over {
                 overloaded = Some(expected_us);
             }
@@ -446,9 +458,18 @@ impl DynamicBatcher {
     }
 }
 
-/// Folds one batch's execution time into the moving average per inference (weight 1/8).
-fn record_pace(average: &AtomicU64, elapsed: Duration, batch_size: u64) {
-    let sample = (elapsed.as_nanos() / u128::from(batch_size.max(1))).min(u64::MAX as u128) as u64;
+/// Folds one batch's execution time into the moving averages per inference and per batch.
+fn record_pace(shared: &Shared, elapsed: Duration, batch_size: u64) {
+    let ns = elapsed.as_nanos().min(u64::MAX as u128);
+    average_in(
+        &shared.ns_per_inference,
+        (ns / u128::from(batch_size.max(1))) as u64,
+    );
+    average_in(&shared.ns_per_batch, ns as u64);
+}
+
+/// A moving average (weight 1/8 for each new sample).
+fn average_in(average: &AtomicU64, sample: u64) {
     let old = average.load(AtomicOrdering::Relaxed);
     let new = match old {
         0 => sample.max(1),
@@ -659,7 +680,7 @@ async fn form_batches(shared: Arc<Shared>, backend: Arc<dyn Backend>, instances:
                 .map(|p| (p.request, (p.arrived, p.reply)))
                 .unzip();
             let execution = backend.execute(requests).await;
-            record_pace(&shared.ns_per_inference, started.elapsed(), batch_size);
+            record_pace(&shared, started.elapsed(), batch_size);
             drop(permit);
             answer(waiting, execution, started, batch_size);
         });
@@ -1419,6 +1440,22 @@ mod tests {
             .iter()
             .filter(|(_, r)| matches!(r, Err(e) if e.message == "refused at the door"));
         assert!(at_door.count() > 500);
+    }
+
+    /// A model whose batch takes longer than the window (a slow encoder, a debug build)
+    /// keeps every arrival over a short bound while a batch runs, at any load: the
+    /// overload must outlast two batches before anything is shed.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_longer_than_the_window_is_not_an_overload() {
+        let s = scheduler(
+            &Fake::new(400, 1),
+            "max_batch_size = 64",
+            "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
+             [dynamic_batching.default_queue_policy]\nmax_expected_wait_us = 20000\n",
+        );
+        // 100 requests a second against a capacity of 160.
+        let results = offer(&s, 1, 10, 2000).await;
+        assert!(results.iter().all(|(_, r)| r.is_ok()));
     }
 
     /// A burst shorter than the window queues (up to max_queue_size) instead of being shed.

@@ -24,7 +24,9 @@ every window and end, and whether the issue's goals are met:
   steady:   0 errors; RSS growth < 5 % over the phase
   overload: the excess refused with 503 fast (p99 of refusals < 5 ms, by the server's own clock:
             its wisp_http_request_duration_seconds histogram; the client's view is reported too), no other errors,
-            and the p99 of successful requests within --p99-tolerance of the steady phase's
+            and each kind's p99 of successful requests within --p99-tolerance (x) + --p99-slack-ms
+            of the steady phase's, on the client's clock or on the server's (its
+            wisp_inference_request_duration_seconds per model); both are reported
 
 An "operation" is one request, except a sequence, which is 2..5 requests sent one after the other
 (each waits for the previous answer). Rates are in operations/s; requests/s are reported too.
@@ -1030,9 +1032,12 @@ def evaluate(report, args):
         }
         if steady and steady["ok_p99_ms"] is not None and over["ok_p99_ms"] is not None:
             # Per kind: the mix's p99 is the slowest kind's (minilm_embed), which would hide the others.
-            # By the server's clock (its histogram of successful requests per model), as for the
-            # refusals: the generator shares the cores, and at 2x its own event-loop lag lands in
-            # every latency the client measures. The client's numbers are reported beside it.
+            # Two clocks, each with a known flaw. The client's: the generator shares the cores,
+            # and at 2x its own event-loop lag (reported) lands in every latency it measures,
+            # which swamps kinds that take a few ms. The server's (its histogram of successful
+            # requests per model): interpolated within buckets that are coarse past 100 ms. A
+            # kind whose latency the server really let grow fails on both; it is met when
+            # either clock keeps it within the limit, and the detail gives both.
             server_steady = steady.get("server_ok_p99_ms_by_kind") or {}
             server_over = over.get("server_ok_p99_ms_by_kind") or {}
             per_kind, broken, client_broken = {}, [], []
@@ -1045,28 +1050,26 @@ def evaluate(report, args):
                          "limit_ms": round(limit, 3), "client_met": o["ok_p99_ms"] <= limit}
                 if o["ok_p99_ms"] > limit:
                     client_broken.append(f"{kind} {o['ok_p99_ms']:.1f} ms > {limit:.1f} ms")
+                entry["met"] = entry["client_met"]
                 if kind in server_steady and kind in server_over:
                     server_limit = server_steady[kind] * args.p99_tolerance + args.p99_slack_ms
                     entry.update({"server_steady_p99_ms": server_steady[kind],
                                   "server_overload_p99_ms": server_over[kind],
-                                  "server_limit_ms": round(server_limit, 3)})
-                    entry["met"] = server_over[kind] <= server_limit
-                    if not entry["met"]:
-                        broken.append(f"{kind} {server_over[kind]:.1f} ms > {server_limit:.1f} ms")
-                else:
-                    entry["met"] = entry["client_met"]
-                    if not entry["met"]:
-                        broken.append(f"{kind} (client's clock) {o['ok_p99_ms']:.1f} ms > {limit:.1f} ms")
+                                  "server_limit_ms": round(server_limit, 3),
+                                  "server_met": server_over[kind] <= server_limit})
+                    entry["met"] = entry["client_met"] or entry["server_met"]
+                if not entry["met"]:
+                    broken.append(kind)
                 per_kind[kind] = entry
             server_text = ", ".join(f"{k} {server_steady.get(k)} -> {server_over.get(k)} ms" for k in per_kind)
             goals["overload_served_keep_p99"] = {
                 "met": not broken, "value": over["ok_p99_ms"], "by_kind": per_kind,
-                "detail": f"per kind, limit {args.p99_tolerance:g}x steady + {args.p99_slack_ms:g} ms; server's clock "
-                          f"(steady -> 2x): {server_text}: "
-                          + ("; ".join(broken) + " over the limit" if broken else "all within")
-                          + f"; client's clock (its event-loop lag p99 {steady['schedule_lag_p99_ms']} -> "
+                "detail": f"per kind, limit {args.p99_tolerance:g}x steady + {args.p99_slack_ms:g} ms, on either clock: "
+                          + (f"not kept: {', '.join(broken)}" if broken else "every kind kept")
+                          + f". Client's clock (its own event-loop lag p99 {steady['schedule_lag_p99_ms']} -> "
                           f"{over['schedule_lag_p99_ms']} ms): "
-                          + ("; ".join(client_broken) + " over the limit" if client_broken else "all within"),
+                          + ("; ".join(client_broken) + " over the limit" if client_broken else "all within")
+                          + f". Server's clock (steady -> 2x): {server_text}",
             }
     return goals, checks
 

@@ -552,16 +552,12 @@ def server_model_p99(before, after):
     def buckets(snap):
         out = {}
         for name, value in snap.items():
-            m = re.match(r'wisp_inference_request_duration_seconds_bucket\{le="([^"]+)",model="([^"]+)"', name) or \
-                re.match(r'wisp_inference_request_duration_seconds_bucket\{model="([^"]+)",.*le="([^"]+)"', name)
-            if not m:
+            if not name.startswith("wisp_inference_request_duration_seconds_bucket{"):
                 continue
-            if name.startswith('wisp_inference_request_duration_seconds_bucket{le='):
-                le, model = m.group(1), m.group(2)
-            else:
-                model, le = m.group(1), m.group(2)
-            out.setdefault(model, {})
-            out[model][float(le)] = out[model].get(float(le), 0.0) + value
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', name))
+            counts = out.setdefault(labels["model"], {})
+            le = float(labels["le"])
+            counts[le] = counts.get(le, 0.0) + value
         return out
     b, a = buckets(before), buckets(after)
     result = {}

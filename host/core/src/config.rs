@@ -263,7 +263,8 @@ impl DynamicBatching {
         })
     }
 
-    /// The policy of a priority level (1-based; 0 when there are no levels).
+    /// The policy of a priority level (1-based; without levels, every request is at
+    /// level 1, which validation keeps free of a policy of its own).
     pub fn policy(&self, level: u32) -> &QueuePolicy {
         self.priority_queue_policy
             .get(&level.to_string())

@@ -305,11 +305,7 @@ impl DynamicBatcher {
             0 => 1,
             _ => config.default_priority_level.max(1),
         };
-        let policy = config.policy(if config.priority_levels == 0 {
-            0
-        } else {
-            level
-        });
+        let policy = config.policy(level);
         let mut queues = self.shared.queues.lock();
         let index = ((level - 1) as usize).min(queues.levels.len() - 1);
         self.admit(&mut queues, index, 1, policy, Instant::now())
@@ -357,11 +353,7 @@ impl DynamicBatcher {
                 )))
             }
         };
-        let policy = config.policy(if config.priority_levels == 0 {
-            0
-        } else {
-            level
-        });
+        let policy = config.policy(level);
         // A client's `timeout` is bounded like a config's (no Instant overflow).
         let timeout = match timeout_us {
             Some(t) if policy.allow_timeout_override => {
@@ -408,9 +400,7 @@ impl DynamicBatcher {
         drop(answered);
         outcome
     }
-}
 
-impl DynamicBatcher {
     /// Whether a request of `batch_size` inferences may join level `index`: not when
     /// the level's queue is full (`max_queue_size`), nor when the level is overloaded
     /// and the request expects to wait longer than `max_expected_wait_us`. Every
@@ -1366,6 +1356,19 @@ mod tests {
         results
     }
 
+    /// One instance taking `cost_ms` a batch of up to `max_batch` inferences, eager
+    /// dispatch, a queue of 64, a 100 ms overload window and the given wait bound.
+    fn shedding_scheduler(cost_ms: u64, max_batch: u32, wait_us: u64) -> Arc<Scheduler> {
+        scheduler(
+            &Fake::new(cost_ms, 1),
+            &format!("max_batch_size = {max_batch}"),
+            &format!(
+                "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
+                 [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = {wait_us}\n"
+            ),
+        )
+    }
+
     /// At twice the capacity, a queue bounded by count only makes every admitted
     /// request wait for the whole queue; with `max_expected_wait_us`, once the
     /// overload has lasted a window, the excess is refused and those admitted
@@ -1373,18 +1376,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_sustained_overload_is_shed_so_admitted_requests_keep_their_latency() {
         // 4 inferences per 10 ms batch: 400 a second; offered: 1000 a second.
-        let config = |wait_us: u64| {
-            format!(
-                "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
-                 [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = {wait_us}\n"
-            )
-        };
-        let count_only = scheduler(&Fake::new(10, 1), "max_batch_size = 4", &config(0));
+        let count_only = shedding_scheduler(10, 4, 0);
         let results = offer(&count_only, 1, 1, 600).await;
         let worst = results.iter().filter_map(|(_, r)| r.as_ref().ok()).max();
         assert!(*worst.unwrap() >= 150, "{worst:?}");
 
-        let shedding = scheduler(&Fake::new(10, 1), "max_batch_size = 4", &config(20_000));
+        let shedding = shedding_scheduler(10, 4, 20_000);
         let load = tokio::spawn({
             let shedding = shedding.clone();
             async move { offer(&shedding, 1, 1, 600).await }
@@ -1426,12 +1423,7 @@ mod tests {
     /// stop shedding after a window, fill its queue, and start again, over and over.
     #[tokio::test(start_paused = true)]
     async fn refusals_at_an_ensembles_door_keep_the_overload_standing() {
-        let s = scheduler(
-            &Fake::new(10, 1),
-            "max_batch_size = 4",
-            "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
-             [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = 20000\n",
-        );
+        let s = shedding_scheduler(10, 4, 20_000);
         let results = offer_through(&s, 1, 1, 1500, true).await;
         let late: Vec<_> = results.iter().filter(|(at, _)| *at >= 300).collect();
         let worst = late.iter().filter_map(|(_, r)| r.as_ref().ok()).max();
@@ -1447,12 +1439,7 @@ mod tests {
     /// overload must outlast two batches before anything is shed.
     #[tokio::test(start_paused = true)]
     async fn a_batch_longer_than_the_window_is_not_an_overload() {
-        let s = scheduler(
-            &Fake::new(400, 1),
-            "max_batch_size = 64",
-            "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
-             [dynamic_batching.default_queue_policy]\nmax_expected_wait_us = 20000\n",
-        );
+        let s = shedding_scheduler(400, 64, 20_000);
         // 100 requests a second against a capacity of 160.
         let results = offer(&s, 1, 10, 2000).await;
         assert!(results.iter().all(|(_, r)| r.is_ok()));
@@ -1461,12 +1448,7 @@ mod tests {
     /// A burst shorter than the window queues (up to max_queue_size) instead of being shed.
     #[tokio::test(start_paused = true)]
     async fn a_burst_shorter_than_the_overload_window_is_queued() {
-        let s = scheduler(
-            &Fake::new(10, 1),
-            "max_batch_size = 4",
-            "[dynamic_batching]\ndispatch = \"eager\"\noverload_window_us = 100000\n\
-             [dynamic_batching.default_queue_policy]\nmax_queue_size = 64\nmax_expected_wait_us = 20000\n",
-        );
+        let s = shedding_scheduler(10, 4, 20_000);
         // The first batch teaches the scheduler the pace; then 40 requests at once
         // (100 ms of work, five times the bound), then calm.
         offer(&s, 1, 1, 1).await;
